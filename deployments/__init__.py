@@ -1,0 +1,1 @@
+"""Thin Ray Serve adapters around ``pipeline`` objects. The app is built by ``deployments.app``."""

@@ -1,0 +1,31 @@
+"""The one app builder, named in ``serve_config.yaml``: ``deployments.app:build_app``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from deployments.asr import AsrDeployment
+from deployments.fetch import AudioFetchDeployment
+from deployments.ingress import Ingress
+from pipeline.settings import Settings
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Compose Ingress → (AudioFetch, ASR).
+
+    Settings merge defaults → ``HARK_*`` environment of the deploying process → ``args["settings"]``
+    (from the config file's ``args`` or a caller). They are built here once and handed to every
+    deployment, so each replica runs with them wherever it is placed. Deployment options (replicas,
+    queues, CPUs) come from the decorators, overridden by ``serve_config.yaml``.
+    """
+    args = dict(args or {})
+    settings = args.pop("settings", None)
+    if not isinstance(settings, Settings):
+        settings = Settings(**(settings or {}))
+    if args:
+        raise ValueError(f"Unknown app arguments: {sorted(args)}")
+    fetch = AudioFetchDeployment.bind(settings)
+    asr = AsrDeployment.bind(settings)
+    return Ingress.bind(settings, fetch, asr)

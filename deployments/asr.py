@@ -1,0 +1,45 @@
+"""ASR deployment: holds one engine, gathers concurrent requests into batches."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ray import serve
+
+from pipeline.settings import Settings
+from pipeline.types import AsrOptions, Audio, Transcript
+
+
+@serve.deployment(
+    name="ASR",
+    max_ongoing_requests=8,
+    max_queued_requests=32,
+    graceful_shutdown_timeout_s=900,
+    ray_actor_options={"num_cpus": 1},
+)
+class AsrDeployment:
+    def __init__(self, settings: Settings) -> None:
+        from pipeline.engines import build_engine
+
+        self._settings = settings
+        self._engine = build_engine(settings.asr)
+        self._batched.set_max_batch_size(settings.asr.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(settings.asr.batch_wait_s)
+
+    async def transcribe(self, audio: Audio, options: AsrOptions) -> Transcript:
+        # Refuse what the model cannot do before the request joins a batch, so one bad request
+        # never fails the others batched with it.
+        self._engine.check(options)
+        return await self._batched(audio, options)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
+    async def _batched(self, audios: list[Audio], options: list[AsrOptions]) -> list[Transcript]:
+        # The engine blocks for seconds: run it off the event loop so health checks still answer.
+        return await asyncio.to_thread(self._engine.transcribe, audios, options)
+
+    def describe(self) -> dict:
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "settings": self._settings.model_dump_json(),
+            "languages": sorted(self._engine.languages),
+        }

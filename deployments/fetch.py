@@ -1,0 +1,38 @@
+"""Audio-fetch deployment: URLs and uploads in, decoded 16 kHz mono ``Audio`` out."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from ray import serve
+
+from pipeline.loader import AudioLoader
+from pipeline.settings import Settings
+from pipeline.types import Audio
+
+
+@serve.deployment(
+    name="AudioFetch",
+    max_ongoing_requests=32,
+    max_queued_requests=128,
+    ray_actor_options={"num_cpus": 0.25},
+)
+class AudioFetchDeployment:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._loader = AudioLoader(settings)
+        # Downloads wait on the network: more threads than cores, one per ongoing request.
+        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fetch")
+
+    async def from_url(self, url: str) -> Audio:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._loader.from_url, url)
+
+    async def from_bytes(self, data: bytes) -> Audio:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._loader.from_bytes, data)
+
+    def describe(self) -> dict:
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "settings": self._settings.model_dump_json(),
+        }

@@ -1,0 +1,154 @@
+"""HTTP ingress: auth, request parsing, composition of fetch and ASR, errors as ``API.md``."""
+
+
+import asyncio
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments import metrics
+from pipeline.auth import KeyRing
+from pipeline.errors import HarkError, InvalidParameter, MissingParameter, ServiceUnavailable
+from pipeline.formatting import render
+from pipeline.loader import AudioLoader
+from pipeline.schemas import ListenParams
+from pipeline.settings import Settings
+from pipeline.upload import read_listen_input
+
+logger = logging.getLogger("ray.serve")
+
+app = FastAPI(title="Hark", version="0.1.0", description="Self-hosted speech-to-text.")
+LISTEN_ROUTE = "/v1/listen"
+
+
+def _error_response(err: HarkError) -> JSONResponse:
+    return JSONResponse(err.to_body(), status_code=err.status, headers=err.headers())
+
+
+@app.exception_handler(HarkError)
+async def _hark_error(request: Request, err: HarkError) -> JSONResponse:
+    return _error_response(err)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
+    return JSONResponse({"error": str(exc.detail), "code": code}, status_code=exc.status_code)
+
+
+def unwrap(exc: BaseException) -> HarkError:
+    """The API error for whatever a handle call raised."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
+        exc = exc.cause
+    if isinstance(exc, HarkError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return ServiceUnavailable()
+    if isinstance(exc, RayActorError):
+        return ServiceUnavailable("The worker handling the request stopped; please retry")
+    logger.exception("Unexpected error", exc_info=exc)
+    return HarkError("Internal error")
+
+
+@serve.deployment(
+    name="Ingress",
+    max_ongoing_requests=200,
+    ray_actor_options={"num_cpus": 0.25},
+)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, settings: Settings, fetch: DeploymentHandle, asr: DeploymentHandle) -> None:
+        self._settings = settings
+        self._keys = KeyRing(settings.license_keys)
+        if not len(self._keys):
+            logger.warning("No license keys configured: every request will be refused (HARK_LICENSE_KEYS)")
+        self._url_checker = AudioLoader(settings)
+        self._fetch = fetch
+        self._asr = asr
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(self) -> JSONResponse:
+        try:
+            await asyncio.wait_for(self._asr.describe.remote(), timeout=5)
+        except Exception:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def prometheus(self) -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post(LISTEN_ROUTE)
+    async def listen(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        try:
+            body = await self._listen(request, started)
+            response = JSONResponse(body)
+            code = ""
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes an API error
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            err = unwrap(exc)
+            response, code = _error_response(err), err.code
+        metrics.REQUESTS.labels(LISTEN_ROUTE, str(response.status_code), code).inc()
+        metrics.REQUEST_SECONDS.observe(time.perf_counter() - started)
+        return response
+
+    async def _listen(self, request: Request, started: float) -> dict:
+        self._keys.authenticate(request.headers.get("authorization"))
+        declared = request.headers.get("content-length")
+        source = await read_listen_input(
+            request.headers.get("content-type"),
+            request.stream(),
+            content_length=int(declared) if declared and declared.isdigit() else None,
+            max_bytes=self._settings.max_file_bytes,
+            max_mb=self._settings.max_file_mb,
+        )
+        if source.url is not None and source.audio is not None:
+            raise InvalidParameter("Send either a url or an audio file, not both", param="url")
+        if source.url is None and source.audio is None:
+            raise MissingParameter()
+        params = ListenParams.parse({**request.query_params, **source.fields})
+        if params.diarize:
+            raise InvalidParameter("Speaker diarization is not available on this server yet", param="diarize")
+        if params.callback_url is not None:
+            raise InvalidParameter("Asynchronous jobs are not available on this server yet", param="callback_url")
+        if source.url is not None:
+            self._url_checker.check_url(source.url)
+            audio = self._fetch.from_url.remote(source.url)
+        else:
+            audio = self._fetch.from_bytes.remote(source.audio)
+        request_id = f"req_{uuid.uuid4().hex}"
+        metrics.IN_FLIGHT.inc()
+        try:
+            # The fetch response is passed, not awaited: Ray hands the decoded samples from the
+            # fetch replica to the ASR replica directly. No retry here: a request runs once.
+            transcript = await self._asr.transcribe.remote(audio, params.asr_options())
+        finally:
+            metrics.IN_FLIGHT.dec()
+        elapsed = time.perf_counter() - started
+        metrics.AUDIO_SECONDS.inc(transcript.duration_s)
+        if transcript.duration_s > 0:
+            metrics.REAL_TIME_FACTOR.observe(elapsed / transcript.duration_s)
+        return render(
+            transcript, request_id=request_id, punctuate=params.punctuate, timestamps=params.timestamps
+        ).to_json()
+
+    def describe(self) -> dict:
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "settings": self._settings.model_dump_json(),
+        }

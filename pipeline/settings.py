@@ -1,0 +1,107 @@
+"""Hark's configuration: one ``Settings`` object, read from ``HARK_*`` variables.
+
+The app builder constructs it once and passes it to every deployment, so each replica runs with
+exactly the settings of the process that deployed the app, wherever in the cluster it lands.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_CACHE_HOME = Path.home() / ".cache" / "hark"
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class AsrSettings(BaseModel):
+    """The speech-recognition engine and its model."""
+
+    engine: Literal["ctranslate2"] = Field(
+        "ctranslate2", description="ASR engine adapter."
+    )
+    model: str = Field(
+        "whisper-base",
+        description="Bundled name (whisper-base, whisper-tiny.en), a local CTranslate2 model "
+        "directory, or a Hugging Face hub id / faster-whisper size name (needs internet).",
+    )
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="Where the model runs.")
+    compute_type: str = Field(
+        "int8", description="CTranslate2 compute type: int8, int8_float16, float16, float32, ..."
+    )
+    cpu_threads: int = Field(0, ge=0, description="Threads per model; 0 = all cores.")
+    beam_size: int = Field(5, ge=1, le=16, description="Beam width of the decoder.")
+    vad_filter: bool = Field(
+        True, description="Drop non-speech with Silero VAD before decoding (stops looping on silence)."
+    )
+    vad_min_silence_ms: int = Field(500, ge=0, description="Silence that splits VAD speech chunks.")
+    max_batch_size: int = Field(4, ge=1, description="Requests gathered into one engine call.")
+    batch_wait_s: float = Field(0.02, ge=0, description="How long a batch waits to fill up.")
+    model_cache_dir: Path = Field(
+        _CACHE_HOME / "models", description="Where bundled models are assembled and hub models cached."
+    )
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; environment variables ``HARK_<NAME>``, nested with ``__``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HARK_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    license_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Accepted license keys, comma-separated."
+    )
+    license_keys_file: Path | None = Field(
+        None, description="A file with one license key a line (blank lines and # comments skipped)."
+    )
+    allow_private_urls: bool = Field(
+        False, description="Let audio and callback URLs reach private, loopback and link-local hosts."
+    )
+    url_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="CIDR networks that URLs may reach even though they are private, comma-separated.",
+    )
+    max_file_mb: int = Field(100, ge=1, description="Largest accepted file, in MB (10^6 bytes).")
+    max_duration_s: int = Field(7200, ge=1, description="Longest accepted audio, in seconds.")
+    fetch_connect_timeout_s: float = Field(10.0, gt=0, description="Connect timeout for audio URLs.")
+    fetch_read_timeout_s: float = Field(30.0, gt=0, description="Idle-read timeout for audio URLs.")
+    fetch_total_timeout_s: float = Field(600.0, gt=0, description="Whole-download deadline.")
+    fetch_max_redirects: int = Field(5, ge=0, description="Redirects followed, each re-checked.")
+    retry_after_s: int = Field(30, ge=1, description="Retry-After sent with 503 when queues are full.")
+    asr: AsrSettings = Field(default_factory=AsrSettings)
+
+    @field_validator("license_keys", "url_allowlist", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("url_allowlist")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)
+        return value
+
+    @model_validator(mode="after")
+    def _merge_key_file(self) -> "Settings":
+        # Keys from the file are folded in here, once, so that replicas on other machines need
+        # no access to the file.
+        if self.license_keys_file is not None:
+            lines = self.license_keys_file.read_text(encoding="utf-8").splitlines()
+            from_file = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+            merged = list(dict.fromkeys([*self.license_keys, *from_file]))
+            object.__setattr__(self, "license_keys", merged)
+        return self
+
+    @property
+    def max_file_bytes(self) -> int:
+        return self.max_file_mb * 1_000_000
