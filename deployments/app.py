@@ -18,14 +18,23 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     Settings merge defaults → ``HARK_*`` environment of the deploying process → ``args["settings"]``
     (from the config file's ``args`` or a caller). They are built here once and handed to every
     deployment, so each replica runs with them wherever it is placed. Deployment options (replicas,
-    queues, CPUs) come from the decorators, overridden by ``serve_config.yaml``.
+    queues, CPUs) come from the decorators, then ``args["deployment_options"]`` (by deployment name),
+    then ``serve_config.yaml``'s ``deployments`` section, which Serve applies last.
     """
     args = dict(args or {})
     settings = args.pop("settings", None)
     if not isinstance(settings, Settings):
         settings = Settings(**(settings or {}))
+    overrides: dict[str, dict[str, Any]] = args.pop("deployment_options", None) or {}
     if args:
         raise ValueError(f"Unknown app arguments: {sorted(args)}")
-    fetch = AudioFetchDeployment.bind(settings)
-    asr = AsrDeployment.bind(settings)
-    return Ingress.bind(settings, fetch, asr)
+    unknown = set(overrides) - {"Ingress", "AudioFetch", "ASR"}
+    if unknown:
+        raise ValueError(f"Unknown deployments in deployment_options: {sorted(unknown)}")
+
+    def configured(deployment):
+        return deployment.options(**overrides.get(deployment.name, {}))
+
+    fetch = configured(AudioFetchDeployment).bind(settings)
+    asr = configured(AsrDeployment).bind(settings)
+    return configured(Ingress).bind(settings, fetch, asr)

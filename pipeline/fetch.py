@@ -133,10 +133,10 @@ def fetch_http(url: str, out: BinaryIO, guard: UrlGuard, limits: FetchLimits) ->
             try:
                 response = client.send(request, stream=True)
             except httpx.TimeoutException:
-                raise FetchFailed(f"Timed out connecting to {parts.hostname}") from None
+                raise FetchFailed(f"Timed out waiting for {parts.hostname}") from None
             except httpx.HTTPError as exc:
                 raise FetchFailed(f"Could not fetch the URL: {exc}") from None
-            with response:
+            try:
                 if response.status_code in _REDIRECTS:
                     location = response.headers.get("location")
                     if not location:
@@ -163,6 +163,8 @@ def fetch_http(url: str, out: BinaryIO, guard: UrlGuard, limits: FetchLimits) ->
                 except httpx.HTTPError as exc:
                     raise FetchFailed(f"Download failed: {exc}") from None
                 return
+            finally:
+                response.close()
     raise FetchFailed(f"More than {limits.max_redirects} redirects")
 
 

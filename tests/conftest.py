@@ -1,0 +1,132 @@
+"""Shared fixtures: real speech, a real HTTP server, moto's S3 server, one Ray Serve app."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import assets  # noqa: E402
+from servers import MediaServer  # noqa: E402
+
+API_KEYS = ("test-key-1", "test-key-2")
+S3_BUCKET = "hark-audio"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.2, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@pytest.fixture(scope="session")
+def clips() -> dict[str, assets.Clip]:
+    return assets.prepare()
+
+
+@pytest.fixture(scope="session")
+def media_server():
+    with MediaServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback; the AWS_* variables point every process at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    client.create_bucket(Bucket=S3_BUCKET)
+    yield client
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def app_settings_overrides() -> dict:
+    return {
+        "license_keys": list(API_KEYS),
+        "allow_private_urls": False,
+        # The media server lives on 127.0.0.1; every other private address stays refused.
+        "url_allowlist": ["127.0.0.1/32"],
+        "fetch_read_timeout_s": 2.0,
+        "retry_after_s": 17,
+    }
+
+
+@pytest.fixture(scope="session")
+def serve_app(s3_server):
+    """One Ray Serve app for the whole session (it takes ~15 s to start)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    port = free_port()
+    ray.init(
+        address="local",
+        num_cpus=4,
+        object_store_memory=512 * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 300})
+    app = build_app(
+        {
+            "settings": app_settings_overrides(),
+            "deployment_options": {
+                "AudioFetch": {"num_replicas": 2},
+                # Small queues so that the overload test can fill them.
+                "ASR": {"max_ongoing_requests": 2, "max_queued_requests": 2},
+            },
+        }
+    )
+    serve.run(app, name="hark", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    wait_until(lambda: httpx.get(f"{base}/ready", timeout=10).status_code == 200, 120, what="/ready")
+    yield base
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture()
+def api(serve_app):
+    with httpx.Client(base_url=serve_app, timeout=300, headers={"Authorization": f"Token {API_KEYS[0]}"}) as client:
+        yield client

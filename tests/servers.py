@@ -1,0 +1,112 @@
+"""A real local HTTP server for audio URLs: files, errors, redirects, slow and huge bodies."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+HUGE_BYTES = 150_000_000
+_WAV_HEADER = (
+    b"RIFF\xff\xff\xff\xffWAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00\x80>\x00\x00\x00}\x00\x00\x02\x00\x10\x00data\xff\xff\xff\xff"
+)
+
+
+class MediaServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files: dict[str, bytes] = {}
+        self.hosts_seen: list[str] = []
+        self.bytes_sent: dict[str, int] = {}
+        self.release = threading.Event()  # set at shutdown so slow handlers end
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def url(self, path: str) -> str:
+        return f"{self.base}{path}"
+
+    def __enter__(self) -> "MediaServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: MediaServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # keep test output quiet
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        parts = urlsplit(self.path)
+        query = parse_qs(parts.query)
+        self.server.hosts_seen.append(self.headers.get("Host", ""))
+        if parts.path.startswith("/files/"):
+            data = self.server.files.get(parts.path[len("/files/") :])
+            if data is None:
+                return self._status(404)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        elif parts.path.startswith("/status/"):
+            self._status(int(parts.path.rsplit("/", 1)[1]))
+        elif parts.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", query["to"][0])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif parts.path == "/slow":
+            # Headers never come: the client's read timeout must fire first.
+            self.server.release.wait(timeout=20)
+            self._status(200)
+        elif parts.path in ("/huge-declared", "/huge-chunked"):
+            self._huge(declared=parts.path == "/huge-declared")
+        else:
+            self._status(404)
+
+    def _status(self, code: int) -> None:
+        body = f"status {code}".encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _huge(self, declared: bool) -> None:
+        """A 150 MB WAV body; counts what the client actually read before hanging up."""
+        key = self.path
+        self.server.bytes_sent[key] = 0
+        self.send_response(200)
+        if declared:
+            self.send_header("Content-Length", str(HUGE_BYTES))
+        else:
+            self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunk = b"\x00" * (1 << 20)
+        sent = 0
+        try:
+            first = _WAV_HEADER + chunk[len(_WAV_HEADER) :]
+            while sent < HUGE_BYTES and not self.server.release.is_set():
+                data = first if sent == 0 else chunk
+                if declared:
+                    self.wfile.write(data)
+                else:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                sent += len(data)
+                self.server.bytes_sent[key] = sent
+            if not declared:
+                self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        self.close_connection = True

@@ -1,0 +1,90 @@
+import pickle
+
+import pytest
+
+from pipeline import errors
+from pipeline.auth import KeyRing, key_id
+from pipeline.settings import Settings
+
+
+@pytest.mark.parametrize(
+    "err, status, body",
+    [
+        (errors.MissingParameter(), 400, {"code": "MISSING_PARAMETER", "error": "Missing required parameter: url or audio file"}),
+        (errors.InvalidParameter("bad", param="language"), 400, {"code": "INVALID_PARAMETER", "param": "language"}),
+        (errors.UnsupportedFormat(), 400, {"code": "UNSUPPORTED_FORMAT", "supported_formats": ["wav", "mp3", "flac", "ogg", "m4a"]}),
+        (errors.InvalidAudio("x"), 400, {"code": "INVALID_AUDIO"}),
+        (errors.Unauthorized(), 401, {"code": "UNAUTHORIZED"}),
+        (errors.ForbiddenUrl("x"), 403, {"code": "FORBIDDEN_URL"}),
+        (errors.NotFound("x"), 404, {"code": "NOT_FOUND"}),
+        (errors.FileTooLarge(100), 422, {"code": "FILE_TOO_LARGE", "max_size_mb": 100}),
+        (errors.AudioTooLong(7200), 422, {"code": "AUDIO_TOO_LONG", "max_duration_s": 7200}),
+        (errors.FetchFailed("x", status=404), 422, {"code": "FETCH_FAILED", "status": 404}),
+        (errors.RateLimited("x", retry_after=5), 429, {"code": "RATE_LIMITED", "retry_after": 5}),
+        (errors.ServiceUnavailable(), 503, {"code": "SERVICE_UNAVAILABLE", "retry_after": 30, "error": "No ASR workers available"}),
+    ],
+)
+def test_error_bodies_and_pickling(err, status, body):
+    assert err.status == status
+    assert body.items() <= err.to_body().items()
+    assert isinstance(err.to_body()["error"], str)
+    # Errors cross Ray handles by pickle: type, message and extra fields must survive.
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is type(err) and copy.to_body() == err.to_body()
+
+
+def test_retry_after_header():
+    assert errors.ServiceUnavailable(retry_after=17).headers() == {"Retry-After": "17"}
+    assert errors.RateLimited("x", retry_after=3).headers() == {"Retry-After": "3"}
+
+
+def test_settings_from_environment(monkeypatch, tmp_path):
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("# team keys\nfile-key-1\n\n  file-key-2  \nenv-key-a\n")
+    monkeypatch.setenv("HARK_LICENSE_KEYS", "env-key-a, env-key-b")
+    monkeypatch.setenv("HARK_LICENSE_KEYS_FILE", str(keys_file))
+    monkeypatch.setenv("HARK_ALLOW_PRIVATE_URLS", "true")
+    monkeypatch.setenv("HARK_MAX_FILE_MB", "50")
+    monkeypatch.setenv("HARK_MAX_DURATION_S", "600")
+    monkeypatch.setenv("HARK_ASR__MODEL", "whisper-tiny.en")
+    monkeypatch.setenv("HARK_ASR__COMPUTE_TYPE", "float32")
+    monkeypatch.setenv("HARK_ASR__DEVICE", "cpu")
+    monkeypatch.setenv("HARK_URL_ALLOWLIST", "10.1.0.0/16,127.0.0.1")
+    s = Settings()
+    assert s.license_keys == ["env-key-a", "env-key-b", "file-key-1", "file-key-2"]
+    assert s.allow_private_urls is True
+    assert s.max_file_mb == 50 and s.max_file_bytes == 50_000_000
+    assert s.max_duration_s == 600
+    assert (s.asr.model, s.asr.compute_type, s.asr.device) == ("whisper-tiny.en", "float32", "cpu")
+    assert s.url_allowlist == ["10.1.0.0/16", "127.0.0.1"]
+
+
+def test_settings_defaults_and_overrides(monkeypatch):
+    for name in ("HARK_LICENSE_KEYS", "HARK_ASR__MODEL", "HARK_MAX_FILE_MB"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HARK_ASR__BEAM_SIZE", "2")
+    s = Settings(max_file_mb=7, asr={"compute_type": "float32"})
+    assert s.allow_private_urls is False and s.max_duration_s == 7200 and s.license_keys == []
+    assert s.max_file_mb == 7
+    # Overrides merge with the environment, field by field, also in nested settings.
+    assert s.asr.compute_type == "float32" and s.asr.beam_size == 2 and s.asr.model == "whisper-base"
+    assert pickle.loads(pickle.dumps(s)) == s
+
+
+def test_settings_reject_bad_values(monkeypatch):
+    monkeypatch.setenv("HARK_URL_ALLOWLIST", "not-a-network")
+    with pytest.raises(ValueError):
+        Settings()
+
+
+def test_keyring_schemes_and_refusals():
+    ring = KeyRing(["alpha", "beta"])
+    assert ring.authenticate("Token alpha") == key_id("alpha")
+    assert ring.authenticate("Bearer beta") == key_id("beta")
+    assert ring.authenticate("token  alpha ") == key_id("alpha")
+    assert "alpha" not in key_id("alpha")
+    for header in (None, "", "Token", "Basic alpha", "Token gamma", "Token alph", "alpha"):
+        with pytest.raises(errors.Unauthorized):
+            ring.authenticate(header)
+    with pytest.raises(errors.Unauthorized):
+        KeyRing([]).authenticate("Token anything")

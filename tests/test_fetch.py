@@ -1,0 +1,149 @@
+"""Fetching through the SSRF guard against a real local server and moto's S3 server.
+
+Only loopback is ever contacted: names are mapped to loopback addresses by an injected resolver,
+and non-loopback addresses appear only in pure checks that open no connection.
+"""
+
+import ipaddress
+
+import numpy as np
+import pytest
+
+from conftest import S3_BUCKET
+from media import encode, wav_bytes
+from pipeline.errors import FetchFailed, FileTooLarge, ForbiddenUrl, InvalidParameter
+from pipeline.fetch import UrlGuard, is_public_address
+from pipeline.loader import AudioLoader
+from pipeline.settings import Settings
+from servers import HUGE_BYTES
+
+TONE = wav_bytes(0.1 * np.sin(np.arange(16000) / 10).astype(np.float32))
+
+
+def loader(resolver=None, **overrides) -> AudioLoader:
+    settings = Settings(**{"url_allowlist": ["127.0.0.1/32"], "fetch_read_timeout_s": 1.0, **overrides})
+    return AudioLoader(settings, resolver=resolver) if resolver else AudioLoader(settings)
+
+
+def fake_dns(table):
+    def resolve(host, port):
+        if host not in table:
+            raise OSError(f"unknown host {host}")
+        return table[host]
+
+    return resolve
+
+
+@pytest.mark.parametrize(
+    "address, public",
+    [
+        ("8.8.8.8", True), ("2606:4700::1111", True),
+        ("127.0.0.1", False), ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False),
+        ("169.254.169.254", False), ("100.64.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False),
+        ("240.0.0.1", False), ("::1", False), ("fe80::1", False), ("fc00::1", False), ("ff02::1", False),
+        ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("::ffff:8.8.8.8", True),
+    ],
+)
+def test_address_classification(address, public):
+    assert is_public_address(ipaddress.ip_address(address)) is public
+
+
+def test_guard_checks_every_resolved_address_without_connecting():
+    guard = UrlGuard.from_settings(False, [], fake_dns({"mixed.test": ["8.8.8.8", "10.0.0.1"], "public.test": ["8.8.4.4"]}))
+    assert guard.resolve("https://public.test/a.wav") == "8.8.4.4"
+    with pytest.raises(ForbiddenUrl):
+        guard.resolve("http://mixed.test/a.wav")
+    with pytest.raises(ForbiddenUrl):
+        guard.resolve("http://[::1]:8000/a.wav")
+    assert UrlGuard.from_settings(True, [], fake_dns({})).resolve("http://10.0.0.1/") == "10.0.0.1"
+    assert UrlGuard.from_settings(False, ["10.0.0.0/8"], fake_dns({})).resolve("http://10.0.0.1/") == "10.0.0.1"
+    with pytest.raises(FetchFailed):
+        guard.resolve("http://unknown.test/a.wav")
+
+
+def test_fetch_connects_to_the_checked_address_with_the_original_host(media_server):
+    media_server.files["tone.wav"] = TONE
+    port = media_server.server_address[1]
+    audio = loader(fake_dns({"media.test": ["127.0.0.1"]})).from_url(f"http://media.test:{port}/files/tone.wav")
+    assert audio.duration_s == pytest.approx(1.0)
+    assert media_server.hosts_seen[-1] == f"media.test:{port}"
+
+
+def test_private_targets_refused_by_default(media_server):
+    media_server.files["tone.wav"] = TONE
+    strict = loader(url_allowlist=[])
+    with pytest.raises(ForbiddenUrl):
+        strict.from_url(media_server.url("/files/tone.wav"))
+    with pytest.raises(ForbiddenUrl):
+        loader(fake_dns({"sneaky.test": ["127.0.0.1"]}), url_allowlist=[]).from_url("http://sneaky.test/x.wav")
+    assert loader(url_allowlist=[], allow_private_urls=True).from_url(media_server.url("/files/tone.wav")).duration_s == pytest.approx(1.0)
+
+
+def test_redirects_are_followed_and_rechecked(media_server):
+    media_server.files["tone.wav"] = TONE
+    port = media_server.server_address[1]
+    ok = media_server.url(f"/redirect?to=http://127.0.0.1:{port}/files/tone.wav")
+    assert loader().from_url(ok).duration_s == pytest.approx(1.0)
+    # 127.0.0.2 is loopback but outside the allowlist: the hop is refused before any connection.
+    seen = len(media_server.hosts_seen)
+    with pytest.raises(ForbiddenUrl):
+        loader().from_url(media_server.url(f"/redirect?to=http://127.0.0.2:{port}/files/tone.wav"))
+    with pytest.raises(ForbiddenUrl):
+        loader(fake_dns({"inside.test": ["127.0.0.3"], "127.0.0.1": ["127.0.0.1"]})).from_url(
+            media_server.url(f"/redirect?to=http://inside.test:{port}/files/tone.wav")
+        )
+    assert len(media_server.hosts_seen) == seen + 2  # only the two redirecting requests arrived
+    with pytest.raises(ForbiddenUrl):
+        loader().from_url(media_server.url("/redirect?to=file:///etc/passwd"))
+
+
+def test_redirect_loops_end(media_server):
+    loop = media_server.url("/redirect?to=/redirect?to=/redirect?to=/files/none")
+    with pytest.raises(FetchFailed):
+        loader(fetch_max_redirects=1).from_url(loop)
+
+
+@pytest.mark.parametrize("code", [403, 404, 500, 503])
+def test_remote_errors_become_fetch_failed_with_status(media_server, code):
+    with pytest.raises(FetchFailed) as info:
+        loader().from_url(media_server.url(f"/status/{code}"))
+    assert info.value.to_body()["status"] == code
+
+
+def test_timeouts_and_refused_connections(media_server):
+    with pytest.raises(FetchFailed, match="[Tt]imed out"):
+        loader(fetch_read_timeout_s=0.5).from_url(media_server.url("/slow"))
+    with pytest.raises(FetchFailed):
+        loader().from_url("http://127.0.0.1:9/nothing-listens-here.wav")
+
+
+def test_huge_bodies_are_cut_off(media_server):
+    with pytest.raises(FileTooLarge) as info:
+        loader().from_url(media_server.url("/huge-declared"))
+    assert info.value.to_body()["max_size_mb"] == 100
+    with pytest.raises(FileTooLarge):
+        loader().from_url(media_server.url("/huge-chunked"))
+    # The chunked body was read up to the cap and no further (socket buffers hold a few MB).
+    sent = media_server.bytes_sent["/huge-chunked"]
+    assert 100_000_000 < sent < 110_000_000 < HUGE_BYTES
+
+
+def test_bad_urls():
+    for url in ("ftp://host/a.wav", "file:///etc/passwd", "no-scheme", "http://", "s3://bucket-only"):
+        with pytest.raises(InvalidParameter):
+            loader().from_url(url)
+
+
+def test_s3_objects(s3_server, clips):
+    data = encode(np.frombuffer(TONE[44:], dtype="<i2").astype(np.float32) / 32768, "flac")
+    s3_server.put_object(Bucket=S3_BUCKET, Key="dir/tone.flac", Body=data)
+    audio = loader().from_url(f"s3://{S3_BUCKET}/dir/tone.flac")
+    assert audio.source_format == "flac" and audio.duration_s == pytest.approx(1.0)
+    with pytest.raises(FetchFailed) as info:
+        loader().from_url(f"s3://{S3_BUCKET}/dir/missing.wav")
+    assert info.value.to_body()["status"] == 404
+    with pytest.raises(FetchFailed):
+        loader().from_url("s3://no-such-bucket/a.wav")
+    s3_server.put_object(Bucket=S3_BUCKET, Key="big.wav", Body=b"\x00" * 1_500_000)
+    with pytest.raises(FileTooLarge):
+        loader(max_file_mb=1).from_url(f"s3://{S3_BUCKET}/big.wav")

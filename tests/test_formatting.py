@@ -1,0 +1,84 @@
+import pytest
+
+from pipeline.formatting import api_words, render, strip_punctuation
+from pipeline.schemas import ListenParams
+from pipeline.errors import InvalidParameter
+from pipeline.types import Segment, Transcript, Word
+
+WORDS = (
+    Word(" Hello,", 0.0, 0.5, 0.9),
+    Word(" this", 0.6, 0.8, 0.8),
+    Word(" isn't", 0.8, 1.0, 0.7),
+    Word(' "quoted"', 1.1, 1.5, 0.6),
+    Word(" 3.5", 1.6, 2.0, 0.5),
+    Word(" percent.", 2.0, 2.4, 0.4),
+)
+TRANSCRIPT = Transcript(
+    segments=(Segment(text="".join(w.text for w in WORDS), start=0.0, end=2.4, avg_logprob=-0.3, num_tokens=9, words=WORDS),),
+    language="en",
+    language_probability=0.98,
+    duration_s=3.0,
+)
+
+
+def test_punctuation_marks_become_their_own_entries():
+    words = api_words(WORDS, punctuate=True)
+    assert [w.word for w in words] == ["Hello", ",", "this", "isn't", '"', "quoted", '"', "3.5", "percent", "."]
+    comma = words[1]
+    assert (comma.start, comma.end, comma.confidence) == (0.5, 0.5, 1.0)  # end of the word it follows
+    opening = words[4]
+    assert (opening.start, opening.end) == (1.1, 1.1)  # an opening mark sits at its word's start
+    assert words[0].confidence == 0.9 and (words[0].start, words[0].end) == (0.0, 0.5)
+
+
+def test_without_punctuation_marks_drop_and_case_lowers():
+    words = api_words(WORDS, punctuate=False)
+    assert [w.word for w in words] == ["hello", "this", "isn't", "quoted", "3.5", "percent"]
+    assert strip_punctuation('Hello, world! "Quoted" 10,000 e-mail ¿Qué? 你好，世界。') == (
+        "hello world quoted 10,000 e-mail qué 你好世界"
+    )
+
+
+def test_render_shapes_the_api_body():
+    body = render(TRANSCRIPT, request_id="req_1", punctuate=True, timestamps=False).to_json()
+    assert body == {
+        "request_id": "req_1",
+        "text": 'Hello, this isn\'t "quoted" 3.5 percent.',
+        "confidence": pytest.approx(sum(w.probability for w in WORDS) / len(WORDS), abs=1e-4),
+        "duration": 3.0,
+        "language": "en",
+    }
+    body = render(TRANSCRIPT, request_id="req_1", punctuate=False, timestamps=True).to_json()
+    assert body["text"] == "hello this isn't quoted 3.5 percent"
+    assert len(body["words"]) == 6 and "speakers" not in body and "speaker" not in body["words"][0]
+
+
+def test_confidence_without_words_and_of_silence():
+    no_words = Transcript((Segment(" Hi.", 0, 1, -0.1, 3),), "en", 1.0, 1.0)
+    assert no_words.confidence == pytest.approx(0.9048, abs=1e-3)
+    assert Transcript((), "en", 1.0, 5.0).confidence == 0.0
+
+
+def test_params_parse_strings_from_query_and_forms():
+    p = ListenParams.parse({"language": "en-US", "punctuate": "false", "timestamps": "1", "num_speakers": "2", "model": "nova-2"})
+    assert (p.language, p.punctuate, p.timestamps, p.num_speakers) == ("en", False, True, 2)
+    assert p.asr_options().language == "en"
+    assert ListenParams.parse({}).language is None and ListenParams.parse({"language": ""}).language is None
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"language": "xx"}, "language"),
+        ({"language": 5}, "language"),
+        ({"punctuate": "maybe"}, "punctuate"),
+        ({"timestamps": [1]}, "timestamps"),
+        ({"num_speakers": "0"}, "num_speakers"),
+        ({"num_speakers": 33}, "num_speakers"),
+        ({"num_speakers": "two"}, "num_speakers"),
+    ],
+)
+def test_params_refuse_bad_values_naming_the_field(fields, param):
+    with pytest.raises(InvalidParameter) as info:
+        ListenParams.parse(fields)
+    assert info.value.to_body()["param"] == param
