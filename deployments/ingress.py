@@ -45,16 +45,16 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse({"error": str(exc.detail), "code": code}, status_code=exc.status_code)
 
 
-def unwrap(exc: BaseException) -> HarkError:
+def unwrap(exc: BaseException, retry_after_s: int) -> HarkError:
     """The API error for whatever a handle call raised."""
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
         exc = exc.cause
     if isinstance(exc, HarkError):
         return exc
     if isinstance(exc, BackPressureError):
-        return ServiceUnavailable()
+        return ServiceUnavailable(retry_after=retry_after_s)
     if isinstance(exc, RayActorError):
-        return ServiceUnavailable("The worker handling the request stopped; please retry")
+        return ServiceUnavailable("The worker handling the request stopped; please retry", retry_after=retry_after_s)
     logger.exception("Unexpected error", exc_info=exc)
     return HarkError("Internal error")
 
@@ -101,7 +101,7 @@ class Ingress:
         except BaseException as exc:  # noqa: BLE001 - every failure becomes an API error
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            err = unwrap(exc)
+            err = unwrap(exc, self._settings.retry_after_s)
             response, code = _error_response(err), err.code
         metrics.REQUESTS.labels(LISTEN_ROUTE, str(response.status_code), code).inc()
         metrics.REQUEST_SECONDS.observe(time.perf_counter() - started)
@@ -128,14 +128,16 @@ class Ingress:
             raise InvalidParameter("Asynchronous jobs are not available on this server yet", param="callback_url")
         if source.url is not None:
             self._url_checker.check_url(source.url)
-            audio = self._fetch.from_url.remote(source.url)
+            audio = await self._fetch.from_url.remote(source.url)
         else:
-            audio = self._fetch.from_bytes.remote(source.audio)
+            audio = await self._fetch.from_bytes.remote(source.audio)
         request_id = f"req_{uuid.uuid4().hex}"
         metrics.IN_FLIGHT.inc()
         try:
-            # The fetch response is passed, not awaited: Ray hands the decoded samples from the
-            # fetch replica to the ASR replica directly. No retry here: a request runs once.
+            # The decoded audio is awaited before the ASR call, not chained into it: Serve counts
+            # a request against max_queued_requests only when it enters the router, and a chained
+            # request enters before its input exists, so a full queue would never refuse it.
+            # No retry here: a transcription runs once.
             transcript = await self._asr.transcribe.remote(audio, params.asr_options())
         finally:
             metrics.IN_FLIGHT.dec()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from pipeline.errors import InvalidParameter
 from pipeline.languages import normalize_language
@@ -24,7 +24,7 @@ class ListenParams(BaseModel):
     language: str | None = None
     punctuate: bool = True
     diarize: bool = False
-    num_speakers: int | None = Field(None, ge=1, le=MAX_SPEAKERS)
+    num_speakers: int | None = None
     timestamps: bool = False
     callback_url: str | None = None
 
@@ -34,6 +34,17 @@ class ListenParams(BaseModel):
         if value is None or isinstance(value, str):
             return normalize_language(value)
         return value
+
+    @model_validator(mode="after")
+    def _speakers_only_with_diarize(self) -> "ListenParams":
+        if not self.diarize:
+            # Meaningless without diarization: ignored, as API.md says, whatever its value.
+            object.__setattr__(self, "num_speakers", None)
+        elif self.num_speakers is not None and not 1 <= self.num_speakers <= MAX_SPEAKERS:
+            raise InvalidParameter(
+                f"num_speakers must be between 1 and {MAX_SPEAKERS}", param="num_speakers"
+            )
+        return self
 
     @classmethod
     def parse(cls, fields: dict[str, Any]) -> "ListenParams":

@@ -59,8 +59,13 @@ def test_confidence_without_words_and_of_silence():
     assert Transcript((), "en", 1.0, 5.0).confidence == 0.0
 
 
+def test_num_speakers_is_ignored_without_diarize():
+    assert ListenParams.parse({"num_speakers": "0"}).num_speakers is None
+    assert ListenParams.parse({"diarize": "true", "num_speakers": "3"}).num_speakers == 3
+
+
 def test_params_parse_strings_from_query_and_forms():
-    p = ListenParams.parse({"language": "en-US", "punctuate": "false", "timestamps": "1", "num_speakers": "2", "model": "nova-2"})
+    p = ListenParams.parse({"language": "en-US", "punctuate": "false", "timestamps": "1", "diarize": "on", "num_speakers": "2", "model": "nova-2"})
     assert (p.language, p.punctuate, p.timestamps, p.num_speakers) == ("en", False, True, 2)
     assert p.asr_options().language == "en"
     assert ListenParams.parse({}).language is None and ListenParams.parse({"language": ""}).language is None
@@ -73,9 +78,10 @@ def test_params_parse_strings_from_query_and_forms():
         ({"language": 5}, "language"),
         ({"punctuate": "maybe"}, "punctuate"),
         ({"timestamps": [1]}, "timestamps"),
-        ({"num_speakers": "0"}, "num_speakers"),
-        ({"num_speakers": 33}, "num_speakers"),
+        ({"diarize": "true", "num_speakers": "0"}, "num_speakers"),
+        ({"diarize": True, "num_speakers": 33}, "num_speakers"),
         ({"num_speakers": "two"}, "num_speakers"),
+        ({"diarize": "yes please"}, "diarize"),
     ],
 )
 def test_params_refuse_bad_values_naming_the_field(fields, param):

@@ -1,0 +1,275 @@
+"""POST /v1/listen and friends through the real Ray Serve app, with real HTTP clients."""
+
+import concurrent.futures
+import json
+import socket
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import pytest
+import requests
+
+from conftest import API_KEYS, S3_BUCKET, wait_until
+from media import ENCODINGS, encode, long_silent_wav, png_bytes, video_only_mp4, wav_bytes
+from pipeline.audio import decode
+from textnorm import wer
+
+pytestmark = pytest.mark.serve
+
+
+@pytest.fixture(scope="module")
+def beckett_bytes(clips):
+    return clips["beckett"].path.read_bytes()
+
+
+def assert_error(response, http_status, code, **extra):
+    assert response.status_code == http_status, response.text
+    body = response.json()
+    assert body["code"] == code and isinstance(body["error"], str) and body["error"]
+    for key, value in extra.items():
+        assert body[key] == value, body
+    return body
+
+
+# ---- operations ---------------------------------------------------------------------------------
+
+def test_health_ready_metrics_need_no_key(serve_app):
+    assert httpx.get(f"{serve_app}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{serve_app}/ready").status_code == 200
+    metrics = httpx.get(f"{serve_app}/metrics")
+    assert metrics.status_code == 200 and "hark_requests_total" in metrics.text
+
+
+def test_unknown_route_is_json(serve_app):
+    assert_error(httpx.get(f"{serve_app}/v2/nothing"), 404, "NOT_FOUND")
+
+
+# ---- auth ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("header", [None, "Token wrong-key", "Basic dGVzdA==", "Token", f"Token {API_KEYS[0]}x"])
+def test_missing_or_unknown_key(serve_app, header):
+    headers = {"Authorization": header} if header else {}
+    r = httpx.post(f"{serve_app}/v1/listen", json={"url": "http://127.0.0.1/x.wav"}, headers=headers)
+    assert_error(r, 401, "UNAUTHORIZED")
+
+
+def test_token_and_bearer_schemes(serve_app, beckett_bytes):
+    for header in (f"Token {API_KEYS[0]}", f"Bearer {API_KEYS[1]}"):
+        r = httpx.post(f"{serve_app}/v1/listen", files={"audio": beckett_bytes}, headers={"Authorization": header}, timeout=120)
+        assert r.status_code == 200, r.text
+
+
+# ---- transcription ------------------------------------------------------------------------------
+
+def test_url_json_body(api, media_server, clips):
+    media_server.files["sample.wav"] = clips["sample"].path.read_bytes()
+    r = api.post("/v1/listen", json={"url": media_server.url("/files/sample.wav")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"request_id", "text", "confidence", "duration", "language"}
+    assert body["request_id"].startswith("req_")
+    assert body["duration"] == pytest.approx(30.0) and body["language"] == "en"
+    assert 0.5 < body["confidence"] <= 1.0
+    assert wer(clips["sample"].text, body["text"]) < 0.25
+
+
+def test_upload_with_form_options(api, beckett_bytes, clips):
+    r = api.post("/v1/listen", files={"audio": ("clip.bin", beckett_bytes, "application/octet-stream")},
+                 data={"timestamps": "true", "punctuate": "false", "language": "en"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["text"] == "ever tried ever failed no matter try again fail again fail better"
+    words = body["words"]
+    assert [w["word"] for w in words] == body["text"].split()
+    assert all(set(w) == {"word", "start", "end", "confidence"} for w in words)
+    assert all(0 <= w["start"] <= w["end"] <= body["duration"] for w in words)
+    assert [w["start"] for w in words] == sorted(w["start"] for w in words)
+
+
+def test_query_options_and_punctuation_entries(api, media_server, beckett_bytes):
+    media_server.files["beckett.wav"] = beckett_bytes
+    r = api.post("/v1/listen?timestamps=true", json={"url": media_server.url("/files/beckett.wav")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["text"] == "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better."
+    words = body["words"]
+    marks = [i for i, w in enumerate(words) if w["word"] == "."]
+    assert len(marks) == 6
+    for i in marks:
+        assert words[i]["start"] == words[i]["end"] == words[i - 1]["end"]
+        assert words[i]["confidence"] == 1.0
+
+
+def test_raw_body_upload(api, beckett_bytes):
+    r = api.post("/v1/listen", content=beckett_bytes, headers={"Content-Type": "audio/wav"})
+    assert r.status_code == 200 and r.json()["text"].startswith("Ever tried")
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+def test_every_format_through_the_api(api, clips, encoding):
+    samples = decode(clips["beckett"].path, max_duration_s=60).samples
+    r = api.post("/v1/listen", files={"audio": ("noext", encode(samples, encoding))})
+    assert r.status_code == 200, r.text
+    assert wer(clips["beckett"].text, r.json()["text"]) <= 0.1
+
+
+def test_s3_url(api, s3_server, clips):
+    s3_server.put_object(Bucket=S3_BUCKET, Key="calls/beckett.wav", Body=clips["beckett"].path.read_bytes())
+    r = api.post("/v1/listen", json={"url": f"s3://{S3_BUCKET}/calls/beckett.wav"})
+    assert r.status_code == 200, r.text
+    assert r.json()["text"].startswith("Ever tried")
+    assert_error(api.post("/v1/listen", json={"url": f"s3://{S3_BUCKET}/calls/missing.wav"}), 422, "FETCH_FAILED", status=404)
+
+
+def test_language_detected_and_given(api, clips):
+    r = api.post("/v1/listen", files={"audio": clips["spanish"].path.read_bytes()})
+    assert r.status_code == 200 and r.json()["language"] == "es"
+    r = api.post("/v1/listen", params={"language": "fr"}, files={"audio": clips["french"].path.read_bytes()})
+    assert r.status_code == 200 and r.json()["language"] == "fr"
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+def test_missing_input(api):
+    body = assert_error(api.post("/v1/listen", json={}), 400, "MISSING_PARAMETER")
+    assert body["error"] == "Missing required parameter: url or audio file"
+    assert_error(api.post("/v1/listen", data={"language": "en"}), 400, "MISSING_PARAMETER")
+    assert_error(api.post("/v1/listen"), 400, "MISSING_PARAMETER")
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"files": {"audio": b"RIFF"}, "data": {"url": "http://127.0.0.1/a.wav"}}, "url"),
+        ({"json": {"url": "http://127.0.0.1/a.wav", "language": "klingon"}}, "language"),
+        ({"json": {"url": "ftp://127.0.0.1/a.wav"}}, "url"),
+        ({"json": {"url": "http://127.0.0.1/a.wav", "punctuate": "maybe"}}, "punctuate"),
+        ({"json": {"url": "http://127.0.0.1/a.wav", "timestamps": [True]}}, "timestamps"),
+        ({"json": {"url": 42}}, "url"),
+        ({"content": b"{broken", "headers": {"Content-Type": "application/json"}}, "body"),
+        ({"json": {"url": "http://127.0.0.1/a.wav", "diarize": True, "num_speakers": 0}}, "num_speakers"),
+        ({"json": {"url": "http://127.0.0.1/a.wav", "diarize": True}}, "diarize"),
+        ({"json": {"url": "http://127.0.0.1/a.wav", "callback_url": "http://127.0.0.1/hook"}}, "callback_url"),
+    ],
+)
+def test_invalid_parameters(api, kwargs, param):
+    assert_error(api.post("/v1/listen", **kwargs), 400, "INVALID_PARAMETER", param=param)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"this is a text file, not audio", png_bytes(), video_only_mp4()],
+    ids=["text", "png", "video-only"],
+)
+def test_unsupported_format(api, payload):
+    assert_error(api.post("/v1/listen", files={"audio": ("a.wav", payload)}), 400, "UNSUPPORTED_FORMAT",
+                 supported_formats=["wav", "mp3", "flac", "ogg", "m4a"])
+
+
+def test_invalid_audio(api, beckett_bytes):
+    assert_error(api.post("/v1/listen", files={"audio": ("a.wav", b"")}), 400, "INVALID_AUDIO")
+    assert_error(api.post("/v1/listen", files={"audio": wav_bytes(np.zeros(0, np.float32))}), 400, "INVALID_AUDIO")
+    assert_error(api.post("/v1/listen", files={"audio": b"OggS" + bytes(500)}), 400, "INVALID_AUDIO")
+
+
+def test_forbidden_urls(api, media_server, beckett_bytes):
+    media_server.files["beckett.wav"] = beckett_bytes
+    port = media_server.server_address[1]
+    # Loopback outside the app's allowlist (127.0.0.1/32): refused before any connection.
+    assert_error(api.post("/v1/listen", json={"url": f"http://127.0.0.2:{port}/files/beckett.wav"}), 403, "FORBIDDEN_URL")
+    assert_error(api.post("/v1/listen", json={"url": f"http://[::1]:{port}/files/beckett.wav"}), 403, "FORBIDDEN_URL")
+    redirect = media_server.url(f"/redirect?to=http://127.0.0.2:{port}/files/beckett.wav")
+    assert_error(api.post("/v1/listen", json={"url": redirect}), 403, "FORBIDDEN_URL")
+
+
+def test_fetch_failures(api, media_server):
+    assert_error(api.post("/v1/listen", json={"url": media_server.url("/status/404")}), 422, "FETCH_FAILED", status=404)
+    assert_error(api.post("/v1/listen", json={"url": media_server.url("/status/500")}), 422, "FETCH_FAILED", status=500)
+    body = assert_error(api.post("/v1/listen", json={"url": media_server.url("/slow")}), 422, "FETCH_FAILED")
+    assert "status" not in body
+
+
+def test_file_too_large_from_url(api, media_server):
+    for path in ("/huge-declared", "/huge-chunked"):
+        assert_error(api.post("/v1/listen", json={"url": media_server.url(path)}), 422, "FILE_TOO_LARGE", max_size_mb=100)
+    assert media_server.bytes_sent["/huge-chunked"] < 110_000_000
+
+
+def test_file_too_large_upload_refused_without_reading_it(serve_app):
+    """A declared 150 MB body is answered after 1 MB was sent: nothing waits for the rest."""
+    host, port = urlsplit(serve_app).hostname, urlsplit(serve_app).port
+    head = (
+        f"POST /v1/listen HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Token {API_KEYS[0]}\r\n"
+        "Content-Type: audio/wav\r\nContent-Length: 150000000\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, port), timeout=60) as sock:
+        sock.sendall(head + b"\x00" * 1_000_000)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert b" 422 " in status_line, reply[:300]
+    body = json.loads(rest.split(b"\r\n\r\n", 1)[1])
+    assert body["code"] == "FILE_TOO_LARGE" and body["max_size_mb"] == 100
+
+
+def test_audio_too_long(api):
+    r = api.post("/v1/listen", files={"audio": ("long.wav", long_silent_wav(7201))})
+    assert_error(r, 422, "AUDIO_TOO_LONG", max_duration_s=7200)
+
+
+# ---- overload and settings ---------------------------------------------------------------------
+
+def test_full_asr_queue_answers_503_at_once(serve_app, clips):
+    """The test app lets ASR hold 2 requests and queue 2 more; the rest must get 503 at once."""
+    payload = clips["sample"].path.read_bytes()
+
+    def send(_):
+        return requests.post(f"{serve_app}/v1/listen", files={"audio": payload},
+                             headers={"Authorization": f"Token {API_KEYS[0]}"}, timeout=300)
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(send, range(10)))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) == {200, 503}, codes
+    refused = [r for r in responses if r.status_code == 503]
+    for r in refused:
+        assert r.headers["Retry-After"] == "17"
+        assert r.json() == {"error": "No ASR workers available", "code": "SERVICE_UNAVAILABLE", "retry_after": 17}
+        # Refused at once, not after waiting behind the admitted requests (each takes seconds).
+        assert r.elapsed.total_seconds() < min(ok.elapsed.total_seconds() for ok in responses if ok.status_code == 200)
+    assert codes.count(200) >= 2
+
+
+def test_settings_reach_every_replica(serve_app):
+    """Replicas run with the deploying process's Settings (overrides included), not their own."""
+    from ray import serve
+
+    from conftest import app_settings_overrides
+    from pipeline.settings import Settings
+
+    expected = Settings(**app_settings_overrides()).model_dump_json()
+    assert json.loads(expected)["retry_after_s"] == 17  # an override no environment holds
+    for name, replicas in (("Ingress", 1), ("AudioFetch", 2), ("ASR", 1)):
+        handle = serve.get_deployment_handle(name, app_name="hark")
+        seen: dict[str, str] = {}
+
+        def every_replica_answered():
+            info = handle.describe.remote().result(timeout_s=30)
+            seen[info["replica"]] = info["settings"]
+            return len(seen) == replicas
+
+        wait_until(every_replica_answered, 60, interval_s=0.05, what=f"all {name} replicas")
+        assert set(seen.values()) == {expected}, name
+
+
+def test_metrics_count_requests_by_status_and_code(serve_app, api):
+    api.post("/v1/listen", json={})
+    text = httpx.get(f"{serve_app}/metrics").text
+    assert 'hark_requests_total{code="MISSING_PARAMETER",route="/v1/listen",status="400"}' in text
+    assert 'hark_requests_total{code="",route="/v1/listen",status="200"}' in text
+    assert "hark_audio_seconds_total" in text
