@@ -1,0 +1,71 @@
+"""``hark``: small command-line tools around the pipeline (no server needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.settings import Settings
+
+
+def _models(args: argparse.Namespace) -> int:
+    from pipeline.models import BUNDLED, resolve_model
+
+    settings = Settings()
+    if args.name:
+        print(resolve_model(args.name, settings.asr.model_cache_dir))
+    else:
+        for name, model in BUNDLED.items():
+            kind = "multilingual" if model.multilingual else "English-only"
+            print(f"{name}\t{kind}\tpackages: {', '.join(model.distributions)}")
+    return 0
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    from pipeline.engines import build_engine
+    from pipeline.formatting import render
+    from pipeline.loader import AudioLoader
+    from pipeline.schemas import ListenParams
+
+    settings = Settings()
+    params = ListenParams.parse({"language": args.language, "timestamps": args.timestamps, "punctuate": not args.no_punctuate})
+    loader = AudioLoader(settings)
+    audio = loader.from_url(args.source) if "://" in args.source else loader.from_path(args.source)
+    engine = build_engine(settings.asr)
+    [transcript] = engine.transcribe([audio], [params.asr_options()])
+    body = render(transcript, request_id="local", punctuate=params.punctuate, timestamps=params.timestamps)
+    json.dump(body.to_json(), sys.stdout, ensure_ascii=False, indent=2)
+    print()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hark", description="Hark speech-to-text tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    models = sub.add_parser("models", help="list bundled models, or prepare one and print its path")
+    models.add_argument("name", nargs="?")
+    models.set_defaults(func=_models)
+    tr = sub.add_parser("transcribe", help="transcribe a file or URL in this process")
+    tr.add_argument("source")
+    tr.add_argument("--language")
+    tr.add_argument("--timestamps", action="store_true")
+    tr.add_argument("--no-punctuate", action="store_true")
+    tr.set_defaults(func=_transcribe)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as exc:  # noqa: BLE001 - a CLI reports, it does not trace back
+        from pipeline.errors import HarkError
+
+        if isinstance(exc, HarkError):
+            print(json.dumps(exc.to_body()), file=sys.stderr)
+            return 2
+        if isinstance(exc, OSError):
+            print(f"hark: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
