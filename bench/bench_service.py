@@ -82,7 +82,7 @@ def throughput(fn, payloads: list[bytes], concurrency: int) -> float:
     return audio_s / (time.perf_counter() - start)
 
 
-def start_service(settings_overrides: dict) -> str:
+def start_service(settings_overrides: dict, port: int = 7171) -> str:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -94,9 +94,9 @@ def start_service(settings_overrides: dict) -> str:
     app_cfg = config["applications"][0]
     options = {d.pop("name"): d for d in app_cfg["deployments"]}
     ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": 7171, "request_timeout_s": 3600})
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 3600})
     serve.run(build_app({"settings": settings_overrides, "deployment_options": options}), name="hark", route_prefix="/")
-    return "http://127.0.0.1:7171"
+    return f"http://127.0.0.1:{port}"
 
 
 def main() -> None:

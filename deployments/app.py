@@ -6,6 +6,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from deployments.accounting import AccountingDeployment
 from deployments.asr import AsrDeployment
 from deployments.fetch import AudioFetchDeployment
 from deployments.ingress import Ingress
@@ -13,7 +14,7 @@ from pipeline.settings import Settings
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    """Compose Ingress → (AudioFetch, ASR).
+    """Compose Ingress → (AudioFetch, ASR, Accounting).
 
     Settings merge defaults → ``HARK_*`` environment of the deploying process → ``args["settings"]``
     (from the config file's ``args`` or a caller). They are built here once and handed to every
@@ -28,7 +29,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     overrides: dict[str, dict[str, Any]] = args.pop("deployment_options", None) or {}
     if args:
         raise ValueError(f"Unknown app arguments: {sorted(args)}")
-    unknown = set(overrides) - {"Ingress", "AudioFetch", "ASR"}
+    unknown = set(overrides) - {"Ingress", "AudioFetch", "ASR", "Accounting"}
     if unknown:
         raise ValueError(f"Unknown deployments in deployment_options: {sorted(unknown)}")
 
@@ -37,4 +38,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
     fetch = configured(AudioFetchDeployment).bind(settings)
     asr = configured(AsrDeployment).bind(settings)
-    return configured(Ingress).bind(settings, fetch, asr)
+    accounting = configured(AccountingDeployment).bind(settings)
+    return configured(Ingress).bind(settings, fetch, asr, accounting)

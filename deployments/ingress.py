@@ -1,21 +1,20 @@
-"""HTTP ingress: auth, request parsing, composition of fetch and ASR, errors as ``API.md``."""
-
+"""HTTP ingress: auth, limits, request parsing, composition of fetch and ASR, errors as ``API.md``."""
 
 import asyncio
+import contextvars
 import logging
 import time
 import uuid
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments import metrics
 from pipeline.auth import KeyRing
 from pipeline.errors import HarkError, InvalidParameter, MissingParameter, ServiceUnavailable
 from pipeline.formatting import render
@@ -62,11 +61,17 @@ def unwrap(exc: BaseException, retry_after_s: int) -> HarkError:
 @serve.deployment(
     name="Ingress",
     max_ongoing_requests=200,
-    ray_actor_options={"num_cpus": 0.25},
+    ray_actor_options={"num_cpus": 0.1},
 )
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, settings: Settings, fetch: DeploymentHandle, asr: DeploymentHandle) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        fetch: DeploymentHandle,
+        asr: DeploymentHandle,
+        accounting: DeploymentHandle,
+    ) -> None:
         self._settings = settings
         self._keys = KeyRing(settings.license_keys)
         if not len(self._keys):
@@ -74,6 +79,8 @@ class Ingress:
         self._url_checker = AudioLoader(settings)
         self._fetch = fetch
         self._asr = asr
+        self._accounting = accounting
+        self._background: set[asyncio.Task] = set()
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -82,33 +89,62 @@ class Ingress:
     @app.get("/ready")
     async def ready(self) -> JSONResponse:
         try:
-            await asyncio.wait_for(self._asr.describe.remote(), timeout=5)
+            await asyncio.wait_for(
+                asyncio.gather(self._asr.describe.remote(), self._accounting.describe.remote()), timeout=5
+            )
         except Exception:
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics")
-    async def prometheus(self) -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus(self) -> Response:
+        text = await self._accounting.metrics_text.remote()
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.post(LISTEN_ROUTE)
     async def listen(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
+        outcome: dict = {"audio_s": 0.0}
         try:
-            body = await self._listen(request, started)
-            response = JSONResponse(body)
+            body, headers = await self._listen(request, outcome)
+            response = JSONResponse(body, headers=headers)
             code = ""
         except BaseException as exc:  # noqa: BLE001 - every failure becomes an API error
             if isinstance(exc, asyncio.CancelledError):
                 raise
             err = unwrap(exc, self._settings.retry_after_s)
             response, code = _error_response(err), err.code
-        metrics.REQUESTS.labels(LISTEN_ROUTE, str(response.status_code), code).inc()
-        metrics.REQUEST_SECONDS.observe(time.perf_counter() - started)
+        self._detached(
+            self._accounting.record.remote,
+            LISTEN_ROUTE, response.status_code, code, time.perf_counter() - started, outcome["audio_s"],
+        )
         return response
 
-    async def _listen(self, request: Request, started: float) -> dict:
-        self._keys.authenticate(request.headers.get("authorization"))
+    async def _listen(self, request: Request, outcome: dict) -> tuple[dict, dict[str, str]]:
+        key_id = self._keys.authenticate(request.headers.get("authorization"))
+        # Admission first: a refused request costs nothing, not even reading its body.
+        lease = await self._accounting.admit.remote(key_id)
+        try:
+            body = await self._transcribe(request, key_id, outcome)
+        finally:
+            self._detached(self._accounting.release.remote, lease.lease_id, key_id)
+        return body, lease.headers
+
+    def _detached(self, method, *args) -> None:
+        """Call a handle method outside this request's context.
+
+        When a client hangs up, Serve cancels the request and every handle call made in its
+        context, so a release made there would be cancelled too. A task with an empty context
+        is not the request's child and runs to the end. (Leases also expire as a last resort.)
+        """
+
+        async def call() -> None:
+            await method(*args)
+
+        self._background.add(task := asyncio.get_running_loop().create_task(call(), context=contextvars.Context()))
+        task.add_done_callback(self._background.discard)
+
+    async def _transcribe(self, request: Request, key_id: str, outcome: dict) -> dict:
         declared = request.headers.get("content-length")
         source = await read_listen_input(
             request.headers.get("content-type"),
@@ -131,20 +167,15 @@ class Ingress:
             audio = await self._fetch.from_url.remote(source.url)
         else:
             audio = await self._fetch.from_bytes.remote(source.audio)
+        await self._accounting.check_audio.remote(key_id, audio.duration_s)
         request_id = f"req_{uuid.uuid4().hex}"
-        metrics.IN_FLIGHT.inc()
-        try:
-            # The decoded audio is awaited before the ASR call, not chained into it: Serve counts
-            # a request against max_queued_requests only when it enters the router, and a chained
-            # request enters before its input exists, so a full queue would never refuse it.
-            # No retry here: a transcription runs once.
-            transcript = await self._asr.transcribe.remote(audio, params.asr_options())
-        finally:
-            metrics.IN_FLIGHT.dec()
-        elapsed = time.perf_counter() - started
-        metrics.AUDIO_SECONDS.inc(transcript.duration_s)
-        if transcript.duration_s > 0:
-            metrics.REAL_TIME_FACTOR.observe(elapsed / transcript.duration_s)
+        # The decoded audio is awaited before the ASR call, not chained into it: Serve counts
+        # a request against max_queued_requests only when it enters the router, and a chained
+        # request enters before its input exists, so a full queue would never refuse it.
+        # No retry here: a transcription runs once.
+        transcript = await self._asr.transcribe.remote(audio, params.asr_options())
+        await self._accounting.charge_audio.remote(key_id, transcript.duration_s)
+        outcome["audio_s"] = transcript.duration_s
         return render(
             transcript, request_id=request_id, punctuate=params.punctuate, timestamps=params.timestamps
         ).to_json()

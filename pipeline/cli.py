@@ -22,6 +22,13 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from pipeline.auth import key_id
+
+    print(key_id(args.key))
+    return 0
+
+
 def _transcribe(args: argparse.Namespace) -> int:
     from pipeline.engines import build_engine
     from pipeline.formatting import render
@@ -46,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     models = sub.add_parser("models", help="list bundled models, or prepare one and print its path")
     models.add_argument("name", nargs="?")
     models.set_defaults(func=_models)
+    keys = sub.add_parser("keys", help="key utilities")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    key_id_cmd = keys_sub.add_parser("id", help="print the id of a key (for HARK_LIMITS__PER_KEY, logs)")
+    key_id_cmd.add_argument("key")
+    key_id_cmd.set_defaults(func=_keys)
     tr = sub.add_parser("transcribe", help="transcribe a file or URL in this process")
     tr.add_argument("source")
     tr.add_argument("--language")

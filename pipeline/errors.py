@@ -22,22 +22,28 @@ class HarkError(Exception):
         super().__init__(message)
         self.message = message
         self.extra = extra
+        self.extra_headers: dict[str, str] = {}
+
+    def with_headers(self, headers: dict[str, str]) -> "HarkError":
+        """Attach informative response headers (e.g. X-RateLimit-*); returns self."""
+        self.extra_headers = dict(headers)
+        return self
 
     def __reduce__(self):
-        return (_rebuild, (type(self), self.message, self.extra))
+        return (_rebuild, (type(self), self.message, self.extra, self.extra_headers))
 
     def to_body(self) -> dict[str, Any]:
         """The JSON body of ``API.md``: ``{"error", "code", ...extra}``."""
         return {"error": self.message, "code": self.code, **self.extra}
 
     def headers(self) -> dict[str, str]:
-        return {}
+        return dict(self.extra_headers)
 
 
-def _rebuild(cls: type[HarkError], message: str, extra: dict[str, Any]) -> HarkError:
+def _rebuild(cls: type[HarkError], message: str, extra: dict[str, Any], headers: dict[str, str]) -> HarkError:
     err = cls.__new__(cls)
     HarkError.__init__(err, message, **extra)
-    return err
+    return err.with_headers(headers)
 
 
 class MissingParameter(HarkError):
@@ -125,7 +131,7 @@ class RateLimited(HarkError):
         super().__init__(message, retry_after=retry_after)
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.extra["retry_after"])}
+        return {**self.extra_headers, "Retry-After": str(self.extra["retry_after"])}
 
 
 class ServiceUnavailable(HarkError):
@@ -136,4 +142,4 @@ class ServiceUnavailable(HarkError):
         super().__init__(message, retry_after=retry_after)
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.extra["retry_after"])}
+        return {**self.extra_headers, "Retry-After": str(self.extra["retry_after"])}

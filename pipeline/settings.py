@@ -50,6 +50,19 @@ class AsrSettings(BaseModel):
     )
 
 
+class LimitsSettings(BaseModel):
+    """Per-license-key limits, enforced across every ingress replica. 0 = unlimited."""
+
+    requests_per_minute: int = Field(60, ge=0, description="Requests per key per rolling minute.")
+    concurrent_requests: int = Field(10, ge=0, description="Requests per key in flight at once.")
+    audio_hours_per_day: float = Field(100.0, ge=0, description="Audio hours per key per UTC day.")
+    per_key: dict[str, dict[str, int | float]] = Field(
+        default_factory=dict,
+        description="Overrides by key id (see `hark keys id KEY`) or by key, e.g. "
+        '{"key_1a2b...": {"requests_per_minute": 600}}.',
+    )
+
+
 class Settings(BaseSettings):
     """Every knob of the service; environment variables ``HARK_<NAME>``, nested with ``__``."""
 
@@ -78,6 +91,7 @@ class Settings(BaseSettings):
     fetch_max_redirects: int = Field(5, ge=0, description="Redirects followed, each re-checked.")
     retry_after_s: int = Field(30, ge=1, description="Retry-After sent with 503 when queues are full.")
     asr: AsrSettings = Field(default_factory=AsrSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
 
     @field_validator("license_keys", "url_allowlist", mode="before")
     @classmethod

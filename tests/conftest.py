@@ -17,6 +17,14 @@ import assets  # noqa: E402
 from servers import MediaServer  # noqa: E402
 
 API_KEYS = ("test-key-1", "test-key-2")
+# Keys with their own limits, one per limits test (the plain keys are effectively unlimited).
+LIMITED_KEYS = {
+    "rpm-key": {"requests_per_minute": 60, "concurrent_requests": 0},
+    "conc-key": {"requests_per_minute": 0, "concurrent_requests": 10},
+    "quota-key": {"requests_per_minute": 0, "audio_hours_per_day": 15 / 3600},
+    "retry-key": {"requests_per_minute": 0, "concurrent_requests": 1},
+    "disc-key": {"requests_per_minute": 0, "concurrent_requests": 1},
+}
 S3_BUCKET = "hark-audio"
 
 
@@ -80,7 +88,8 @@ def s3_server():
 
 def app_settings_overrides() -> dict:
     return {
-        "license_keys": list(API_KEYS),
+        "license_keys": [*API_KEYS, *LIMITED_KEYS],
+        "limits": {"requests_per_minute": 100_000, "concurrent_requests": 1000, "per_key": LIMITED_KEYS},
         "allow_private_urls": False,
         # The media server lives on 127.0.0.1; every other private address stays refused.
         "url_allowlist": ["127.0.0.1/32"],
@@ -112,6 +121,8 @@ def serve_app(s3_server):
         {
             "settings": app_settings_overrides(),
             "deployment_options": {
+                # Two ingress replicas: limits must hold across both.
+                "Ingress": {"num_replicas": 2},
                 "AudioFetch": {"num_replicas": 2},
                 # Small queues so that the overload test can fill them.
                 "ASR": {"max_ongoing_requests": 2, "max_queued_requests": 2},

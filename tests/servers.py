@@ -21,6 +21,8 @@ class MediaServer(ThreadingHTTPServer):
         self.hosts_seen: list[str] = []
         self.bytes_sent: dict[str, int] = {}
         self.release = threading.Event()  # set at shutdown so slow handlers end
+        self.hold_release = threading.Event()  # set by a test to end the /hold requests
+        self.holding = 0  # /hold requests in progress
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 
     @property
@@ -71,6 +73,8 @@ class _Handler(BaseHTTPRequestHandler):
             # Headers never come: the client's read timeout must fire first.
             self.server.release.wait(timeout=20)
             self._status(200)
+        elif parts.path == "/hold":
+            self._hold()
         elif parts.path in ("/huge-declared", "/huge-chunked"):
             self._huge(declared=parts.path == "/huge-declared")
         else:
@@ -82,6 +86,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _hold(self) -> None:
+        """Keeps a download alive (a byte every 0.2 s) until the test sets ``hold_release``,
+        then hangs up mid-body, so the fetch fails at once."""
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.server.holding += 1
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(_WAV_HEADER), _WAV_HEADER))
+            for _ in range(300):  # at most 60 s
+                if self.server.hold_release.wait(timeout=0.2) or self.server.release.is_set():
+                    break
+                self.wfile.write(b"1\r\n\x00\r\n")
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            self.server.holding -= 1
+        self.close_connection = True
 
     def _huge(self, declared: bool) -> None:
         """A 150 MB WAV body; counts what the client actually read before hanging up."""

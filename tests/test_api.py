@@ -254,7 +254,7 @@ def test_settings_reach_every_replica(serve_app):
 
     expected = Settings(**app_settings_overrides()).model_dump_json()
     assert json.loads(expected)["retry_after_s"] == 17  # an override no environment holds
-    for name, replicas in (("Ingress", 1), ("AudioFetch", 2), ("ASR", 1)):
+    for name, replicas in (("Ingress", 2), ("AudioFetch", 2), ("ASR", 1), ("Accounting", 1)):
         handle = serve.get_deployment_handle(name, app_name="hark")
         seen: dict[str, str] = {}
 
@@ -269,7 +269,12 @@ def test_settings_reach_every_replica(serve_app):
 
 def test_metrics_count_requests_by_status_and_code(serve_app, api):
     api.post("/v1/listen", json={})
-    text = httpx.get(f"{serve_app}/metrics").text
-    assert 'hark_requests_total{code="MISSING_PARAMETER",route="/v1/listen",status="400"}' in text
-    assert 'hark_requests_total{code="",route="/v1/listen",status="200"}' in text
-    assert "hark_audio_seconds_total" in text
+    wanted = [
+        'hark_requests_total{code="MISSING_PARAMETER",route="/v1/listen",status="400"}',
+        'hark_requests_total{code="",route="/v1/listen",status="200"}',
+        "hark_audio_seconds_total",
+        "hark_real_time_factor_bucket",
+        "hark_requests_in_flight",
+    ]
+    # Outcomes are recorded without holding up the answer: poll until they show.
+    wait_until(lambda: all(w in httpx.get(f"{serve_app}/metrics").text for w in wanted), 30, what="metrics")

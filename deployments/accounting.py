@@ -1,0 +1,76 @@
+"""Accounting deployment: the one place that holds per-key limits and the app's metrics.
+
+A single replica, so every ingress replica sees the same counts. Its methods are coroutines:
+they run one at a time on the replica's event loop, so the book needs no lock.
+State is in memory: a restart of this replica starts the counts afresh.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+
+from deployments.metrics import ServiceMetrics
+from pipeline.errors import HarkError
+from pipeline.limits import Lease, book_from_settings
+from pipeline.settings import Settings
+
+
+@serve.deployment(
+    name="Accounting",
+    num_replicas=1,
+    max_ongoing_requests=1000,
+    ray_actor_options={"num_cpus": 0.05},
+)
+class AccountingDeployment:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._book = book_from_settings(settings)
+        self._metrics = ServiceMetrics()
+        self._metrics.in_flight.set_function(self._book.in_flight)
+        self._refusals_seen = dict(self._book.refusals)
+
+    def _count_refusals(self) -> None:
+        for limit, count in self._book.refusals.items():
+            if count > self._refusals_seen[limit]:
+                self._metrics.rate_limited.labels(limit).inc(count - self._refusals_seen[limit])
+                self._refusals_seen[limit] = count
+
+    async def admit(self, key_id: str) -> Lease:
+        try:
+            lease = self._book.admit(key_id)
+        except HarkError:
+            self._count_refusals()
+            raise
+        return lease
+
+    async def check_audio(self, key_id: str, seconds: float) -> None:
+        try:
+            self._book.check_audio(key_id, seconds)
+        except HarkError:
+            self._count_refusals()
+            raise
+
+    async def charge_audio(self, key_id: str, seconds: float) -> None:
+        self._book.charge_audio(key_id, seconds)
+        self._metrics.audio_seconds.inc(seconds)
+
+    async def release(self, lease_id: str, key_id: str) -> None:
+        self._book.release(lease_id, key_id)
+
+    async def record(self, route: str, status: int, code: str, elapsed_s: float, audio_s: float) -> None:
+        self._metrics.requests.labels(route, str(status), code).inc()
+        self._metrics.request_seconds.labels(route).observe(elapsed_s)
+        if audio_s > 0:
+            self._metrics.real_time_factor.observe(elapsed_s / audio_s)
+
+    async def usage(self, key_id: str) -> dict[str, float]:
+        return self._book.usage(key_id)
+
+    async def metrics_text(self) -> bytes:
+        return self._metrics.render()
+
+    def describe(self) -> dict:
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "settings": self._settings.model_dump_json(),
+        }

@@ -1,0 +1,84 @@
+import pytest
+
+from pipeline.auth import key_id
+from pipeline.errors import RateLimited
+from pipeline.limits import KeyLimits, LimitBook, book_from_settings
+from pipeline.settings import Settings
+
+
+class Clock:
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_requests_per_minute_is_a_rolling_window():
+    clock = Clock()
+    book = LimitBook(KeyLimits(requests_per_minute=3, concurrent_requests=0), clock=clock)
+    leases = []
+    for i in range(3):
+        leases.append(book.admit("k"))
+        clock.t += 10
+    assert leases[0].headers == {"X-RateLimit-Limit": "3", "X-RateLimit-Remaining": "2", "X-RateLimit-Reset": "60"}
+    with pytest.raises(RateLimited) as info:
+        book.admit("k")
+    # The first admission (at t0) leaves the window at t0 + 60; now is t0 + 30.
+    assert info.value.extra["retry_after"] == 30
+    assert info.value.headers()["Retry-After"] == "30"
+    assert info.value.headers()["X-RateLimit-Remaining"] == "0"
+    clock.t += 30
+    book.admit("k")  # the window moved on
+    assert book.admit("other").key_id == "other"  # keys are independent
+    assert book.refusals["requests_per_minute"] == 1
+
+
+def test_concurrency_slots_are_released():
+    book = LimitBook(KeyLimits(requests_per_minute=0, concurrent_requests=2), clock=Clock())
+    a, b = book.admit("k"), book.admit("k")
+    with pytest.raises(RateLimited) as info:
+        book.admit("k")
+    assert info.value.extra["retry_after"] == 1
+    book.release(a.lease_id, "k")
+    book.release(a.lease_id, "k")  # twice is harmless
+    c = book.admit("k")
+    assert book.usage("k")["concurrent"] == 2 and c.lease_id != b.lease_id
+
+
+def test_forgotten_leases_expire():
+    clock = Clock()
+    book = LimitBook(KeyLimits(concurrent_requests=1), clock=clock, lease_ttl_s=100)
+    book.admit("k")
+    with pytest.raises(RateLimited):
+        book.admit("k")
+    clock.t += 101
+    book.admit("k")
+
+
+def test_daily_audio_quota_counts_transcribed_seconds_and_resets_at_utc_midnight():
+    clock = Clock(86_400 * 100 + 3600)  # 01:00 UTC
+    book = LimitBook(KeyLimits(audio_hours_per_day=0.01), clock=clock)  # 36 s a day
+    book.check_audio("k", 20)
+    book.charge_audio("k", 20)
+    with pytest.raises(RateLimited) as info:
+        book.check_audio("k", 20)  # would end at 40 s > 36 s
+    assert info.value.extra["retry_after"] == 23 * 3600
+    book.check_audio("k", 16)
+    book.charge_audio("k", 16)
+    with pytest.raises(RateLimited):
+        book.admit("k")  # quota spent: refused before anything is read
+    clock.t = 86_400 * 101 + 1
+    book.admit("k")
+    assert book.refusals["audio_hours_per_day"] == 2
+
+
+def test_zero_means_unlimited_and_per_key_overrides():
+    settings = Settings(limits={"requests_per_minute": 1, "per_key": {"vip": {"requests_per_minute": 0}, key_id("x"): {"concurrent_requests": 1}}})
+    book = book_from_settings(settings, clock=Clock())
+    for _ in range(100):
+        book.release(book.admit(key_id("vip")).lease_id, key_id("vip"))
+    assert book.limits_for(key_id("x")) == KeyLimits(requests_per_minute=1, concurrent_requests=1)
+    book.admit("plain")
+    with pytest.raises(RateLimited):
+        book.admit("plain")
