@@ -10,11 +10,12 @@ from deployments.accounting import AccountingDeployment
 from deployments.asr import AsrDeployment
 from deployments.fetch import AudioFetchDeployment
 from deployments.ingress import Ingress
+from deployments.jobs import JobsDeployment
 from pipeline.settings import Settings
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    """Compose Ingress → (AudioFetch, ASR, Accounting).
+    """Compose Ingress → (AudioFetch, ASR, Accounting, Jobs → (AudioFetch, ASR, Accounting)).
 
     Settings merge defaults → ``HARK_*`` environment of the deploying process → ``args["settings"]``
     (from the config file's ``args`` or a caller). They are built here once and handed to every
@@ -29,7 +30,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     overrides: dict[str, dict[str, Any]] = args.pop("deployment_options", None) or {}
     if args:
         raise ValueError(f"Unknown app arguments: {sorted(args)}")
-    unknown = set(overrides) - {"Ingress", "AudioFetch", "ASR", "Accounting"}
+    unknown = set(overrides) - {"Ingress", "AudioFetch", "ASR", "Accounting", "Jobs"}
     if unknown:
         raise ValueError(f"Unknown deployments in deployment_options: {sorted(unknown)}")
 
@@ -39,4 +40,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     fetch = configured(AudioFetchDeployment).bind(settings)
     asr = configured(AsrDeployment).bind(settings)
     accounting = configured(AccountingDeployment).bind(settings)
-    return configured(Ingress).bind(settings, fetch, asr, accounting)
+    jobs = configured(JobsDeployment).bind(settings, fetch, asr, accounting)
+    return configured(Ingress).bind(settings, fetch, asr, accounting, jobs)

@@ -2,6 +2,8 @@
 
 import asyncio
 import contextvars
+import hashlib
+import json
 import logging
 import time
 import uuid
@@ -16,12 +18,18 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.auth import KeyRing
-from pipeline.errors import HarkError, InvalidParameter, MissingParameter, ServiceUnavailable
+from pipeline.errors import (
+    HarkError,
+    InvalidParameter,
+    MissingParameter,
+    ServiceUnavailable,
+    error_from_body,
+)
 from pipeline.formatting import render
 from pipeline.loader import AudioLoader
 from pipeline.schemas import ListenParams
 from pipeline.settings import Settings
-from pipeline.upload import read_listen_input
+from pipeline.upload import ListenInput, read_listen_input
 
 logger = logging.getLogger("ray.serve")
 
@@ -71,6 +79,7 @@ class Ingress:
         fetch: DeploymentHandle,
         asr: DeploymentHandle,
         accounting: DeploymentHandle,
+        jobs: DeploymentHandle,
     ) -> None:
         self._settings = settings
         self._keys = KeyRing(settings.license_keys)
@@ -80,6 +89,7 @@ class Ingress:
         self._fetch = fetch
         self._asr = asr
         self._accounting = accounting
+        self._jobs = jobs
         self._background: set[asyncio.Task] = set()
 
     @app.get("/health")
@@ -106,8 +116,8 @@ class Ingress:
         started = time.perf_counter()
         outcome: dict = {"audio_s": 0.0}
         try:
-            body, headers = await self._listen(request, outcome)
-            response = JSONResponse(body, headers=headers)
+            status, body, headers = await self._listen(request, outcome)
+            response = JSONResponse(body, status_code=status, headers=headers)
             code = ""
         except BaseException as exc:  # noqa: BLE001 - every failure becomes an API error
             if isinstance(exc, asyncio.CancelledError):
@@ -120,15 +130,25 @@ class Ingress:
         )
         return response
 
-    async def _listen(self, request: Request, outcome: dict) -> tuple[dict, dict[str, str]]:
+    @app.get("/v1/jobs/{job_id}")
+    async def job(self, job_id: str, request: Request) -> JSONResponse:
+        key_id = self._keys.authenticate(request.headers.get("authorization"))
+        try:
+            return JSONResponse(await self._jobs.get.remote(job_id, key_id))
+        except BaseException as exc:  # noqa: BLE001
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return _error_response(unwrap(exc, self._settings.retry_after_s))
+
+    async def _listen(self, request: Request, outcome: dict) -> tuple[int, dict, dict[str, str]]:
         key_id = self._keys.authenticate(request.headers.get("authorization"))
         # Admission first: a refused request costs nothing, not even reading its body.
         lease = await self._accounting.admit.remote(key_id)
         try:
-            body = await self._transcribe(request, key_id, outcome)
+            status, body = await self._transcribe(request, key_id, outcome)
         finally:
             self._detached(self._accounting.release.remote, lease.lease_id, key_id)
-        return body, lease.headers
+        return status, body, lease.headers
 
     def _detached(self, method, *args) -> None:
         """Call a handle method outside this request's context.
@@ -144,7 +164,7 @@ class Ingress:
         self._background.add(task := asyncio.get_running_loop().create_task(call(), context=contextvars.Context()))
         task.add_done_callback(self._background.discard)
 
-    async def _transcribe(self, request: Request, key_id: str, outcome: dict) -> dict:
+    async def _transcribe(self, request: Request, key_id: str, outcome: dict) -> tuple[int, dict]:
         declared = request.headers.get("content-length")
         source = await read_listen_input(
             request.headers.get("content-type"),
@@ -160,10 +180,12 @@ class Ingress:
         params = ListenParams.parse({**request.query_params, **source.fields})
         if params.diarize:
             raise InvalidParameter("Speaker diarization is not available on this server yet", param="diarize")
-        if params.callback_url is not None:
-            raise InvalidParameter("Asynchronous jobs are not available on this server yet", param="callback_url")
         if source.url is not None:
             self._url_checker.check_url(source.url)
+        idempotency_key = request.headers.get("idempotency-key")
+        if params.callback_url is not None or idempotency_key:
+            return await self._as_job(key_id, source, params, idempotency_key, request.query_params)
+        if source.url is not None:
             audio = await self._fetch.from_url.remote(source.url)
         else:
             audio = await self._fetch.from_bytes.remote(source.audio)
@@ -176,9 +198,50 @@ class Ingress:
         transcript = await self._asr.transcribe.remote(audio, params.asr_options())
         await self._accounting.charge_audio.remote(key_id, transcript.duration_s)
         outcome["audio_s"] = transcript.duration_s
-        return render(
+        return 200, render(
             transcript, request_id=request_id, punctuate=params.punctuate, timestamps=params.timestamps
         ).to_json()
+
+    async def _as_job(self, key_id: str, source: ListenInput, params: ListenParams,
+                      idempotency_key: str | None, query) -> tuple[int, dict]:
+        """A job: answered 202 at once with a callback_url; else (an Idempotency-Key alone)
+        awaited here, so that a repeat of the same request gets the same result."""
+        if params.callback_url is not None:
+            if self._settings.webhook_secret is None:
+                raise InvalidParameter(
+                    "callback_url needs a webhook signing secret on the server (HARK_WEBHOOK_SECRET)", param="callback_url"
+                )
+            self._url_checker.check_url(params.callback_url, param="callback_url", schemes=("http", "https"))
+            self._url_checker.guard.resolve(params.callback_url)  # FORBIDDEN_URL now, not at delivery
+        fields = params.model_dump(mode="json")
+        digest = hashlib.sha256(
+            json.dumps(
+                {"url": source.url, "audio": hashlib.sha256(source.audio).hexdigest() if source.audio is not None else None,
+                 "params": fields},
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()
+        payload = None
+        if idempotency_key:
+            if len(idempotency_key) > 255:
+                raise InvalidParameter("Idempotency-Key is longer than 255 characters", param="Idempotency-Key")
+            found = await self._jobs.find_idempotent.remote(key_id, idempotency_key)
+            if found is not None:
+                payload, stored_digest = found
+                if stored_digest != digest:
+                    raise InvalidParameter("This Idempotency-Key was used with a different request", param="Idempotency-Key")
+        if payload is None:
+            payload = await self._jobs.submit.remote(
+                key_id, fields, source.url, source.audio, params.callback_url, idempotency_key, digest
+            )
+        if params.callback_url is not None:
+            return 202, {"job_id": payload["job_id"], "status": payload["status"]}
+        while payload["status"] == "processing":
+            await asyncio.sleep(0.25)
+            payload = await self._jobs.get.remote(payload["job_id"], key_id)
+        if payload["status"] == "failed":
+            raise error_from_body(payload["error"])
+        return 200, payload["result"]
 
     def describe(self) -> dict:
         return {

@@ -143,3 +143,11 @@ class ServiceUnavailable(HarkError):
 
     def headers(self) -> dict[str, str]:
         return {**self.extra_headers, "Retry-After": str(self.extra["retry_after"])}
+
+
+def error_from_body(body: dict[str, Any]) -> HarkError:
+    """Rebuild an error from its API body (as stored with a failed job)."""
+    by_code = {cls.code: cls for cls in HarkError.__subclasses__()}
+    cls = by_code.get(body.get("code", ""), HarkError)
+    extra = {k: v for k, v in body.items() if k not in ("error", "code")}
+    return _rebuild(cls, body.get("error", "Error"), extra, {})

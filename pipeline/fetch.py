@@ -112,6 +112,21 @@ class _Sink:
         self.out.write(chunk)
 
 
+def pinned_request(
+    client: httpx.Client, method: str, url: str, guard: UrlGuard, *, headers: dict[str, str], content: bytes | None = None
+) -> httpx.Request:
+    """A request to the address the guard checked, carrying the URL's name in Host and TLS SNI."""
+    ip = guard.resolve(url)
+    parts = urlsplit(url)
+    return client.build_request(
+        method,
+        httpx.URL(url).copy_with(host=ip),
+        headers={**headers, "Host": parts.netloc.rsplit("@", 1)[-1]},
+        content=content,
+        extensions={"sni_hostname": parts.hostname},
+    )
+
+
 def fetch_http(url: str, out: BinaryIO, guard: UrlGuard, limits: FetchLimits) -> None:
     """Stream an http(s) URL into ``out``; raises HarkErrors for every refusal or failure."""
     deadline = time.monotonic() + limits.total_timeout_s
@@ -122,13 +137,9 @@ def fetch_http(url: str, out: BinaryIO, guard: UrlGuard, limits: FetchLimits) ->
     # name resolves to there, defeating the address check.
     with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
         for _ in range(limits.max_redirects + 1):
-            ip = guard.resolve(url)
             parts = urlsplit(url)
-            pinned = httpx.URL(url).copy_with(host=ip)
-            host_header = parts.netloc.rsplit("@", 1)[-1]
-            request = client.build_request(
-                "GET", pinned, headers={"Host": host_header, "Accept": "audio/*, */*", "Accept-Encoding": "identity"},
-                extensions={"sni_hostname": parts.hostname, "timeout": timeout.as_dict()},
+            request = pinned_request(
+                client, "GET", url, guard, headers={"Accept": "audio/*, */*", "Accept-Encoding": "identity"}
             )
             try:
                 response = client.send(request, stream=True)

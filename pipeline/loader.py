@@ -31,15 +31,15 @@ class AudioLoader:
         self.max_duration_s = settings.max_duration_s
         self._s3 = s3_filesystem
 
-    def check_url(self, url: str) -> str:
+    def check_url(self, url: str, param: str = "url", schemes: tuple[str, ...] = SUPPORTED_SCHEMES) -> str:
         """Validate a URL's form (scheme, host) without fetching it; returns its scheme."""
         scheme = urlsplit(url).scheme.lower()
-        if scheme not in SUPPORTED_SCHEMES:
+        if scheme not in schemes:
             raise InvalidParameter(
-                f"Unsupported URL scheme {scheme or '(none)'!r}: use http, https or s3", param="url"
+                f"Unsupported URL scheme {scheme or '(none)'!r}: use {', '.join(schemes)}", param=param
             )
         if not urlsplit(url).netloc:
-            raise InvalidParameter(f"The URL has no host: {url}", param="url")
+            raise InvalidParameter(f"The URL has no host: {url}", param=param)
         return scheme
 
     def from_url(self, url: str) -> Audio:

@@ -90,6 +90,21 @@ class Settings(BaseSettings):
     fetch_total_timeout_s: float = Field(600.0, gt=0, description="Whole-download deadline.")
     fetch_max_redirects: int = Field(5, ge=0, description="Redirects followed, each re-checked.")
     retry_after_s: int = Field(30, ge=1, description="Retry-After sent with 503 when queues are full.")
+    data_dir: Path = Field(
+        Path.home() / ".local" / "share" / "hark",
+        description="Durable state: the job store (jobs.sqlite3) and audio kept for unfinished jobs.",
+    )
+    webhook_secret: str | None = Field(
+        None,
+        description="Signs webhook deliveries (Standard Webhooks). A whsec_<base64> secret keys with "
+        "its decoded bytes, any other string with its UTF-8 bytes. Needed for callback_url.",
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Timeout of one delivery attempt.")
+    webhook_max_attempts: int = Field(8, ge=1, description="Delivery attempts before giving up.")
+    webhook_backoff_base_s: float = Field(2.0, gt=0, description="First retry delay; doubles each time.")
+    webhook_backoff_max_s: float = Field(900.0, gt=0, description="Longest delay between attempts.")
+    jobs_lease_s: float = Field(30.0, gt=0, description="A running job is taken over if its runner is silent this long.")
+    jobs_concurrency: int = Field(4, ge=1, description="Jobs a runner works on at once.")
     asr: AsrSettings = Field(default_factory=AsrSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
 

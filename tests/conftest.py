@@ -26,6 +26,7 @@ LIMITED_KEYS = {
     "disc-key": {"requests_per_minute": 0, "concurrent_requests": 1},
 }
 S3_BUCKET = "hark-audio"
+WEBHOOK_SECRET = "whsec_" + __import__("base64").b64encode(b"hark-test-webhook-secret").decode()
 
 
 def free_port() -> int:
@@ -58,6 +59,19 @@ def media_server():
 
 
 @pytest.fixture(scope="session")
+def receiver():
+    from servers import WebhookReceiver
+
+    with WebhookReceiver(WEBHOOK_SECRET) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("hark-data")
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on loopback; the AWS_* variables point every process at it."""
     from moto.server import ThreadedMotoServer
@@ -86,8 +100,14 @@ def s3_server():
             os.environ[key] = value
 
 
-def app_settings_overrides() -> dict:
+def app_settings_overrides(data_dir) -> dict:
     return {
+        "data_dir": str(data_dir),
+        "webhook_secret": WEBHOOK_SECRET,
+        "webhook_backoff_base_s": 0.2,
+        "webhook_backoff_max_s": 1.0,
+        "webhook_max_attempts": 4,
+        "jobs_lease_s": 3.0,
         "license_keys": [*API_KEYS, *LIMITED_KEYS],
         "limits": {"requests_per_minute": 100_000, "concurrent_requests": 1000, "per_key": LIMITED_KEYS},
         "allow_private_urls": False,
@@ -99,7 +119,7 @@ def app_settings_overrides() -> dict:
 
 
 @pytest.fixture(scope="session")
-def serve_app(s3_server):
+def serve_app(s3_server, data_dir):
     """One Ray Serve app for the whole session (it takes ~15 s to start)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -117,24 +137,26 @@ def serve_app(s3_server):
         log_to_driver=False,
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 300})
-    app = build_app(
-        {
-            "settings": app_settings_overrides(),
-            "deployment_options": {
-                # Two ingress replicas: limits must hold across both.
-                "Ingress": {"num_replicas": 2},
-                "AudioFetch": {"num_replicas": 2},
-                # Small queues so that the overload test can fill them.
-                "ASR": {"max_ongoing_requests": 2, "max_queued_requests": 2},
-            },
-        }
-    )
+    app = build_app(app_args(data_dir))
     serve.run(app, name="hark", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.get(f"{base}/ready", timeout=10).status_code == 200, 120, what="/ready")
     yield base
     serve.shutdown()
     ray.shutdown()
+
+
+def app_args(data_dir) -> dict:
+    return {
+        "settings": app_settings_overrides(data_dir),
+        "deployment_options": {
+            # Two ingress replicas: limits must hold across both.
+            "Ingress": {"num_replicas": 2},
+            "AudioFetch": {"num_replicas": 2},
+            # Small queues so that the overload test can fill them.
+            "ASR": {"max_ongoing_requests": 2, "max_queued_requests": 2},
+        },
+    }
 
 
 @pytest.fixture()

@@ -73,6 +73,8 @@ class _Handler(BaseHTTPRequestHandler):
             # Headers never come: the client's read timeout must fire first.
             self.server.release.wait(timeout=20)
             self._status(200)
+        elif parts.path.startswith("/slowfile/"):
+            self._slow_file(parts.path[len("/slowfile/") :], float(query.get("seconds", ["5"])[0]))
         elif parts.path == "/hold":
             self._hold()
         elif parts.path in ("/huge-declared", "/huge-chunked"):
@@ -86,6 +88,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _slow_file(self, name: str, seconds: float) -> None:
+        """A registered file, trickled evenly over ``seconds``."""
+        data = self.server.files[name]
+        self.server.holding += 1
+        try:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            steps = max(1, int(seconds / 0.1))
+            size = -(-len(data) // steps)
+            for i in range(0, len(data), size):
+                self.wfile.write(data[i : i + size])
+                self.wfile.flush()
+                if self.server.release.wait(timeout=0.1):
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            self.server.holding -= 1
 
     def _hold(self) -> None:
         """Keeps a download alive (a byte every 0.2 s) until the test sets ``hold_release``,
@@ -134,3 +156,72 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
         self.close_connection = True
+
+
+class WebhookReceiver(ThreadingHTTPServer):
+    """Records webhook deliveries and verifies their signatures; can fail the first N."""
+
+    daemon_threads = True
+
+    def __init__(self, secret: str) -> None:
+        super().__init__(("127.0.0.1", 0), _ReceiverHandler)
+        from pipeline.webhooks import webhook_signer
+
+        self.verifier = webhook_signer(secret)
+        self.fail_first: dict[str, int] = {}  # path -> how many attempts answer 500 first
+        self.attempts: list[tuple[str, dict, str]] = []  # (path, headers, body) of every attempt
+        self.deliveries: list[tuple[str, dict, dict]] = []  # accepted: (path, headers, payload)
+        self.bad_signatures = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+
+    def delivered(self, path: str) -> list[dict]:
+        with self._lock:
+            return [payload for p, _, payload in self.deliveries if p == path]
+
+    def __enter__(self) -> "WebhookReceiver":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _ReceiverHandler(BaseHTTPRequestHandler):
+    server: WebhookReceiver
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802
+        import json
+
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        server = self.server
+        with server._lock:
+            server.attempts.append((self.path, headers, body))
+            remaining = server.fail_first.get(self.path, 0)
+            if remaining:
+                server.fail_first[self.path] = remaining - 1
+        if remaining:
+            return self._answer(500)
+        try:
+            payload = server.verifier.verify(body, headers)
+        except Exception:
+            with server._lock:
+                server.bad_signatures += 1
+            return self._answer(400)
+        with server._lock:
+            server.deliveries.append((self.path, headers, payload if isinstance(payload, dict) else json.loads(body)))
+        self._answer(204)
+
+    def _answer(self, code: int) -> None:
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()

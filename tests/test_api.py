@@ -150,7 +150,7 @@ def test_missing_input(api):
         ({"content": b"{broken", "headers": {"Content-Type": "application/json"}}, "body"),
         ({"json": {"url": "http://127.0.0.1/a.wav", "diarize": True, "num_speakers": 0}}, "num_speakers"),
         ({"json": {"url": "http://127.0.0.1/a.wav", "diarize": True}}, "diarize"),
-        ({"json": {"url": "http://127.0.0.1/a.wav", "callback_url": "http://127.0.0.1/hook"}}, "callback_url"),
+        ({"json": {"url": "http://127.0.0.1/a.wav", "callback_url": "ftp://127.0.0.1/hook"}}, "callback_url"),
     ],
 )
 def test_invalid_parameters(api, kwargs, param):
@@ -245,16 +245,16 @@ def test_full_asr_queue_answers_503_at_once(serve_app, clips):
     assert codes.count(200) >= 2
 
 
-def test_settings_reach_every_replica(serve_app):
+def test_settings_reach_every_replica(serve_app, data_dir):
     """Replicas run with the deploying process's Settings (overrides included), not their own."""
     from ray import serve
 
     from conftest import app_settings_overrides
     from pipeline.settings import Settings
 
-    expected = Settings(**app_settings_overrides()).model_dump_json()
+    expected = Settings(**app_settings_overrides(data_dir)).model_dump_json()
     assert json.loads(expected)["retry_after_s"] == 17  # an override no environment holds
-    for name, replicas in (("Ingress", 2), ("AudioFetch", 2), ("ASR", 1), ("Accounting", 1)):
+    for name, replicas in (("Ingress", 2), ("AudioFetch", 2), ("ASR", 1), ("Accounting", 1), ("Jobs", 1)):
         handle = serve.get_deployment_handle(name, app_name="hark")
         seen: dict[str, str] = {}
 

@@ -1,0 +1,136 @@
+"""The job store and webhook signing, without Ray."""
+
+import base64
+import multiprocessing
+import random
+
+import pytest
+from standardwebhooks import Webhook
+
+from pipeline.errors import FetchFailed, error_from_body
+from pipeline.fetch import UrlGuard
+from pipeline.jobs import COMPLETED, DELIVERED, DELIVERY_FAILED, FAILED, PENDING, QUEUED, RUNNING, SqliteJobStore
+from pipeline.webhooks import backoff_s, deliver, webhook_signer
+from servers import WebhookReceiver
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1_000.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture()
+def store(tmp_path):
+    clock = Clock()
+    return SqliteJobStore(tmp_path / "jobs.sqlite3", clock=clock), clock
+
+
+def test_lifecycle_and_leases(store):
+    store, clock = store
+    job = store.create("key_a", {"url": "http://x/a.wav", "params": {}}, "http://hook/")
+    assert job.state == QUEUED and job.api_status == "processing" and job.delivery_state == PENDING
+    assert job.payload() == {"job_id": job.job_id, "status": "processing"}
+    claimed = store.claim("w1", lease_s=10)
+    assert claimed.job_id == job.job_id and claimed.state == RUNNING and claimed.run_attempts == 1
+    assert store.claim("w2", lease_s=10) is None  # leased
+    clock.t += 5
+    assert store.renew(job.job_id, "w1", 10)
+    clock.t += 9
+    assert store.claim("w2", lease_s=10) is None  # renewed lease still good
+    clock.t += 2
+    taken = store.claim("w2", lease_s=10)  # w1 went silent: taken over
+    assert taken.run_attempts == 2
+    assert not store.finish(job.job_id, "w1", result={"text": "late"})  # the old runner cannot finish it
+    assert store.finish(job.job_id, "w2", result={"text": "hi"})
+    done = store.get(job.job_id)
+    assert done.state == COMPLETED and done.payload() == {"job_id": job.job_id, "status": "completed", "result": {"text": "hi"}}
+    clock.t += 100
+    assert store.claim("w3", lease_s=10) is None  # finished jobs never run again
+    assert [j.job_id for j in store.due_deliveries(10)] == [job.job_id]
+
+
+def test_failures_requeue_and_delivery_states(store):
+    store, clock = store
+    job = store.create("key_a", {"params": {}}, "http://hook/")
+    store.claim("w", 10)
+    assert store.requeue(job.job_id, "w", delay_s=5)
+    assert store.claim("w", 10) is None
+    clock.t += 5
+    assert store.claim("w", 10).job_id == job.job_id
+    store.finish(job.job_id, "w", error={"error": "gone", "code": "FETCH_FAILED", "status": 404})
+    failed = store.get(job.job_id)
+    assert failed.state == FAILED and failed.payload()["error"]["code"] == "FETCH_FAILED"
+    assert isinstance(error_from_body(failed.error), FetchFailed)
+    store.delivery_result(job.job_id, delivered=False, status=500, error="HTTP 500", next_at=clock.t + 60)
+    assert store.due_deliveries(10) == []
+    clock.t += 60
+    store.delivery_result(job.job_id, delivered=False, status=None, error="refused", next_at=None)
+    j = store.get(job.job_id)
+    assert (j.delivery_state, j.delivery_attempts, j.delivery_last_error) == (DELIVERY_FAILED, 2, "refused")
+    other = store.create("key_a", {"params": {}}, "http://hook/")
+    store.claim("w", 10)
+    store.finish(other.job_id, "w", result={})
+    store.delivery_result(other.job_id, delivered=True, status=204, error=None, next_at=None)
+    assert store.get(other.job_id).delivery_state == DELIVERED
+    assert store.counts() == {COMPLETED: 1, FAILED: 1}
+
+
+def test_idempotency_window(store):
+    store, clock = store
+    job = store.create("key_a", {"params": {}}, None, idempotency_key="abc", request_hash="h1")
+    assert store.find_idempotent("key_a", "abc") == (store.get(job.job_id), "h1")
+    assert store.find_idempotent("key_b", "abc") is None  # keys are per license key
+    clock.t += 24 * 3600 + 1
+    assert store.find_idempotent("key_a", "abc") is None
+    store.forget_idempotency()
+    store.create("key_a", {"params": {}}, None, idempotency_key="abc", request_hash="h2")
+
+
+def _claim_all(path: str) -> list[str]:
+    store = SqliteJobStore(path)
+    got = []
+    while (job := store.claim(f"w{multiprocessing.current_process().pid}", 60)) is not None:
+        got.append(job.job_id)
+    return got
+
+
+def test_two_processes_never_claim_the_same_job(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    store = SqliteJobStore(path)
+    ids = {store.create("k", {"params": {}}, None).job_id for _ in range(60)}
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        a, b = pool.map(_claim_all, [str(path)] * 2)
+    assert not set(a) & set(b) and set(a) | set(b) == ids and len(a) + len(b) == 60
+
+
+def test_backoff_grows_with_jitter_and_cap():
+    rng = random.Random(1)
+    waits = [backoff_s(n, 2, 60, rng) for n in range(1, 9)]
+    assert 1 <= waits[0] <= 2 and 4 <= waits[2] <= 8 and all(30 <= w <= 60 for w in waits[5:])
+
+
+@pytest.mark.parametrize("secret", ["whsec_" + base64.b64encode(b"0123456789abcdef0123").decode(), "plain-secret"])
+def test_deliveries_are_signed_the_standard_webhooks_way(secret):
+    guard = UrlGuard.from_settings(False, ["127.0.0.1/32"])
+    with WebhookReceiver(secret) as receiver:
+        receiver.fail_first["/flaky"] = 1
+        first = deliver(receiver.url("/flaky"), {"job_id": "job_1", "status": "completed"}, "msg_job_1", webhook_signer(secret), guard, 5)
+        assert (first.delivered, first.retry, first.status) == (False, True, 500)
+        ok = deliver(receiver.url("/flaky"), {"job_id": "job_1", "status": "completed"}, "msg_job_1", webhook_signer(secret), guard, 5)
+        assert ok.delivered and ok.status == 204
+        assert receiver.bad_signatures == 0
+        [(_, headers, payload)] = receiver.deliveries
+        assert payload == {"job_id": "job_1", "status": "completed"} and headers["webhook-id"] == "msg_job_1"
+        assert headers["webhook-signature"].startswith("v1,")
+        # Independent check with the library, keyed as the issue says.
+        key = secret if secret.startswith("whsec_") else secret.encode()
+        Webhook(key).verify(receiver.attempts[-1][2], receiver.attempts[-1][1])
+        wrong = deliver(receiver.url("/x"), {}, "msg_2", webhook_signer("other-secret"), guard, 5)
+        assert (wrong.delivered, wrong.retry, wrong.status) == (False, False, 400)
+    refused = deliver("http://127.0.0.2:9/hook", {}, "msg_3", webhook_signer(secret), guard, 5)
+    assert not refused.delivered and not refused.retry  # the guard refuses: nothing was sent
+    unreachable = deliver("http://127.0.0.1:9/hook", {}, "msg_4", webhook_signer(secret), guard, 2)
+    assert not unreachable.delivered and unreachable.retry
