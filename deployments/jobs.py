@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -76,7 +77,18 @@ class JobsDeployment:
             request["audio_path"] = str(path)
         else:
             request["url"] = url
-        job = await asyncio.to_thread(self._store.create, key_id, request, callback_url, idempotency_key, request_hash)
+        try:
+            job = await asyncio.to_thread(
+                self._store.create, key_id, request, callback_url, idempotency_key, request_hash
+            )
+        except sqlite3.IntegrityError:
+            # The same Idempotency-Key raced in twice: the first one's job is the answer.
+            if "audio_path" in request:
+                Path(request["audio_path"]).unlink(missing_ok=True)
+            found = await asyncio.to_thread(self._store.find_idempotent, key_id, idempotency_key)
+            if found is None:
+                raise
+            job = found[0]
         return job.payload()
 
     async def find_idempotent(self, key_id: str, idempotency_key: str) -> tuple[dict, str] | None:
@@ -169,7 +181,12 @@ class JobsDeployment:
     # ---- webhooks -------------------------------------------------------------------------------
 
     async def _delivery_loop(self) -> None:
+        last_sweep = 0.0
         while True:
+            if time.monotonic() - last_sweep > 600:
+                # Idempotency keys older than 24 h may be used again.
+                await asyncio.to_thread(self._store.forget_idempotency)
+                last_sweep = time.monotonic()
             try:
                 due = await asyncio.to_thread(self._store.due_deliveries, 32)
             except Exception:

@@ -44,8 +44,9 @@ def test_61st_request_in_a_minute_is_refused_whichever_replica_takes_it(serve_ap
     assert r.headers["X-RateLimit-Limit"] == "60" and r.headers["X-RateLimit-Remaining"] == "0"
     # Both ingress replicas served some of the 60: the count really is shared.
     after = wait_until(lambda: (c := ingress_replica_log_counts()) and sum(c.values()) - sum(before.values()) >= 61 and c, 30, what="replica logs")
-    served = [after[name] - before.get(name, 0) for name in after]
-    assert len(served) == 2 and all(n > 0 for n in served), served
+    # (Logs of replicas from before an app restart linger with nothing new in them.)
+    served = [n for n in (after[name] - before.get(name, 0) for name in after) if n]
+    assert len(served) == 2 and sum(served) == 61, served
 
 
 def test_rate_limit_headers_on_admitted_requests(serve_app, clips):
