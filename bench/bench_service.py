@@ -136,10 +136,21 @@ def main() -> None:
         hyp = client.post("/v1/listen", files={"audio": clip_set[name]}).json()["text"]
         espeak_wers.append(wer(text, hyp))
 
+    plain = statistics.median(_timed(post, clip_set["sample"]) for _ in range(args.repeats))
+
+    def post_diarized(data: bytes) -> float:
+        r = client.post("/v1/listen", files={"audio": data}, data={"diarize": "true"})
+        r.raise_for_status()
+        return r.json()["duration"]
+
+    diarized = statistics.median(_timed(post_diarized, clip_set["sample"]) for _ in range(args.repeats))
+
     print(f"{'measure':38} {'raw engine':>12} {'service':>12} {'server cost':>12}")
     print(f"{'60 s clip latency (s)':38} {raw_latency:12.2f} {svc_latency:12.2f} {svc_latency / raw_latency - 1:+12.1%}")
     print(f"{'throughput c=1 (audio s / s)':38} {raw_c1:12.2f} {svc_c1:12.2f} {raw_c1 / svc_c1 - 1:+12.1%}")
     print(f"{'throughput c=4 (audio s / s)':38} {raw_c4:12.2f} {svc_c4:12.2f} {raw_c4 / svc_c4 - 1:+12.1%}")
+    print(f"{'sample.wav (30 s) latency, diarize':38} {plain:12.2f} {diarized:12.2f} {diarized / plain - 1:+12.1%}"
+          "   (service plain vs. service with diarize)")
     print(f"\nWER sample.wav (vs STM): {wer(clips['sample'].text, sample_text):.1%}")
     print(f"WER espeak set ({len(espeak_wers)} sentences, mean): {statistics.mean(espeak_wers):.1%}")
 

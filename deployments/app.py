@@ -8,6 +8,7 @@ from ray.serve import Application
 
 from deployments.accounting import AccountingDeployment
 from deployments.asr import AsrDeployment
+from deployments.diarization import DiarizationDeployment
 from deployments.fetch import AudioFetchDeployment
 from deployments.ingress import Ingress
 from deployments.jobs import JobsDeployment
@@ -15,7 +16,7 @@ from pipeline.settings import Settings
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    """Compose Ingress → (AudioFetch, ASR, Accounting, Jobs → (AudioFetch, ASR, Accounting)).
+    """Compose Ingress → (AudioFetch, ASR, Diarization, Accounting, Jobs → (the same four)).
 
     Settings merge defaults → ``HARK_*`` environment of the deploying process → ``args["settings"]``
     (from the config file's ``args`` or a caller). They are built here once and handed to every
@@ -30,7 +31,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     overrides: dict[str, dict[str, Any]] = args.pop("deployment_options", None) or {}
     if args:
         raise ValueError(f"Unknown app arguments: {sorted(args)}")
-    unknown = set(overrides) - {"Ingress", "AudioFetch", "ASR", "Accounting", "Jobs"}
+    unknown = set(overrides) - {"Ingress", "AudioFetch", "ASR", "Diarization", "Accounting", "Jobs"}
     if unknown:
         raise ValueError(f"Unknown deployments in deployment_options: {sorted(unknown)}")
 
@@ -39,6 +40,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
     fetch = configured(AudioFetchDeployment).bind(settings)
     asr = configured(AsrDeployment).bind(settings)
+    diarization = configured(DiarizationDeployment).bind(settings)
     accounting = configured(AccountingDeployment).bind(settings)
-    jobs = configured(JobsDeployment).bind(settings, fetch, asr, accounting)
-    return configured(Ingress).bind(settings, fetch, asr, accounting, jobs)
+    jobs = configured(JobsDeployment).bind(settings, fetch, asr, diarization, accounting)
+    return configured(Ingress).bind(settings, fetch, asr, diarization, accounting, jobs)

@@ -25,7 +25,7 @@ from pipeline.errors import (
     ServiceUnavailable,
     error_from_body,
 )
-from pipeline.formatting import render
+from deployments.compose import Composer
 from pipeline.loader import AudioLoader
 from pipeline.schemas import ListenParams
 from pipeline.settings import Settings
@@ -78,6 +78,7 @@ class Ingress:
         settings: Settings,
         fetch: DeploymentHandle,
         asr: DeploymentHandle,
+        diarization: DeploymentHandle,
         accounting: DeploymentHandle,
         jobs: DeploymentHandle,
     ) -> None:
@@ -88,6 +89,7 @@ class Ingress:
         self._url_checker = AudioLoader(settings)
         self._fetch = fetch
         self._asr = asr
+        self._composer = Composer(asr, diarization, accounting)
         self._accounting = accounting
         self._jobs = jobs
         self._background: set[asyncio.Task] = set()
@@ -178,8 +180,7 @@ class Ingress:
         if source.url is None and source.audio is None:
             raise MissingParameter()
         params = ListenParams.parse({**request.query_params, **source.fields})
-        if params.diarize:
-            raise InvalidParameter("Speaker diarization is not available on this server yet", param="diarize")
+        await self._composer.check(params)
         if source.url is not None:
             self._url_checker.check_url(source.url)
         idempotency_key = request.headers.get("idempotency-key")
@@ -190,17 +191,12 @@ class Ingress:
         else:
             audio = await self._fetch.from_bytes.remote(source.audio)
         await self._accounting.check_audio.remote(key_id, audio.duration_s)
-        request_id = f"req_{uuid.uuid4().hex}"
         # The decoded audio is awaited before the ASR call, not chained into it: Serve counts
         # a request against max_queued_requests only when it enters the router, and a chained
         # request enters before its input exists, so a full queue would never refuse it.
-        # No retry here: a transcription runs once.
-        transcript = await self._asr.transcribe.remote(audio, params.asr_options())
-        await self._accounting.charge_audio.remote(key_id, transcript.duration_s)
+        transcript, body = await self._composer.transcribe(audio, params, key_id, f"req_{uuid.uuid4().hex}")
         outcome["audio_s"] = transcript.duration_s
-        return 200, render(
-            transcript, request_id=request_id, punctuate=params.punctuate, timestamps=params.timestamps
-        ).to_json()
+        return 200, body
 
     async def _as_job(self, key_id: str, source: ListenInput, params: ListenParams,
                       idempotency_key: str | None, query) -> tuple[int, dict]:

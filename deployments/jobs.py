@@ -19,9 +19,9 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.compose import Composer
 from pipeline.errors import HarkError, NotFound, ServiceUnavailable
 from pipeline.fetch import UrlGuard
-from pipeline.formatting import render
 from pipeline.jobs import Job, SqliteJobStore
 from pipeline.schemas import ListenParams
 from pipeline.settings import Settings
@@ -39,12 +39,20 @@ BUSY_RETRY_S = 5.0
     ray_actor_options={"num_cpus": 0.05},
 )
 class JobsDeployment:
-    def __init__(self, settings: Settings, fetch: DeploymentHandle, asr: DeploymentHandle, accounting: DeploymentHandle) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        fetch: DeploymentHandle,
+        asr: DeploymentHandle,
+        diarization: DeploymentHandle,
+        accounting: DeploymentHandle,
+    ) -> None:
         self._settings = settings
         self._store = SqliteJobStore(settings.data_dir / "jobs.sqlite3")
         self._audio_dir = settings.data_dir / "audio"
         self._audio_dir.mkdir(parents=True, exist_ok=True)
-        self._fetch, self._asr, self._accounting = fetch, asr, accounting
+        self._fetch = fetch
+        self._composer = Composer(asr, diarization, accounting)
         self._guard = UrlGuard.from_settings(settings.allow_private_urls, settings.url_allowlist)
         self._signer = webhook_signer(settings.webhook_secret) if settings.webhook_secret else None
         self._worker = f"runner-{uuid.uuid4().hex[:12]}"
@@ -153,11 +161,9 @@ class JobsDeployment:
             else:
                 audio = await self._fetch.from_url.remote(job.request["url"])
             started = time.perf_counter()
-            transcript = await self._asr.transcribe.remote(audio, params.asr_options())
-            await self._accounting.charge_audio.remote(job.key_id, transcript.duration_s)
-            outcome["result"] = render(
-                transcript, request_id=f"req_{uuid.uuid4().hex}", punctuate=params.punctuate, timestamps=params.timestamps
-            ).to_json()
+            transcript, outcome["result"] = await self._composer.transcribe(
+                audio, params, job.key_id, f"req_{uuid.uuid4().hex}"
+            )
             logger.info("job %s transcribed %.1f s in %.1f s", job.job_id, transcript.duration_s, time.perf_counter() - started)
         except BaseException as exc:  # noqa: BLE001
             if isinstance(exc, asyncio.CancelledError):

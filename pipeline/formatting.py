@@ -11,7 +11,10 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 
-from pipeline.schemas import ListenResponse, WordOut
+from collections.abc import Sequence
+
+from pipeline.merge import group_turns
+from pipeline.schemas import ListenResponse, SpeakerTurnOut, WordOut
 from pipeline.types import Transcript, Word
 
 
@@ -59,34 +62,51 @@ def strip_punctuation(text: str) -> str:
     return " ".join("".join(kept).split()).lower()
 
 
-def api_words(words: tuple[Word, ...], punctuate: bool) -> list[WordOut]:
+def api_words(words: Sequence[Word], punctuate: bool, speakers: Sequence[str] | None = None) -> list[WordOut]:
+    """API word entries; ``speakers`` (one label per word) adds ``speaker`` to each entry,
+    its punctuation marks included."""
     out: list[WordOut] = []
-    for w in words:
+    for i, w in enumerate(words):
         parts = _split_marks(w.text)
         confidence = round(w.probability, 4)
+        who = speakers[i] if speakers is not None else None
         if not punctuate:
             bare = strip_punctuation(w.text)
             if bare:
-                out.append(WordOut(word=bare, start=w.start, end=w.end, confidence=confidence))
+                out.append(WordOut(word=bare, start=w.start, end=w.end, confidence=confidence, speaker=who))
             continue
         for mark in parts.leading:
-            out.append(WordOut(word=mark, start=w.start, end=w.start, confidence=1.0))
+            out.append(WordOut(word=mark, start=w.start, end=w.start, confidence=1.0, speaker=who))
         if parts.core:
-            out.append(WordOut(word=parts.core, start=w.start, end=w.end, confidence=confidence))
+            out.append(WordOut(word=parts.core, start=w.start, end=w.end, confidence=confidence, speaker=who))
         for mark in parts.trailing:
-            out.append(WordOut(word=mark, start=w.end, end=w.end, confidence=1.0))
+            out.append(WordOut(word=mark, start=w.end, end=w.end, confidence=1.0, speaker=who))
     return out
 
 
 def render(
-    transcript: Transcript, *, request_id: str, punctuate: bool, timestamps: bool
+    transcript: Transcript,
+    *,
+    request_id: str,
+    punctuate: bool,
+    timestamps: bool,
+    word_speakers: Sequence[str] | None = None,
 ) -> ListenResponse:
+    """The response body. ``word_speakers`` (one label per transcript word, from
+    ``merge.assign_word_speakers``) adds ``speakers`` and a ``speaker`` on each word."""
     text = transcript.text if punctuate else strip_punctuation(transcript.text)
+    speakers = None
+    if word_speakers is not None:
+        speakers = [
+            SpeakerTurnOut(speaker=who, text=said if punctuate else strip_punctuation(said), start=start, end=end)
+            for who, said, start, end in group_turns(transcript.words, word_speakers)
+        ]
     return ListenResponse(
         request_id=request_id,
         text=text,
         confidence=round(transcript.confidence, 4),
         duration=round(transcript.duration_s, 3),
         language=transcript.language,
-        words=api_words(transcript.words, punctuate) if timestamps else None,
+        words=api_words(transcript.words, punctuate, word_speakers) if timestamps else None,
+        speakers=speakers,
     )

@@ -59,7 +59,8 @@ class ListenParams(BaseModel):
             raise InvalidParameter(f"Invalid value for {param!r}: {first['msg']}", param=param) from None
 
     def asr_options(self) -> AsrOptions:
-        return AsrOptions(language=self.language, word_timestamps=self.timestamps)
+        # Diarization needs word times to give each word its speaker.
+        return AsrOptions(language=self.language, word_timestamps=self.timestamps or self.diarize)
 
 
 class WordOut(BaseModel):

@@ -50,6 +50,17 @@ class AsrSettings(BaseModel):
     )
 
 
+class DiarizationSettings(BaseModel):
+    """Speaker diarization (``diarize=true``)."""
+
+    backend: Literal["default"] = Field(
+        "default", description="default: Silero VAD + Resemblyzer d-vectors + spectral clustering, offline."
+    )
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the speaker encoder runs.")
+    threads: int = Field(1, ge=1, description="Torch threads of the speaker encoder.")
+    max_speakers: int = Field(8, ge=1, le=32, description="Most speakers found when num_speakers is not given.")
+
+
 class LimitsSettings(BaseModel):
     """Per-license-key limits, enforced across every ingress replica. 0 = unlimited."""
 
@@ -107,6 +118,7 @@ class Settings(BaseSettings):
     jobs_concurrency: int = Field(4, ge=1, description="Jobs a runner works on at once.")
     asr: AsrSettings = Field(default_factory=AsrSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    diarization: DiarizationSettings = Field(default_factory=DiarizationSettings)
 
     @field_validator("license_keys", "url_allowlist", mode="before")
     @classmethod

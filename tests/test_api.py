@@ -129,6 +129,26 @@ def test_language_detected_and_given(api, clips):
     assert r.status_code == 200 and r.json()["language"] == "fr"
 
 
+def test_diarization_through_the_api(api, clips):
+    audio = clips["sample"].path.read_bytes()
+    r = api.post("/v1/listen", files={"audio": audio}, data={"diarize": "true", "timestamps": "true"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    turns = body["speakers"]
+    names = list(dict.fromkeys(t["speaker"] for t in turns))
+    assert names == ["SPEAKER_00", "SPEAKER_01"]
+    for a, b in zip(turns, turns[1:]):
+        assert a["speaker"] != b["speaker"] and a["end"] <= b["start"]
+    assert all(w["speaker"] in names for w in body["words"])
+    # The turns hold every word, in order.
+    assert " ".join(t["text"] for t in turns).split() == body["text"].split()
+    r = api.post("/v1/listen", files={"audio": audio}, params={"diarize": "true", "num_speakers": 1})
+    assert r.status_code == 200
+    assert {t["speaker"] for t in r.json()["speakers"]} == {"SPEAKER_00"} and "words" not in r.json()
+    plain = api.post("/v1/listen", files={"audio": clips["beckett"].path.read_bytes()}, data={"num_speakers": 0}).json()
+    assert "speakers" not in plain  # without diarize, num_speakers is ignored
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 def test_missing_input(api):
@@ -149,7 +169,7 @@ def test_missing_input(api):
         ({"json": {"url": 42}}, "url"),
         ({"content": b"{broken", "headers": {"Content-Type": "application/json"}}, "body"),
         ({"json": {"url": "http://127.0.0.1/a.wav", "diarize": True, "num_speakers": 0}}, "num_speakers"),
-        ({"json": {"url": "http://127.0.0.1/a.wav", "diarize": True}}, "diarize"),
+        ({"json": {"url": "http://127.0.0.1/a.wav", "diarize": True, "num_speakers": 33}}, "num_speakers"),
         ({"json": {"url": "http://127.0.0.1/a.wav", "callback_url": "ftp://127.0.0.1/hook"}}, "callback_url"),
     ],
 )
@@ -254,7 +274,7 @@ def test_settings_reach_every_replica(serve_app, data_dir):
 
     expected = Settings(**app_settings_overrides(data_dir)).model_dump_json()
     assert json.loads(expected)["retry_after_s"] == 17  # an override no environment holds
-    for name, replicas in (("Ingress", 2), ("AudioFetch", 2), ("ASR", 1), ("Accounting", 1), ("Jobs", 1)):
+    for name, replicas in (("Ingress", 2), ("AudioFetch", 2), ("ASR", 1), ("Diarization", 1), ("Accounting", 1), ("Jobs", 1)):
         handle = serve.get_deployment_handle(name, app_name="hark")
         seen: dict[str, str] = {}
 

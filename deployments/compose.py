@@ -1,0 +1,45 @@
+"""What the ingress and the job runner both do with decoded audio: ASR, diarization beside it,
+the merge, the audio-hours charge, and the response body."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ray.serve.handle import DeploymentHandle
+
+from pipeline.formatting import render
+from pipeline.merge import assign_word_speakers
+from pipeline.schemas import ListenParams
+from pipeline.types import Audio, Transcript
+
+
+class Composer:
+    def __init__(self, asr: DeploymentHandle, diarization: DeploymentHandle, accounting: DeploymentHandle) -> None:
+        self._asr, self._diarization, self._accounting = asr, diarization, accounting
+
+    async def check(self, params: ListenParams) -> None:
+        """Refuse up front what cannot be served (before any audio is fetched)."""
+        if params.diarize:
+            await self._diarization.check.remote()
+
+    async def transcribe(self, audio: Audio, params: ListenParams, key_id: str, request_id: str) -> tuple[Transcript, dict]:
+        # No retry anywhere here: a transcription runs once.
+        asr_call = self._asr.transcribe.remote(audio, params.asr_options())
+        word_speakers = None
+        if params.diarize:
+            # Diarization runs beside ASR on the same decoded samples: no second fetch or decode.
+            transcript, diarization = await asyncio.gather(
+                asr_call, self._diarization.diarize.remote(audio, params.num_speakers)
+            )
+            word_speakers = assign_word_speakers(transcript.words, diarization.turns)
+        else:
+            transcript = await asr_call
+        await self._accounting.charge_audio.remote(key_id, transcript.duration_s)
+        body = render(
+            transcript,
+            request_id=request_id,
+            punctuate=params.punctuate,
+            timestamps=params.timestamps,
+            word_speakers=word_speakers,
+        ).to_json()
+        return transcript, body
