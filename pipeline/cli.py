@@ -47,6 +47,33 @@ def _transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from pipeline.batch import run_batch
+
+    settings = Settings()
+    defaults = {"punctuate": not args.no_punctuate, "timestamps": args.timestamps, "diarize": args.diarize}
+    if args.language:
+        defaults["language"] = args.language
+    if args.num_speakers:
+        defaults["num_speakers"] = args.num_speakers
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
+    summary = run_batch(
+        args.input, args.output, settings, defaults, fmt=args.format, retry_failed=args.retry_failed,
+        max_actors=args.max_actors, num_gpus_per_actor=args.gpus_per_actor,
+    )
+    print(summary)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hark", description="Hark speech-to-text tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--timestamps", action="store_true")
     tr.add_argument("--no-punctuate", action="store_true")
     tr.set_defaults(func=_transcribe)
+    batch = sub.add_parser("batch", help="transcribe a corpus with Ray Data")
+    batch.add_argument("input", help="directory, glob, s3:// prefix, or manifest (.csv / .jsonl with a uri column)")
+    batch.add_argument("output", help="directory (local or s3://) for part files of result rows")
+    batch.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
+    batch.add_argument("--language")
+    batch.add_argument("--timestamps", action="store_true")
+    batch.add_argument("--no-punctuate", action="store_true")
+    batch.add_argument("--diarize", action="store_true")
+    batch.add_argument("--num-speakers", type=int)
+    batch.add_argument("--retry-failed", action="store_true", help="run items whose earlier row is an error again")
+    batch.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    batch.add_argument("--max-actors", type=int, help="most ASR actors (default: cluster CPUs / 2, or GPUs)")
+    batch.add_argument("--gpus-per-actor", type=float, default=0.0)
+    batch.set_defaults(func=_batch)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
