@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
@@ -23,6 +23,7 @@ from pipeline.errors import (
     InvalidParameter,
     MissingParameter,
     ServiceUnavailable,
+    StreamTimeout,
     error_from_body,
 )
 from deployments.compose import Composer
@@ -64,6 +65,36 @@ def unwrap(exc: BaseException, retry_after_s: int) -> HarkError:
         return ServiceUnavailable("The worker handling the request stopped; please retry", retry_after=retry_after_s)
     logger.exception("Unexpected error", exc_info=exc)
     return HarkError("Internal error")
+
+
+def _int_param(query, name: str, default: int, low: int, high: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidParameter(f"{name} must be an integer", param=name) from None
+    if not low <= value <= high:
+        raise InvalidParameter(f"{name} must be between {low} and {high}", param=name)
+    return value
+
+
+def _control(text: str | None) -> str | None:
+    """The type of a control message, or None for anything malformed."""
+    try:
+        kind = json.loads(text or "").get("type")
+    except (ValueError, AttributeError):
+        return None
+    return kind if kind in ("KeepAlive", "CloseStream") else None
+
+
+async def _ws_error(ws: WebSocket, err: HarkError, close_code: int) -> None:
+    try:
+        await ws.send_json({"type": "Error", **err.to_body()})
+        await ws.close(code=close_code, reason=err.code)
+    except Exception:  # the client may already be gone
+        pass
 
 
 @serve.deployment(
@@ -238,6 +269,84 @@ class Ingress:
         if payload["status"] == "failed":
             raise error_from_body(payload["error"])
         return 200, payload["result"]
+
+    @app.websocket("/v1/listen/stream")
+    async def stream(self, ws: WebSocket) -> None:
+        """Live transcription; see ``pipeline.streaming`` and the README's client example."""
+        subprotocols = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+        # Browsers cannot set headers: they send the pair ("token", KEY) as subprotocols.
+        via_protocol = len(subprotocols) == 2 and subprotocols[0].lower() == "token"
+        await ws.accept(subprotocol="token" if via_protocol else None)
+        try:
+            header = ws.headers.get("authorization") or (f"Token {subprotocols[1]}" if via_protocol else None)
+            key_id = self._keys.authenticate(header)
+            lease = await self._accounting.admit.remote(key_id)
+        except BaseException as exc:  # noqa: BLE001
+            err = unwrap(exc, self._settings.retry_after_s)
+            await _ws_error(ws, err, close_code=1008 if err.status == 401 else 1013)
+            return
+        try:
+            await self._stream(ws, key_id)
+        finally:
+            self._detached(self._accounting.release.remote, lease.lease_id, key_id)
+
+    async def _stream(self, ws: WebSocket, key_id: str) -> None:
+        from pipeline.streaming import Linear16Decoder, StreamingSession, StreamOptions
+
+        request_id = f"req_{uuid.uuid4().hex}"
+        try:
+            q = ws.query_params
+            params = ListenParams.parse({k: q[k] for k in ("language", "punctuate") if k in q})
+            encoding = q.get("encoding", "linear16").lower()
+            if encoding != "linear16":
+                raise InvalidParameter(f"encoding {encoding!r} is not supported on streams yet: send linear16", param="encoding")
+            sample_rate = _int_param(q, "sample_rate", 16000, 8000, 192000)
+            channels = _int_param(q, "channels", 1, 1, 8)
+            endpointing = q.get("endpointing", "300")
+            endpointing_ms = 10**9 if endpointing.lower() == "false" else _int_param(q, "endpointing", 300, 10, 60000)
+            interim = ListenParams.parse({"timestamps": q.get("interim_results", "true")}).timestamps
+        except HarkError as err:
+            await _ws_error(ws, err, close_code=1008)
+            return
+        session = StreamingSession(
+            transcribe=lambda audio, opts: self._asr.transcribe.remote(audio, opts),
+            options=StreamOptions(language=params.language, punctuate=params.punctuate,
+                                  interim_results=interim, endpointing_ms=endpointing_ms),
+        )
+        decoder = Linear16Decoder(sample_rate, channels)
+        idle = self._settings.stream_idle_timeout_s
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(ws.receive(), timeout=idle)
+                except asyncio.TimeoutError:
+                    await _ws_error(ws, StreamTimeout(f"No audio or KeepAlive for {idle:g} s"), close_code=1011)
+                    return
+                if message["type"] == "websocket.disconnect":
+                    return
+                if message.get("bytes") is not None:
+                    for event in await session.feed(decoder.decode(message["bytes"])):
+                        await ws.send_json(event)
+                    continue
+                control = _control(message.get("text"))
+                if control is None:
+                    await ws.send_json({"type": "Error", "code": "INVALID_PARAMETER", "param": "message",
+                                        "error": 'Text frames must be {"type": "KeepAlive"} or {"type": "CloseStream"}'})
+                elif control == "CloseStream":
+                    break
+        except WebSocketDisconnect:
+            return
+        except BaseException as exc:  # noqa: BLE001
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            await _ws_error(ws, unwrap(exc, self._settings.retry_after_s), close_code=1011)
+            return
+        for event in await session.finish():
+            await ws.send_json(event)
+        await self._accounting.charge_audio.remote(key_id, session.received_s)
+        await ws.send_json({"type": "Metadata", "request_id": request_id, "duration": round(session.received_s, 3),
+                            "channels": channels, "language": session.language})
+        await ws.close(code=1000)
 
     def describe(self) -> dict:
         return {

@@ -123,6 +123,13 @@ class FetchFailed(HarkError):
             super().__init__(message, status=status)
 
 
+class StreamTimeout(HarkError):
+    """A live stream sent neither audio nor KeepAlive for too long."""
+
+    code = "TIMEOUT"
+    status = 408
+
+
 class RateLimited(HarkError):
     code = "RATE_LIMITED"
     status = 429

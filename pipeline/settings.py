@@ -116,6 +116,7 @@ class Settings(BaseSettings):
     webhook_backoff_max_s: float = Field(900.0, gt=0, description="Longest delay between attempts.")
     jobs_lease_s: float = Field(30.0, gt=0, description="A running job is taken over if its runner is silent this long.")
     jobs_concurrency: int = Field(4, ge=1, description="Jobs a runner works on at once.")
+    stream_idle_timeout_s: float = Field(10.0, gt=0, description="A stream with no audio and no KeepAlive this long is closed.")
     asr: AsrSettings = Field(default_factory=AsrSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     diarization: DiarizationSettings = Field(default_factory=DiarizationSettings)

@@ -76,3 +76,7 @@ class AsrOptions:
 
     language: str | None = None  # ISO 639-1; None = detect
     word_timestamps: bool = False
+    beam_size: int | None = None  # None: the engine's configured width (streaming interims use 1)
+    prompt: str | None = None  # text said just before this audio
+    temperature_fallback: bool = True  # re-decode hotter when the output looks degenerate
+    max_new_tokens: int | None = None  # a bound on tokens per window (streaming sets one)

@@ -108,6 +108,7 @@ def app_settings_overrides(data_dir) -> dict:
         "webhook_backoff_max_s": 1.0,
         "webhook_max_attempts": 4,
         "jobs_lease_s": 3.0,
+        "stream_idle_timeout_s": 2.0,
         "license_keys": [*API_KEYS, *LIMITED_KEYS],
         "limits": {"requests_per_minute": 100_000, "concurrent_requests": 1000, "per_key": LIMITED_KEYS},
         "allow_private_urls": False,

@@ -28,9 +28,14 @@ def encode(samples: np.ndarray, encoding: str, sample_rate: int = 16000) -> byte
         stream = out.add_stream(codec, rate=rate, layout=layout, options=options)
         if options.get("strict"):
             stream.codec_context.options = {"strict": "experimental"}
-        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout=layout, rate=rate)
         frame_size = stream.codec_context.frame_size or 1024
+        # Encoders such as AAC take frames of exactly frame_size samples (the last may be short).
+        resampler = av.AudioResampler(
+            format=stream.codec_context.format.name, layout=layout, rate=rate, frame_size=frame_size
+        )
         step = max(1, int(frame_size * sample_rate / rate))
+        # Whole input frames only: a tiny last frame trips the MP4 muxer (EINVAL) for some lengths.
+        samples = np.pad(samples, (0, -len(samples) % step))
         for i in range(0, len(samples), step):
             chunk = samples[i : i + step].astype(np.float32)[None, :]
             frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout="mono")

@@ -62,7 +62,10 @@ class CTranslate2Engine:
             audio.samples,
             language=options.language,
             task="transcribe",
-            beam_size=self._settings.beam_size,
+            beam_size=options.beam_size or self._settings.beam_size,
+            initial_prompt=options.prompt,
+            temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0) if options.temperature_fallback else 0.0,
+            max_new_tokens=options.max_new_tokens,
             # Always on: the alignment pass costs ~1 % here, and word probabilities give the
             # overall confidence the same meaning whether or not words are returned.
             word_timestamps=True,

@@ -1,0 +1,164 @@
+"""Live streaming over a real WebSocket, through the real app and the real model."""
+
+import asyncio
+import json
+import time
+
+import numpy as np
+import pytest
+import websockets
+
+from conftest import API_KEYS
+from pipeline.audio import decode
+from textnorm import wer
+
+pytestmark = pytest.mark.serve
+
+
+def ws_url(serve_app, query=""):
+    return serve_app.replace("http://", "ws://") + "/v1/listen/stream" + (f"?{query}" if query else "")
+
+
+def pcm_of(clip, rate=16000):
+    samples = decode(clip.path, max_duration_s=600).samples
+    return (samples * 32767).astype("<i2").tobytes()
+
+
+async def stream(url, pcm, *, speed=1.0, headers=None, subprotocols=None, chunk_s=0.1, extra=()):
+    """Send PCM at ``speed`` x real time; return every message and the close code."""
+    kwargs = {"additional_headers": headers or {"Authorization": f"Token {API_KEYS[0]}"}}
+    if subprotocols:
+        kwargs = {"subprotocols": subprotocols}
+    async with websockets.connect(url, **kwargs) as ws:
+        async def send():
+            for frame in extra:
+                await ws.send(frame)
+            step = int(32000 * chunk_s)
+            for i in range(0, len(pcm), step):
+                await ws.send(pcm[i : i + step])
+                await asyncio.sleep(chunk_s / speed)
+            await ws.send(json.dumps({"type": "CloseStream"}))
+
+        sender = asyncio.create_task(send())
+        messages = await drain(ws)
+        await sender
+        return messages, ws.close_code
+
+
+async def drain(ws):
+    """Every message until the close, whatever its code."""
+    out = []
+    try:
+        async for raw in ws:
+            out.append(json.loads(raw))
+    except websockets.ConnectionClosed:
+        pass
+    return out
+
+
+def finals_text(messages):
+    return " ".join(m["text"] for m in messages if m["type"] == "Results" and m["is_final"] and m["text"])
+
+
+def test_stream_matches_batch_and_finals_are_stable(serve_app, api, clips):
+    messages, code = asyncio.run(stream(ws_url(serve_app), pcm_of(clips["sample"]), speed=2.0))
+    assert code == 1000
+    assert messages[-1]["type"] == "Metadata" and messages[-1]["duration"] == pytest.approx(30.0, abs=0.01)
+    assert messages[-1]["request_id"].startswith("req_") and messages[-1]["language"] == "en"
+    results = [m for m in messages if m["type"] == "Results"]
+    assert any(not m["is_final"] for m in results) and any(m["speech_final"] for m in results)
+    finals = [m for m in results if m["is_final"]]
+    # Finals follow each other in time and never overlap: once final, a stretch is never redone.
+    for a, b in zip(finals, finals[1:]):
+        assert a["start"] + a["duration"] <= b["start"] + 0.05
+    batch = api.post("/v1/listen", files={"audio": clips["sample"].path.read_bytes()}).json()["text"]
+    reference = clips["sample"].text
+    assert wer(reference, finals_text(messages)) <= wer(reference, batch) + 0.15
+
+
+def test_real_time_pace_and_browser_subprotocol_auth(serve_app, clips):
+    messages, code = asyncio.run(
+        stream(ws_url(serve_app, "interim_results=false&punctuate=false"), pcm_of(clips["beckett"]),
+               subprotocols=["token", API_KEYS[1]])
+    )
+    assert code == 1000
+    assert all(m["is_final"] for m in messages if m["type"] == "Results")
+    text = finals_text(messages)
+    assert wer(clips["beckett"].text, text) <= 0.2 and text == text.lower()
+
+
+def test_other_rates_and_channels(serve_app, clips):
+    samples = decode(clips["fox"].path, max_duration_s=60).samples
+    import av
+
+    resampler = av.AudioResampler(format="s16", layout="stereo", rate=8000)
+    frame = av.AudioFrame.from_ndarray(samples[None, :], format="flt", layout="mono")
+    frame.sample_rate = 16000
+    pcm = b"".join(bytes(f.planes[0])[: f.samples * 4] for f in [*resampler.resample(frame), *resampler.resample(None)])
+    messages, code = asyncio.run(stream(ws_url(serve_app, "sample_rate=8000&channels=2"), pcm, speed=4.0, chunk_s=0.05))
+    assert code == 1000 and "fox" in finals_text(messages).lower()
+
+
+def test_keepalive_holds_a_silent_stream_and_silence_closes_it(serve_app):
+    async def keepalive():
+        async with websockets.connect(ws_url(serve_app), additional_headers={"Authorization": f"Token {API_KEYS[0]}"}) as ws:
+            for _ in range(8):  # 4 s of KeepAlive, twice the app's 2 s idle timeout
+                await ws.send(json.dumps({"type": "KeepAlive"}))
+                await asyncio.sleep(0.5)
+            await ws.send(json.dumps({"type": "CloseStream"}))
+            return await drain(ws), ws.close_code
+
+    messages, code = asyncio.run(keepalive())
+    assert code == 1000 and messages[-1]["type"] == "Metadata" and messages[-1]["duration"] == 0
+
+    async def silent():
+        started = time.monotonic()
+        async with websockets.connect(ws_url(serve_app), additional_headers={"Authorization": f"Token {API_KEYS[0]}"}) as ws:
+            messages = await drain(ws)
+            return messages, ws.close_code, time.monotonic() - started
+
+    messages, code, waited = asyncio.run(silent())
+    assert messages == [{"type": "Error", "code": "TIMEOUT", "error": messages[0]["error"]}]
+    assert code == 1011 and 1.5 < waited < 10
+
+
+@pytest.mark.parametrize("headers, subprotocols", [({}, None), ({"Authorization": "Token nope"}, None), (None, ["token", "nope"])])
+def test_bad_auth_is_refused(serve_app, headers, subprotocols):
+    async def go():
+        kwargs = {"subprotocols": subprotocols} if subprotocols else {"additional_headers": headers}
+        async with websockets.connect(ws_url(serve_app), **kwargs) as ws:
+            return await drain(ws), ws.close_code
+
+    messages, code = asyncio.run(go())
+    assert messages[0]["type"] == "Error" and messages[0]["code"] == "UNAUTHORIZED" and code == 1008
+
+
+def test_malformed_frames_get_an_error_not_a_crash(serve_app, clips):
+    messages, code = asyncio.run(
+        stream(ws_url(serve_app), pcm_of(clips["fox"]), speed=4.0, extra=["not json", json.dumps({"type": "Dance"})])
+    )
+    errors = [m for m in messages if m["type"] == "Error"]
+    assert len(errors) == 2 and all(e["code"] == "INVALID_PARAMETER" for e in errors)
+    assert code == 1000 and "fox" in finals_text(messages).lower()
+
+
+@pytest.mark.parametrize("query, param", [("sample_rate=abc", "sample_rate"), ("encoding=mulaw", "encoding"), ("language=xx", "language")])
+def test_bad_parameters(serve_app, query, param):
+    async def go():
+        async with websockets.connect(ws_url(serve_app, query), additional_headers={"Authorization": f"Token {API_KEYS[0]}"}) as ws:
+            return await drain(ws), ws.close_code
+
+    messages, code = asyncio.run(go())
+    assert messages[0]["code"] == "INVALID_PARAMETER" and messages[0]["param"] == param and code == 1008
+
+
+def test_concurrent_streams(serve_app, clips):
+    pcms = [pcm_of(clips[name]) for name in ("fox", "weather", "report")]
+
+    async def all_of_them():
+        return await asyncio.gather(*(stream(ws_url(serve_app), pcm, speed=2.0) for pcm in pcms))
+
+    outcomes = asyncio.run(all_of_them())
+    for (messages, code), name in zip(outcomes, ("fox", "weather", "report")):
+        assert code == 1000
+        assert wer(clips[name].text, finals_text(messages)) <= 0.35, (name, finals_text(messages))

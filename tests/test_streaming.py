@@ -1,0 +1,108 @@
+"""The streaming session's logic, with a scripted recogniser at the Transcribe seam."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from pipeline.streaming import Linear16Decoder, StreamingSession, StreamOptions
+from pipeline.types import SAMPLE_RATE, Segment, Transcript, Word
+
+# What is "said": (word, start, end) in seconds; silence between 3.0 and 4.0.
+SCRIPT = [(" One", 0.2, 0.6), (" two", 0.7, 1.1), (" three.", 1.2, 1.8), (" Four", 1.9, 2.4), (" five.", 2.5, 2.9),
+          (" Six", 4.1, 4.5), (" seven.", 4.6, 5.2)]
+SPEECH = [(0.2, 2.9), (4.1, 5.2)]
+
+
+def make_session(**options):
+    clock = {"offset": 0.0}
+    calls = []
+
+    async def transcribe(audio, opts):
+        # Recognise the scripted words that lie wholly inside this buffer, in its own time; the
+        # word at the live edge is heard as a different word until it is complete.
+        start = session.offset_s
+        end = start + audio.duration_s
+        calls.append((round(start, 2), round(end, 2), opts.beam_size))
+        words = []
+        for text, s, e in SCRIPT:
+            if s >= start - 0.01 and e <= end:
+                words.append(Word(text, s - start, e - start, 0.9))
+            elif s >= start and s < end:
+                words.append(Word(" uh", s - start, end - start, 0.3))
+        return Transcript((Segment("".join(w.text for w in words), 0, audio.duration_s, -0.1, len(words), tuple(words)),),
+                          "en", 0.99, audio.duration_s)
+
+    def vad(samples):
+        nonzero = np.flatnonzero(samples)
+        if not len(nonzero):
+            return []
+        return [(int(nonzero[0]), int(nonzero[-1]) + 1)]
+
+    session = StreamingSession(transcribe, StreamOptions(**options), vad=vad)
+    return session, calls
+
+
+def audio_for(t0, t1):
+    n = int(round((t1 - t0) * SAMPLE_RATE))
+    t = t0 + np.arange(n) / SAMPLE_RATE
+    speaking = np.zeros(n, dtype=bool)
+    for s, e in SPEECH:
+        speaking |= (t >= s) & (t < e)
+    return np.where(speaking, 0.1, 0.0).astype(np.float32)
+
+
+def run(session, total_s=6.0, chunk_s=0.1):
+    async def go():
+        events = []
+        t = 0.0
+        while t < total_s - 1e-9:
+            events += await session.feed(audio_for(t, t + chunk_s))
+            t += chunk_s
+        events += await session.finish()
+        return events
+
+    return asyncio.run(go())
+
+
+def test_finals_are_never_rewritten_and_cover_every_word_once():
+    session, calls = make_session(interim_every_s=0.5, endpointing_ms=400)
+    events = run(session)
+    finals = [e for e in events if e["is_final"]]
+    said = " ".join(e["text"] for e in finals if e["text"]).split()
+    assert said == ["One", "two", "three.", "Four", "five.", "Six", "seven."]
+    starts = [w["start"] for e in finals for w in e["words"] if w["word"] not in ".,"]
+    assert starts == sorted(starts)
+    # Interim results came first, and the live-edge guess (" uh") never became final.
+    assert any(not e["is_final"] for e in events)
+    assert all("uh" not in e["text"] for e in finals)
+    # The pause ended the first utterance: one speech_final for each.
+    assert sum(e["speech_final"] for e in events) == 2
+    # Interims decode greedily; the utterance's final decode uses the configured beam.
+    assert {beam for *_, beam in calls} == {1, None}
+
+
+def test_no_interims_when_not_asked():
+    session, _ = make_session(interim_every_s=0.5, interim_results=False)
+    assert all(e["is_final"] for e in run(session))
+
+
+def test_silence_is_not_kept():
+    session, calls = make_session()
+
+    async def go():
+        for _ in range(100):  # 10 s of silence
+            await session.feed(np.zeros(1600, np.float32))
+
+    asyncio.run(go())
+    assert calls == [] and len(session.buffer) <= SAMPLE_RATE and session.received_s == pytest.approx(10.0)
+
+
+def test_linear16_decoder_handles_split_samples_channels_and_rates():
+    tone = (np.sin(np.arange(8000) / 5) * 10000).astype("<i2")
+    stereo = np.stack([tone, tone], axis=1).reshape(-1).tobytes()
+    decoder = Linear16Decoder(sample_rate=8000, channels=2)
+    out = np.concatenate([decoder.decode(stereo[i : i + 333]) for i in range(0, len(stereo), 333)])
+    assert len(out) == pytest.approx(16000, abs=64)  # 1 s at 8 kHz → 1 s at 16 kHz
+    mono = Linear16Decoder(16000, 1)
+    assert len(mono.decode(b"\x01")) == 0 and len(mono.decode(b"\x00\x02\x00")) == 2
