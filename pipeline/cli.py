@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from pipeline.settings import Settings
@@ -74,6 +75,15 @@ def _batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stream(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pipeline.stream_client import play
+
+    query = f"?language={args.language}" if args.language else ""
+    return asyncio.run(play(f"{args.url.rstrip('/')}/v1/listen/stream{query}", args.key, args.file, args.speed))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hark", description="Hark speech-to-text tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("--max-actors", type=int, help="most ASR actors (default: cluster CPUs / 2, or GPUs)")
     batch.add_argument("--gpus-per-actor", type=float, default=0.0)
     batch.set_defaults(func=_batch)
+    st = sub.add_parser("stream", help="play a file into a running server's stream endpoint, print results")
+    st.add_argument("file")
+    st.add_argument("--url", default="ws://127.0.0.1:7100")
+    st.add_argument("--key", default=os.environ.get("HARK_KEY", ""), help="license key (or HARK_KEY)")
+    st.add_argument("--language")
+    st.add_argument("--speed", type=float, default=1.0, help="1 = real time")
+    st.set_defaults(func=_stream)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

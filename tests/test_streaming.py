@@ -78,8 +78,8 @@ def test_finals_are_never_rewritten_and_cover_every_word_once():
     assert all("uh" not in e["text"] for e in finals)
     # The pause ended the first utterance: one speech_final for each.
     assert sum(e["speech_final"] for e in events) == 2
-    # Interims decode greedily; the utterance's final decode uses the configured beam.
-    assert {beam for *_, beam in calls} == {1, None}
+    # Interims decode greedily; so does the final decode, by default, for latency.
+    assert {beam for *_, beam in calls} == {1}
 
 
 def test_no_interims_when_not_asked():
