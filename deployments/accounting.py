@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from ray import serve
 
+from deployments import replica_info
+
 from deployments.metrics import ServiceMetrics
 from pipeline.errors import HarkError
 from pipeline.limits import Lease, book_from_settings
@@ -63,14 +65,8 @@ class AccountingDeployment:
         if audio_s > 0:
             self._metrics.real_time_factor.observe(elapsed_s / audio_s)
 
-    async def usage(self, key_id: str) -> dict[str, float]:
-        return self._book.usage(key_id)
-
     async def metrics_text(self) -> bytes:
         return self._metrics.render()
 
     def describe(self) -> dict:
-        return {
-            "replica": serve.get_replica_context().replica_id.unique_id,
-            "settings": self._settings.model_dump_json(),
-        }
+        return replica_info(self._settings)

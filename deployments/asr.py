@@ -6,6 +6,8 @@ import asyncio
 
 from ray import serve
 
+from deployments import replica_info
+
 from pipeline.settings import Settings
 from pipeline.types import AsrOptions, Audio, Transcript
 
@@ -38,8 +40,4 @@ class AsrDeployment:
         return await asyncio.to_thread(self._engine.transcribe, audios, options)
 
     def describe(self) -> dict:
-        return {
-            "replica": serve.get_replica_context().replica_id.unique_id,
-            "settings": self._settings.model_dump_json(),
-            "languages": sorted(self._engine.languages),
-        }
+        return replica_info(self._settings, languages=sorted(self._engine.languages))

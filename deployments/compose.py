@@ -23,6 +23,8 @@ class Composer:
             await self._diarization.check.remote()
 
     async def transcribe(self, audio: Audio, params: ListenParams, key_id: str, request_id: str) -> tuple[Transcript, dict]:
+        # The daily audio quota, on the decoded duration, before any work: a refusal costs nothing.
+        await self._accounting.check_audio.remote(key_id, audio.duration_s)
         # No retry anywhere here: a transcription runs once.
         asr_call = self._asr.transcribe.remote(audio, params.asr_options())
         word_speakers = None

@@ -7,6 +7,8 @@ import logging
 
 from ray import serve
 
+from deployments import replica_info
+
 from pipeline.diarization import Diarization, DiarizationOptions
 from pipeline.errors import InvalidParameter
 from pipeline.settings import Settings
@@ -46,8 +48,4 @@ class DiarizationDeployment:
         return await asyncio.to_thread(self._diarizer.diarize, audio, options)
 
     def describe(self) -> dict:
-        return {
-            "replica": serve.get_replica_context().replica_id.unique_id,
-            "settings": self._settings.model_dump_json(),
-            "available": self._unavailable is None,
-        }
+        return replica_info(self._settings, available=self._unavailable is None)

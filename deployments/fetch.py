@@ -7,6 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 
+from deployments import replica_info
+
 from pipeline.loader import AudioLoader
 from pipeline.settings import Settings
 from pipeline.types import Audio
@@ -32,7 +34,4 @@ class AudioFetchDeployment:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._loader.from_bytes, data)
 
     def describe(self) -> dict:
-        return {
-            "replica": serve.get_replica_context().replica_id.unique_id,
-            "settings": self._settings.model_dump_json(),
-        }
+        return replica_info(self._settings)

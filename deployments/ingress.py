@@ -12,6 +12,8 @@ from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
+
+from deployments import replica_info
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -22,6 +24,7 @@ from pipeline.errors import (
     HarkError,
     InvalidParameter,
     MissingParameter,
+    FetchFailed,
     ServiceUnavailable,
     StreamTimeout,
     error_from_body,
@@ -78,6 +81,17 @@ def _int_param(query, name: str, default: int, low: int, high: int) -> int:
     if not low <= value <= high:
         raise InvalidParameter(f"{name} must be between {low} and {high}", param=name)
     return value
+
+
+def _bool_param(query, name: str, default: bool) -> bool:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    if raw.lower() in ("true", "1", "yes", "on"):
+        return True
+    if raw.lower() in ("false", "0", "no", "off"):
+        return False
+    raise InvalidParameter(f"{name} must be true or false", param=name)
 
 
 def _control(text: str | None) -> str | None:
@@ -221,7 +235,6 @@ class Ingress:
             audio = await self._fetch.from_url.remote(source.url)
         else:
             audio = await self._fetch.from_bytes.remote(source.audio)
-        await self._accounting.check_audio.remote(key_id, audio.duration_s)
         # The decoded audio is awaited before the ASR call, not chained into it: Serve counts
         # a request against max_queued_requests only when it enters the router, and a chained
         # request enters before its input exists, so a full queue would never refuse it.
@@ -239,7 +252,14 @@ class Ingress:
                     "callback_url needs a webhook signing secret on the server (HARK_WEBHOOK_SECRET)", param="callback_url"
                 )
             self._url_checker.check_url(params.callback_url, param="callback_url", schemes=("http", "https"))
-            self._url_checker.guard.resolve(params.callback_url)  # FORBIDDEN_URL now, not at delivery
+            try:
+                # FORBIDDEN_URL now, not at delivery. getaddrinfo blocks: off the event loop.
+                await asyncio.to_thread(self._url_checker.guard.resolve, params.callback_url)
+            except FetchFailed as exc:
+                raise InvalidParameter(f"callback_url: {exc.message}", param="callback_url") from None
+        if source.url is not None and source.url.lower().startswith(("http://", "https://")):
+            # The job fetches later; refuse a forbidden audio URL now rather than in a failed job.
+            await asyncio.to_thread(self._url_checker.guard.resolve, source.url)
         fields = params.model_dump(mode="json")
         digest = hashlib.sha256(
             json.dumps(
@@ -262,7 +282,8 @@ class Ingress:
                 key_id, fields, source.url, source.audio, params.callback_url, idempotency_key, digest
             )
         if params.callback_url is not None:
-            return 202, {"job_id": payload["job_id"], "status": payload["status"]}
+            # A replay answers as the first request was answered; GET /v1/jobs/{id} has the rest.
+            return 202, {"job_id": payload["job_id"], "status": "processing"}
         while payload["status"] == "processing":
             await asyncio.sleep(0.25)
             payload = await self._jobs.get.remote(payload["job_id"], key_id)
@@ -304,7 +325,7 @@ class Ingress:
             channels = _int_param(q, "channels", 1, 1, 8)
             endpointing = q.get("endpointing", "300")
             endpointing_ms = 10**9 if endpointing.lower() == "false" else _int_param(q, "endpointing", 300, 10, 60000)
-            interim = ListenParams.parse({"timestamps": q.get("interim_results", "true")}).timestamps
+            interim = _bool_param(q, "interim_results", True)
         except HarkError as err:
             await _ws_error(ws, err, close_code=1008)
             return
@@ -314,6 +335,13 @@ class Ingress:
                                   interim_results=interim, endpointing_ms=endpointing_ms),
         )
         decoder = Linear16Decoder(sample_rate, channels)
+        try:
+            await self._serve_stream(ws, session, decoder, request_id, channels)
+        finally:
+            # Audio received counts against the daily quota however the stream ends.
+            self._detached(self._accounting.charge_audio.remote, key_id, session.received_s)
+
+    async def _serve_stream(self, ws: WebSocket, session, decoder, request_id: str, channels: int) -> None:
         idle = self._settings.stream_idle_timeout_s
         try:
             while True:
@@ -343,13 +371,9 @@ class Ingress:
             return
         for event in await session.finish():
             await ws.send_json(event)
-        await self._accounting.charge_audio.remote(key_id, session.received_s)
         await ws.send_json({"type": "Metadata", "request_id": request_id, "duration": round(session.received_s, 3),
                             "channels": channels, "language": session.language})
         await ws.close(code=1000)
 
     def describe(self) -> dict:
-        return {
-            "replica": serve.get_replica_context().replica_id.unique_id,
-            "settings": self._settings.model_dump_json(),
-        }
+        return replica_info(self._settings)

@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 
 from ray import serve
+
+from deployments import replica_info
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -25,11 +27,14 @@ from pipeline.fetch import UrlGuard
 from pipeline.jobs import Job, SqliteJobStore
 from pipeline.schemas import ListenParams
 from pipeline.settings import Settings
-from pipeline.webhooks import backoff_s, deliver, webhook_signer
+from pipeline.webhooks import Attempt, backoff_s, deliver, webhook_signer
 
 logger = logging.getLogger("ray.serve")
 POLL_S = 0.25
 BUSY_RETRY_S = 5.0
+# Runs of one job that ended with the workers busy or dead before the job fails: audio that
+# crashes the ASR replica must not crash it forever.
+MAX_RUN_ATTEMPTS = 5
 
 
 @serve.deployment(
@@ -118,13 +123,8 @@ class JobsDeployment:
         return body
 
     def describe(self) -> dict:
-        return {
-            "replica": serve.get_replica_context().replica_id.unique_id,
-            "settings": self._settings.model_dump_json(),
-        }
+        return replica_info(self._settings)
 
-    async def counts(self) -> dict[str, int]:
-        return await asyncio.to_thread(self._store.counts)
 
     # ---- running jobs ---------------------------------------------------------------------------
 
@@ -169,11 +169,13 @@ class JobsDeployment:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             err = exc.cause if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException) else exc
-            if isinstance(err, (BackPressureError, RayActorError, ServiceUnavailable)):
+            if isinstance(err, (BackPressureError, RayActorError, ServiceUnavailable)) and job.run_attempts < MAX_RUN_ATTEMPTS:
                 # Busy or a worker died: not the job's fault. Back to the queue, untouched.
                 heartbeat.cancel()
                 await asyncio.to_thread(self._store.requeue, job.job_id, self._worker, BUSY_RETRY_S)
                 return
+            if isinstance(err, (BackPressureError, RayActorError)):
+                err = ServiceUnavailable(f"No ASR worker could finish this job in {job.run_attempts} attempts")
             if not isinstance(err, HarkError):
                 logger.exception("job %s failed unexpectedly", job.job_id, exc_info=err)
                 err = HarkError("Internal error")
@@ -207,9 +209,17 @@ class JobsDeployment:
 
     async def _deliver(self, job: Job) -> None:
         s = self._settings
-        attempt = await asyncio.to_thread(
-            deliver, job.callback_url, job.payload(), job.webhook_id, self._signer, self._guard, s.webhook_timeout_s
-        )
+        if self._signer is None:
+            attempt = Attempt(False, retry=False, error="HARK_WEBHOOK_SECRET is not set: deliveries cannot be signed")
+        else:
+            try:
+                attempt = await asyncio.to_thread(
+                    deliver, job.callback_url, job.payload(), job.webhook_id, self._signer, self._guard,
+                    s.webhook_timeout_s,
+                )
+            except Exception as exc:  # noqa: BLE001 - a bug here must not re-send every 0.25 s
+                logger.exception("webhook delivery for %s raised", job.job_id)
+                attempt = Attempt(False, retry=True, error=f"{type(exc).__name__}: {exc}")
         attempts_made = job.delivery_attempts + 1
         next_at = None
         if not attempt.delivered and attempt.retry and attempts_made < s.webhook_max_attempts:

@@ -315,6 +315,3 @@ def build_diarizer(backend: str = "default", **kwargs) -> Diarizer:
         return EmbeddingClusteringDiarizer(**kwargs)
     raise ValueError(f"Unknown diarization backend: {backend!r}")
 
-
-def frames_of(turns: Sequence[SpeakerTurn], duration_s: float) -> list[tuple[str, float, float]]:
-    return [(t.speaker, t.start, min(t.end, duration_s)) for t in turns]

@@ -28,6 +28,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Sequence[str]]
 
 _CHUNK = 256 * 1024
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _REDIRECTS = {301, 302, 303, 307, 308}
 
 
@@ -39,8 +40,13 @@ def system_resolver(host: str, port: int) -> list[str]:
 def is_public_address(ip: IPAddress) -> bool:
     """True for globally routable unicast addresses; False for loopback, private, link-local,
     multicast, reserved, unspecified and shared (CGNAT) space, including IPv4 mapped in IPv6."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return is_public_address(ip.ipv4_mapped)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return is_public_address(ip.ipv4_mapped)
+        if ip in _NAT64:  # 64:ff9b::a.b.c.d reaches a.b.c.d through a NAT64 gateway
+            return is_public_address(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if ip.is_site_local:  # deprecated fec0::/10, which is_global does not exclude
+            return False
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
 
 
@@ -61,7 +67,10 @@ class UrlGuard:
 
     def resolve(self, url: str) -> str:
         """Check an http(s) URL and return the one address to connect to."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            raise InvalidParameter(f"Malformed URL: {url}", param="url") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidParameter(f"Not a valid http(s) URL: {url}", param="url")
         try:
@@ -152,8 +161,12 @@ def fetch_http(url: str, out: BinaryIO, guard: UrlGuard, limits: FetchLimits) ->
                     location = response.headers.get("location")
                     if not location:
                         raise FetchFailed("Redirect without a Location header", status=response.status_code)
-                    url = urljoin(url, location)
-                    if urlsplit(url).scheme not in ("http", "https"):
+                    try:
+                        url = urljoin(url, location)
+                        scheme = urlsplit(url).scheme
+                    except ValueError:
+                        raise FetchFailed(f"Redirect to a malformed URL: {location}") from None
+                    if scheme not in ("http", "https"):
                         raise ForbiddenUrl("Redirect to a non-http(s) URL is not allowed")
                     continue
                 if response.status_code >= 400:

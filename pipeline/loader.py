@@ -33,12 +33,17 @@ class AudioLoader:
 
     def check_url(self, url: str, param: str = "url", schemes: tuple[str, ...] = SUPPORTED_SCHEMES) -> str:
         """Validate a URL's form (scheme, host) without fetching it; returns its scheme."""
-        scheme = urlsplit(url).scheme.lower()
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises for a bad port
+        except ValueError:
+            raise InvalidParameter(f"Malformed URL: {url}", param=param) from None
+        scheme = parts.scheme.lower()
         if scheme not in schemes:
             raise InvalidParameter(
                 f"Unsupported URL scheme {scheme or '(none)'!r}: use {', '.join(schemes)}", param=param
             )
-        if not urlsplit(url).netloc:
+        if not parts.netloc:
             raise InvalidParameter(f"The URL has no host: {url}", param=param)
         return scheme
 

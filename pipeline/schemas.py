@@ -54,8 +54,6 @@ class ListenParams(BaseModel):
         except ValidationError as exc:
             first = exc.errors()[0]
             param = str(first["loc"][0]) if first["loc"] else "body"
-            if isinstance(first.get("ctx", {}).get("error"), InvalidParameter):
-                raise first["ctx"]["error"] from None
             raise InvalidParameter(f"Invalid value for {param!r}: {first['msg']}", param=param) from None
 
     def asr_options(self) -> AsrOptions:

@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     )
 
     license_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Accepted license keys, comma-separated."
+        default_factory=list, description="Accepted license keys, comma-separated.", repr=False
     )
     license_keys_file: Path | None = Field(
         None, description="A file with one license key a line (blank lines and # comments skipped)."
@@ -107,6 +107,7 @@ class Settings(BaseSettings):
     )
     webhook_secret: str | None = Field(
         None,
+        repr=False,
         description="Signs webhook deliveries (Standard Webhooks). A whsec_<base64> secret keys with "
         "its decoded bytes, any other string with its UTF-8 bytes. Needed for callback_url.",
     )

@@ -95,7 +95,7 @@ async def _from_form(
     _, params = python_multipart.multipart.parse_options_header(content_type)
     try:
         parser = python_multipart.FormParser(
-            content_type.split(";")[0].strip(),
+            content_type.split(";")[0].strip().lower(),
             on_field,
             on_file,
             boundary=params.get(b"boundary"),

@@ -67,8 +67,8 @@ def deliver(url: str, payload: dict, msg_id: str, signer: Webhook, guard: UrlGua
             response = client.send(pinned_request(client, "POST", url, guard, headers=headers, content=body.encode()))
     except HarkError as exc:  # refused by the guard, or the name does not resolve
         return Attempt(False, retry=exc.code == "FETCH_FAILED", error=exc.message)
-    except httpx.HTTPError as exc:
-        return Attempt(False, retry=True, error=f"{type(exc).__name__}: {exc}")
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        return Attempt(False, retry=not isinstance(exc, httpx.InvalidURL), error=f"{type(exc).__name__}: {exc}")
     status = response.status_code
     if 200 <= status < 300:
         return Attempt(True, retry=False, status=status)

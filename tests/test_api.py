@@ -167,6 +167,8 @@ def test_missing_input(api):
         ({"json": {"url": "http://127.0.0.1/a.wav", "punctuate": "maybe"}}, "punctuate"),
         ({"json": {"url": "http://127.0.0.1/a.wav", "timestamps": [True]}}, "timestamps"),
         ({"json": {"url": 42}}, "url"),
+        ({"json": {"url": "http://[::1"}}, "url"),
+        ({"json": {"url": "http://127.0.0.1:99999/a.wav"}}, "url"),
         ({"content": b"{broken", "headers": {"Content-Type": "application/json"}}, "body"),
         ({"json": {"url": "http://127.0.0.1/a.wav", "diarize": True, "num_speakers": 0}}, "num_speakers"),
         ({"json": {"url": "http://127.0.0.1/a.wav", "diarize": True, "num_speakers": 33}}, "num_speakers"),
@@ -272,15 +274,19 @@ def test_settings_reach_every_replica(serve_app, data_dir):
     from conftest import app_settings_overrides
     from pipeline.settings import Settings
 
-    expected = Settings(**app_settings_overrides(data_dir)).model_dump_json()
-    assert json.loads(expected)["retry_after_s"] == 17  # an override no environment holds
+    import hashlib
+
+    settings_json = Settings(**app_settings_overrides(data_dir)).model_dump_json()
+    assert json.loads(settings_json)["retry_after_s"] == 17  # an override no environment holds
+    expected = hashlib.sha256(settings_json.encode()).hexdigest()
     for name, replicas in (("Ingress", 2), ("AudioFetch", 2), ("ASR", 1), ("Diarization", 1), ("Accounting", 1), ("Jobs", 1)):
         handle = serve.get_deployment_handle(name, app_name="hark")
         seen: dict[str, str] = {}
 
         def every_replica_answered():
             info = handle.describe.remote().result(timeout_s=30)
-            seen[info["replica"]] = info["settings"]
+            assert "test-key-1" not in json.dumps(info)  # keys never leave the replica
+            seen[info["replica"]] = info["settings_sha256"]
             return len(seen) == replicas
 
         wait_until(every_replica_answered, 60, interval_s=0.05, what=f"all {name} replicas")

@@ -57,6 +57,7 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     assert s.max_duration_s == 600
     assert (s.asr.model, s.asr.compute_type, s.asr.device) == ("whisper-tiny.en", "float32", "cpu")
     assert s.url_allowlist == ["10.1.0.0/16", "127.0.0.1"]
+    assert "env-key-a" not in repr(s) and "file-key-1" not in str(s)  # keys stay out of logs
 
 
 def test_settings_defaults_and_overrides(monkeypatch):

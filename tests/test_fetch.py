@@ -42,6 +42,7 @@ def fake_dns(table):
         ("169.254.169.254", False), ("100.64.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False),
         ("240.0.0.1", False), ("::1", False), ("fe80::1", False), ("fc00::1", False), ("ff02::1", False),
         ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("::ffff:8.8.8.8", True),
+        ("fec0::1", False), ("64:ff9b::a00:1", False), ("64:ff9b::808:808", True),
     ],
 )
 def test_address_classification(address, public):
@@ -129,7 +130,7 @@ def test_huge_bodies_are_cut_off(media_server):
 
 
 def test_bad_urls():
-    for url in ("ftp://host/a.wav", "file:///etc/passwd", "no-scheme", "http://", "s3://bucket-only"):
+    for url in ("ftp://host/a.wav", "file:///etc/passwd", "no-scheme", "http://", "s3://bucket-only", "http://[::1", "http://h:99999/"):
         with pytest.raises(InvalidParameter):
             loader().from_url(url)
 

@@ -74,6 +74,9 @@ def test_callback_urls_are_checked_up_front(api, clips):
     assert r.status_code == 403 and r.json()["code"] == "FORBIDDEN_URL"
     r = api.post("/v1/listen", files={"audio": audio}, params={"callback_url": "s3://bucket/hook"})
     assert r.status_code == 400 and r.json()["param"] == "callback_url"
+    # The audio URL of a job passes the guard before the 202, not later in a failed job.
+    r = api.post("/v1/listen", json={"url": "http://127.0.0.2:8080/a.wav", "callback_url": "http://127.0.0.1:9/hook"})
+    assert r.status_code == 403 and r.json()["code"] == "FORBIDDEN_URL"
 
 
 def test_twenty_concurrent_jobs_all_delivered_once(api, receiver, clips):
@@ -99,6 +102,8 @@ def test_idempotency_key_returns_the_same_job_without_running_twice(api, receive
     second = submit(api, receiver, "/hook/idem", files={"audio": audio}, headers=headers)
     assert first == second
     wait_until(lambda: receiver.delivered("/hook/idem"), 120, what="the webhook")
+    # A replay after completion answers as the first answer did (submit() checks the 202 body).
+    assert submit(api, receiver, "/hook/idem", files={"audio": audio}, headers=headers) == first
     r = api.post("/v1/listen", files={"audio": clips["fox"].path.read_bytes()}, headers=headers,
                  params={"callback_url": receiver.url("/hook/idem")})
     assert r.status_code == 400 and r.json()["param"] == "Idempotency-Key"  # same key, other body

@@ -42,6 +42,11 @@ def test_multipart_file_and_fields():
     assert got.audio == b"RIFF" + b"\x01" * 5000 and got.fields == {"timestamps": "true"} and got.url is None
 
 
+def test_media_type_is_case_insensitive():
+    ctype, body = _multipart(files={"audio": ("a.bin", b"RIFFxxxx")})
+    assert _read(ctype.replace("multipart/form-data", "Multipart/Form-Data"), body).audio == b"RIFFxxxx"
+
+
 def test_multipart_empty_file_is_still_an_upload():
     ctype, body = _multipart(files={"audio": ("a.wav", b"")})
     assert _read(ctype, body).audio == b""
