@@ -312,20 +312,19 @@ class Ingress:
             self._detached(self._accounting.release.remote, lease.lease_id, key_id)
 
     async def _stream(self, ws: WebSocket, key_id: str) -> None:
-        from pipeline.streaming import Linear16Decoder, StreamingSession, StreamOptions
+        from pipeline.streaming import StreamingSession, StreamOptions, stream_decoder
 
         request_id = f"req_{uuid.uuid4().hex}"
         try:
             q = ws.query_params
             params = ListenParams.parse({k: q[k] for k in ("language", "punctuate") if k in q})
             encoding = q.get("encoding", "linear16").lower()
-            if encoding != "linear16":
-                raise InvalidParameter(f"encoding {encoding!r} is not supported on streams yet: send linear16", param="encoding")
             sample_rate = _int_param(q, "sample_rate", 16000, 8000, 192000)
             channels = _int_param(q, "channels", 1, 1, 8)
             endpointing = q.get("endpointing", "300")
             endpointing_ms = 10**9 if endpointing.lower() == "false" else _int_param(q, "endpointing", 300, 10, 60000)
             interim = _bool_param(q, "interim_results", True)
+            decoder = stream_decoder(encoding, sample_rate, channels)
         except HarkError as err:
             await _ws_error(ws, err, close_code=1008)
             return
@@ -334,10 +333,10 @@ class Ingress:
             options=StreamOptions(language=params.language, punctuate=params.punctuate,
                                   interim_results=interim, endpointing_ms=endpointing_ms),
         )
-        decoder = Linear16Decoder(sample_rate, channels)
         try:
             await self._serve_stream(ws, session, decoder, request_id, channels)
         finally:
+            await asyncio.to_thread(decoder.close)  # ends a container decoder's thread
             # Audio received counts against the daily quota however the stream ends.
             self._detached(self._accounting.charge_audio.remote, key_id, session.received_s)
 
@@ -369,7 +368,12 @@ class Ingress:
                 raise
             await _ws_error(ws, unwrap(exc, self._settings.retry_after_s), close_code=1011)
             return
-        for event in await session.finish():
+        try:
+            tail = await asyncio.to_thread(decoder.close)
+        except HarkError as err:
+            await _ws_error(ws, err, close_code=1003)
+            return
+        for event in [*await session.feed(tail), *await session.finish()]:
             await ws.send_json(event)
         await ws.send_json({"type": "Metadata", "request_id": request_id, "duration": round(session.received_s, 3),
                             "channels": channels, "language": session.language})

@@ -142,7 +142,7 @@ def test_malformed_frames_get_an_error_not_a_crash(serve_app, clips):
     assert code == 1000 and "fox" in finals_text(messages).lower()
 
 
-@pytest.mark.parametrize("query, param", [("sample_rate=abc", "sample_rate"), ("encoding=mulaw", "encoding"), ("language=xx", "language")])
+@pytest.mark.parametrize("query, param", [("sample_rate=abc", "sample_rate"), ("encoding=mulaw", "encoding"), ("interim_results=maybe", "interim_results"), ("language=xx", "language")])
 def test_bad_parameters(serve_app, query, param):
     async def go():
         async with websockets.connect(ws_url(serve_app, query), additional_headers={"Authorization": f"Token {API_KEYS[0]}"}) as ws:
@@ -162,3 +162,23 @@ def test_concurrent_streams(serve_app, clips):
     for (messages, code), name in zip(outcomes, ("fox", "weather", "report")):
         assert code == 1000
         assert wer(clips[name].text, finals_text(messages)) <= 0.35, (name, finals_text(messages))
+
+
+def test_encoded_container_stream(serve_app, clips):
+    from media import encode
+
+    data = encode(decode(clips["beckett"].path, max_duration_s=60).samples, "ogg-opus")
+
+    async def go():
+        async with websockets.connect(ws_url(serve_app, "encoding=ogg-opus"),
+                                      additional_headers={"Authorization": f"Token {API_KEYS[0]}"}) as ws:
+            for i in range(0, len(data), 4000):  # ~0.4 s of Opus per frame, sent 4x real time
+                await ws.send(data[i : i + 4000])
+                await asyncio.sleep(0.1)
+            await ws.send(json.dumps({"type": "CloseStream"}))
+            return await drain(ws), ws.close_code
+
+    messages, code = asyncio.run(go())
+    assert code == 1000 and messages[-1]["type"] == "Metadata"
+    assert messages[-1]["duration"] == pytest.approx(9.96, abs=0.1)
+    assert wer(clips["beckett"].text, finals_text(messages)) <= 0.2

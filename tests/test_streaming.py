@@ -106,3 +106,24 @@ def test_linear16_decoder_handles_split_samples_channels_and_rates():
     assert len(out) == pytest.approx(16000, abs=64)  # 1 s at 8 kHz → 1 s at 16 kHz
     mono = Linear16Decoder(16000, 1)
     assert len(mono.decode(b"\x01")) == 0 and len(mono.decode(b"\x00\x02\x00")) == 2
+
+
+def test_container_decoder_decodes_as_bytes_arrive(clips):
+    from media import encode
+    from pipeline.audio import decode
+    from pipeline.errors import InvalidAudio
+    from pipeline.streaming import ContainerDecoder, stream_decoder
+
+    samples = decode(clips["beckett"].path, max_duration_s=60).samples
+    data = encode(samples, "ogg-opus")
+    decoder = stream_decoder("ogg-opus", 16000, 1)
+    assert isinstance(decoder, ContainerDecoder)
+    parts = [decoder.decode(data[i : i + 4000]) for i in range(0, len(data), 4000)]
+    parts.append(decoder.close())
+    assert decoder.close().size == 0  # closing twice is harmless
+    total = sum(len(p) for p in parts)
+    assert total == pytest.approx(len(samples), abs=16000 * 0.05)
+    broken = ContainerDecoder()
+    broken.decode(b"this is not an audio stream at all" * 100)
+    with pytest.raises(InvalidAudio):
+        broken.close()
