@@ -32,8 +32,8 @@ from pipeline.webhooks import Attempt, backoff_s, deliver, webhook_signer
 logger = logging.getLogger("ray.serve")
 POLL_S = 0.25
 BUSY_RETRY_S = 5.0
-# Runs of one job that ended with the workers busy or dead before the job fails: audio that
-# crashes the ASR replica must not crash it forever.
+# Runs of one job that ended with a worker dead before the job fails: audio that crashes the
+# ASR replica must not crash it forever. Busy workers (queues full) do not use up runs.
 MAX_RUN_ATTEMPTS = 5
 
 
@@ -169,13 +169,16 @@ class JobsDeployment:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             err = exc.cause if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException) else exc
-            if isinstance(err, (BackPressureError, RayActorError, ServiceUnavailable)) and job.run_attempts < MAX_RUN_ATTEMPTS:
-                # Busy or a worker died: not the job's fault. Back to the queue, untouched.
+            busy = isinstance(err, (BackPressureError, ServiceUnavailable))
+            if busy or (isinstance(err, RayActorError) and job.run_attempts < MAX_RUN_ATTEMPTS):
+                # Busy, or a worker died: back to the queue, untouched; only deaths use up runs.
                 heartbeat.cancel()
-                await asyncio.to_thread(self._store.requeue, job.job_id, self._worker, BUSY_RETRY_S)
+                await asyncio.to_thread(
+                    self._store.requeue, job.job_id, self._worker, BUSY_RETRY_S, count_attempt=not busy
+                )
                 return
-            if isinstance(err, (BackPressureError, RayActorError)):
-                err = ServiceUnavailable(f"No ASR worker could finish this job in {job.run_attempts} attempts")
+            if isinstance(err, RayActorError):
+                err = ServiceUnavailable(f"The ASR worker died on this job {job.run_attempts} times")
             if not isinstance(err, HarkError):
                 logger.exception("job %s failed unexpectedly", job.job_id, exc_info=err)
                 err = HarkError("Internal error")

@@ -69,7 +69,7 @@ class JobStore(Protocol):
     def claim(self, worker: str, lease_s: float) -> Job | None: ...
     def renew(self, job_id: str, worker: str, lease_s: float) -> bool: ...
     def finish(self, job_id: str, worker: str, *, result: dict | None = None, error: dict | None = None) -> bool: ...
-    def requeue(self, job_id: str, worker: str, delay_s: float) -> bool: ...
+    def requeue(self, job_id: str, worker: str, delay_s: float, count_attempt: bool = True) -> bool: ...
     def due_deliveries(self, limit: int) -> list[Job]: ...
     def delivery_result(self, job_id: str, *, delivered: bool, status: int | None, error: str | None,
                         next_at: float | None) -> None: ...
@@ -212,13 +212,15 @@ class SqliteJobStore:
             )
         return cur.rowcount == 1
 
-    def requeue(self, job_id: str, worker: str, delay_s: float) -> bool:
+    def requeue(self, job_id: str, worker: str, delay_s: float, count_attempt: bool = True) -> bool:
+        """Back to the queue after ``delay_s``; ``count_attempt=False`` gives the run back (the
+        workers were busy: no fault of the job's)."""
         now = self._clock()
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE jobs SET state=?, lease_owner=NULL, lease_expires_at=NULL, not_before=?, updated_at=?"
-                " WHERE job_id=? AND state=? AND lease_owner=?",
-                (QUEUED, now + delay_s, now, job_id, RUNNING, worker),
+                "UPDATE jobs SET state=?, lease_owner=NULL, lease_expires_at=NULL, not_before=?, updated_at=?,"
+                " run_attempts=run_attempts-? WHERE job_id=? AND state=? AND lease_owner=?",
+                (QUEUED, now + delay_s, now, 0 if count_attempt else 1, job_id, RUNNING, worker),
             )
         return cur.rowcount == 1
 

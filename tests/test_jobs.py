@@ -59,7 +59,10 @@ def test_failures_requeue_and_delivery_states(store):
     assert store.requeue(job.job_id, "w", delay_s=5)
     assert store.claim("w", 10) is None
     clock.t += 5
-    assert store.claim("w", 10).job_id == job.job_id
+    again = store.claim("w", 10)
+    assert again.job_id == job.job_id and again.run_attempts == 2
+    assert store.requeue(job.job_id, "w", delay_s=0, count_attempt=False)  # busy: the run is given back
+    assert store.claim("w", 10).run_attempts == 2
     store.finish(job.job_id, "w", error={"error": "gone", "code": "FETCH_FAILED", "status": 404})
     failed = store.get(job.job_id)
     assert failed.state == FAILED and failed.payload()["error"]["code"] == "FETCH_FAILED"
