@@ -12,22 +12,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, Field
-
 from pipeline.errors import HarkError, RateLimited
+from pipeline.settings import KeyLimits
 
 WINDOW_S = 60.0
 DAY_S = 86_400.0
-
-
-class KeyLimits(BaseModel):
-    """Limits of one license key; 0 means unlimited."""
-
-    model_config = {"frozen": True}
-
-    requests_per_minute: int = Field(60, ge=0)
-    concurrent_requests: int = Field(10, ge=0)
-    audio_hours_per_day: float = Field(100.0, ge=0)
 
 
 @dataclass(frozen=True)
@@ -52,11 +41,7 @@ def book_from_settings(settings, clock: Callable[[], float] | None = None) -> "L
     from pipeline.auth import key_id
 
     cfg = settings.limits
-    default = KeyLimits(
-        requests_per_minute=cfg.requests_per_minute,
-        concurrent_requests=cfg.concurrent_requests,
-        audio_hours_per_day=cfg.audio_hours_per_day,
-    )
+    default = KeyLimits(**cfg.model_dump(exclude={"per_key"}))
     per_key = {
         (name if name.startswith("key_") else key_id(name)): KeyLimits(**{**default.model_dump(), **values})
         for name, values in cfg.per_key.items()

@@ -61,12 +61,20 @@ class DiarizationSettings(BaseModel):
     max_speakers: int = Field(8, ge=1, le=32, description="Most speakers found when num_speakers is not given.")
 
 
-class LimitsSettings(BaseModel):
-    """Per-license-key limits, enforced across every ingress replica. 0 = unlimited."""
+class KeyLimits(BaseModel):
+    """The limits of one license key; 0 = unlimited."""
+
+    model_config = {"frozen": True}
 
     requests_per_minute: int = Field(60, ge=0, description="Requests per key per rolling minute.")
     concurrent_requests: int = Field(10, ge=0, description="Requests per key in flight at once.")
     audio_hours_per_day: float = Field(100.0, ge=0, description="Audio hours per key per UTC day.")
+
+
+class LimitsSettings(KeyLimits):
+    """Per-license-key limits, enforced across every ingress replica: the defaults for every key,
+    and overrides for some."""
+
     per_key: dict[str, dict[str, int | float]] = Field(
         default_factory=dict,
         description="Overrides by key id (see `hark keys id KEY`) or by key, e.g. "
