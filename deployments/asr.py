@@ -39,5 +39,10 @@ class AsrDeployment:
         # The engine blocks for seconds: run it off the event loop so health checks still answer.
         return await asyncio.to_thread(self._engine.transcribe, audios, options)
 
+    def capabilities(self):
+        from pipeline.engines import Capabilities
+
+        return Capabilities.of(self._engine, self._settings.asr.engine)
+
     def describe(self) -> dict:
         return replica_info(self._settings, languages=sorted(self._engine.languages))

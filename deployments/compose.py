@@ -7,6 +7,7 @@ import asyncio
 
 from ray.serve.handle import DeploymentHandle
 
+from pipeline.engines import Capabilities
 from pipeline.formatting import render
 from pipeline.merge import assign_word_speakers
 from pipeline.schemas import ListenParams
@@ -16,9 +17,18 @@ from pipeline.types import Audio, Transcript
 class Composer:
     def __init__(self, asr: DeploymentHandle, diarization: DeploymentHandle, accounting: DeploymentHandle) -> None:
         self._asr, self._diarization, self._accounting = asr, diarization, accounting
+        self._capabilities: Capabilities | None = None
+
+    async def capabilities(self) -> Capabilities:
+        """The ASR engine's capabilities, asked once (they are fixed for a deployment's life)."""
+        if self._capabilities is None:
+            self._capabilities = await self._asr.capabilities.remote()
+        return self._capabilities
 
     async def check(self, params: ListenParams) -> None:
         """Refuse up front what cannot be served (before any audio is fetched)."""
+        caps = await self.capabilities()
+        caps.refuse_unsupported(language=params.language, timestamps=params.timestamps, diarize=params.diarize)
         if params.diarize:
             await self._diarization.check.remote()
 

@@ -324,6 +324,8 @@ class Ingress:
             endpointing = q.get("endpointing", "300")
             endpointing_ms = 10**9 if endpointing.lower() == "false" else _int_param(q, "endpointing", 300, 10, 60000)
             interim = _bool_param(q, "interim_results", True)
+            caps = await self._composer.capabilities()
+            caps.refuse_unsupported(language=params.language, streaming=True)
             decoder = stream_decoder(encoding, sample_rate, channels)
         except HarkError as err:
             await _ws_error(ws, err, close_code=1008)

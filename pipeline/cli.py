@@ -14,12 +14,36 @@ def _models(args: argparse.Namespace) -> int:
     from pipeline.models import BUNDLED, resolve_model
 
     settings = Settings()
+    if args.name == "convert":
+        return _convert(args.args, settings)
+    if args.args:
+        print("hark models: one model name, or: hark models convert SOURCE DEST", file=sys.stderr)
+        return 2
     if args.name:
         print(resolve_model(args.name, settings.asr.model_cache_dir))
     else:
         for name, model in BUNDLED.items():
             kind = "multilingual" if model.multilingual else "English-only"
             print(f"{name}\t{kind}\tpackages: {', '.join(model.distributions)}")
+    return 0
+
+
+def _convert(args: list[str], settings: Settings) -> int:
+    """CTranslate2 Whisper (a directory or a bundled name) → a transformers directory, for the
+    transformers and vLLM engines (``HARK_ASR__MODEL=DEST``)."""
+    from pathlib import Path
+
+    from pipeline.convert import convert_ct2_to_transformers
+    from pipeline.models import resolve_model
+
+    if len(args) != 2:
+        print("usage: hark models convert SOURCE DEST  (SOURCE: a CTranslate2 directory or a bundled name)", file=sys.stderr)
+        return 2
+    source = resolve_model(args[0], settings.asr.model_cache_dir)
+    if not Path(source).is_dir():
+        print(f"hark models convert: {args[0]!r} is neither a directory nor a bundled model", file=sys.stderr)
+        return 2
+    print(convert_ct2_to_transformers(Path(source), Path(args[1])))
     return 0
 
 
@@ -87,8 +111,13 @@ def _stream(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hark", description="Hark speech-to-text tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    models = sub.add_parser("models", help="list bundled models, or prepare one and print its path")
+    models = sub.add_parser(
+        "models",
+        help="list bundled models; prepare one and print its path; "
+        "or `models convert SOURCE DEST`: CTranslate2 → transformers (for the transformers/vLLM engines)",
+    )
     models.add_argument("name", nargs="?")
+    models.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     models.set_defaults(func=_models)
     keys = sub.add_parser("keys", help="key utilities")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

