@@ -57,8 +57,8 @@ class TransformersEngine(WindowedEngine):
             layers, n_heads = model.config.decoder_layers, model.config.decoder_attention_heads
             heads = [[layer, h] for layer in range(layers // 2, layers) for h in range(n_heads)]
         self._heads = [tuple(h) for h in heads]
-        # Word timing switches the model to eager attention for one pass; one batch at a time.
         self._lock = threading.Lock()
+        self._encoded: dict[tuple[int, int], torch.Tensor] = {}
 
     @classmethod
     def from_settings(cls, settings: AsrSettings) -> "TransformersEngine":
@@ -74,8 +74,37 @@ class TransformersEngine(WindowedEngine):
         tokens = WhisperTokens(model_file(path, "tokenizer.json", settings.model_cache_dir), model.config.vocab_size)
         return cls(model, features, tokens, settings)
 
+    def transcribe(self, batch, options):
+        # One call at a time (word timing switches the attention implementation), and encoder
+        # states kept from language detection never outlive the call that made them.
+        with self._lock:
+            try:
+                return super().transcribe(batch, options)
+            finally:
+                self._encoded.clear()
+
     # --- batches ---------------------------------------------------------------------------------
     def _encode(self, samples: list[np.ndarray]) -> torch.Tensor:
+        """Encoder states of each window. A window whose language was just detected is not
+        encoded twice: its states are kept from detection until its decode (same audio buffer,
+        same span), then dropped."""
+        keys = [_span_key(s) for s in samples]
+        todo = [i for i, k in enumerate(keys) if k not in self._encoded]
+        if todo:
+            fresh = self._run_encoder([samples[i] for i in todo])
+            if len(todo) == len(samples):
+                return fresh
+            states: list[torch.Tensor | None] = [None] * len(samples)
+            for row, i in enumerate(todo):
+                states[i] = fresh[row]
+        else:
+            states = [None] * len(samples)
+        for i, k in enumerate(keys):
+            if states[i] is None:
+                states[i] = self._encoded.pop(k)
+        return torch.stack(states)  # type: ignore[arg-type]
+
+    def _run_encoder(self, samples: list[np.ndarray]) -> torch.Tensor:
         inputs = self._features(
             [s.astype(np.float32) for s in samples],
             sampling_rate=16_000,
@@ -95,7 +124,8 @@ class TransformersEngine(WindowedEngine):
         ids = torch.tensor([self._tokens.language_ids[c] for c in codes], device=self._device)
         found: list[tuple[str, float]] = []
         for chunk in self._chunks(first_windows):
-            encoded = self._encode(chunk)
+            encoded = self._run_encoder(chunk)
+            self._encoded.update((_span_key(w), state) for w, state in zip(chunk, encoded, strict=True))
             start = torch.full((len(chunk), 1), self._tokens.sot, device=self._device)
             logits = self._model(encoder_outputs=(encoded,), decoder_input_ids=start).logits[:, -1]
             probs = torch.softmax(logits[:, ids].float(), dim=-1)
@@ -110,12 +140,11 @@ class TransformersEngine(WindowedEngine):
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, w in enumerate(windows):
             groups[(len(w.prompt), w.options.beam_size, w.options.max_new_tokens)].append(i)
-        with self._lock:
-            for (prompt_len, beam_size, max_new_tokens), members in groups.items():
-                for chunk in self._chunks(members):
-                    batch = [windows[i] for i in chunk]
-                    for i, decoded in zip(chunk, self._decode_batch(batch, temperature), strict=True):
-                        results[i] = decoded
+        for members in groups.values():
+            for chunk in self._chunks(members):
+                batch = [windows[i] for i in chunk]
+                for i, decoded in zip(chunk, self._decode_batch(batch, temperature), strict=True):
+                    results[i] = decoded
         return results  # type: ignore[return-value]
 
     def _decode_batch(self, batch: list[Window], temperature: float) -> list[Decoded]:
@@ -178,3 +207,8 @@ class TransformersEngine(WindowedEngine):
                 )
             )
         return decoded
+
+
+def _span_key(samples: np.ndarray) -> tuple[int, int]:
+    """Identity of a window: where its samples live and how many there are."""
+    return samples.__array_interface__["data"][0], len(samples)
