@@ -28,11 +28,9 @@ class DiarizationDeployment:
         self._settings = settings
         self._unavailable: str | None = None
         try:
-            from pipeline.diarization import SpeakerEncoder, build_diarizer
+            from pipeline.diarization import build_diarizer
 
-            cfg = settings.diarization
-            encoder = SpeakerEncoder(device=cfg.device, threads=cfg.threads)
-            self._diarizer = build_diarizer(cfg.backend, encoder=encoder)
+            self._diarizer = build_diarizer(settings.diarization)
         except (ImportError, RuntimeError) as exc:
             # The app still serves transcription; diarize requests get a clear refusal.
             self._unavailable = f"Speaker diarization is not installed on this server ({exc})"

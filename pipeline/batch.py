@@ -143,7 +143,7 @@ class TranscribeActor:
         from pipeline.diarization import DiarizationOptions, build_diarizer
 
         if self._diarizer is None:
-            self._diarizer = build_diarizer(self._settings.diarization.backend)
+            self._diarizer = build_diarizer(self._settings.diarization)
         return self._diarizer.diarize(
             audio, DiarizationOptions(num_speakers=num_speakers, max_speakers=self._settings.diarization.max_speakers)
         )

@@ -10,7 +10,7 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _CACHE_HOME = Path.home() / ".cache" / "hark"
@@ -69,8 +69,18 @@ class AsrSettings(BaseModel):
 class DiarizationSettings(BaseModel):
     """Speaker diarization (``diarize=true``)."""
 
-    backend: Literal["default"] = Field(
-        "default", description="default: Silero VAD + Resemblyzer d-vectors + spectral clustering, offline."
+    backend: Literal["default", "embedding", "pyannote"] = Field(
+        "default",
+        description="default: segmentation-3.0 local speakers + Resemblyzer d-vectors + spectral "
+        "clustering, offline; embedding: the same without segmentation (Silero VAD); pyannote: a "
+        "pyannote.audio pipeline (its own environment, see pyannote_pipeline).",
+    )
+    pyannote_pipeline: str = Field(
+        "pyannote/speaker-diarization-community-1",
+        description="pyannote backend: a local pipeline directory (config.yaml) or a hub id.",
+    )
+    pyannote_token: SecretStr | None = Field(
+        None, repr=False, description="pyannote backend: Hugging Face token for gated hub pipelines."
     )
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the speaker encoder runs.")
     threads: int = Field(1, ge=1, description="Torch threads of the speaker encoder.")

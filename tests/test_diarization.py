@@ -9,12 +9,15 @@ import assets
 import conversation
 from pipeline.audio import decode
 from pipeline.diarization import (
+    ClusteringConfig,
     DiarizationOptions,
     EmbeddingClusteringDiarizer,
+    SegmentationDiarizer,
     SpeakerTurn,
+    build_diarizer,
     turns_from_frames,
-    ClusteringConfig,
 )
+from pipeline.settings import DiarizationSettings
 from pipeline.merge import assign_word_speakers, group_turns
 from pipeline.scoring import der, read_rttm
 from pipeline.types import Audio, Word
@@ -22,7 +25,9 @@ from pipeline.types import Audio, Word
 
 @pytest.fixture(scope="module")
 def diarizer():
-    return EmbeddingClusteringDiarizer()
+    built = build_diarizer()
+    assert isinstance(built, SegmentationDiarizer)  # the default backend
+    return built
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +52,9 @@ def test_sample_speakers_found_and_der(diarizer, sample, sample_reference):
     result = diarizer.diarize(sample, DiarizationOptions())
     check_exclusive(result.turns)
     assert len(result.speakers) == 2
-    assert der(sample_reference, result.turns, collar_s=0.25) <= 0.12
-    assert der(sample_reference, result.turns, collar_s=0.0) <= 0.25
+    # Measured 0.9 % and 13.0 % (the goal: 12 % at collar 0.25 s).
+    assert der(sample_reference, result.turns, collar_s=0.25) <= 0.05
+    assert der(sample_reference, result.turns, collar_s=0.0) <= 0.18
 
 
 def test_three_voice_conversation(diarizer):
@@ -56,9 +62,16 @@ def test_three_voice_conversation(diarizer):
     result = diarizer.diarize(audio, DiarizationOptions())
     check_exclusive(result.turns)
     assert len(result.speakers) == 3
-    assert der(reference, result.turns, collar_s=0.25) <= 0.10
+    assert der(reference, result.turns, collar_s=0.25) <= 0.05  # measured 0.0 %
     forced = diarizer.diarize(audio, DiarizationOptions(num_speakers=2))
     assert len(forced.speakers) == 2  # an exact count when given
+
+
+def test_embedding_backend_still_serves(sample, sample_reference):
+    embedding = build_diarizer(DiarizationSettings(backend="embedding"))
+    assert isinstance(embedding, EmbeddingClusteringDiarizer)
+    result = embedding.diarize(sample, DiarizationOptions())
+    assert len(result.speakers) == 2 and der(sample_reference, result.turns, collar_s=0.25) <= 0.12
 
 
 def test_silence_has_no_turns(diarizer):
@@ -77,12 +90,20 @@ def test_long_audio_embeds_a_bounded_number_of_windows(sample, monkeypatch):
 
     monkeypatch.setattr(d, "MAX_WINDOWS", 60)
     long = Audio(np.tile(sample.samples, 10))  # 5 minutes
-    diarizer = d.EmbeddingClusteringDiarizer(CountingEncoder())
-    regions = len(d.speech_regions(long.samples, diarizer.config))
-    result = diarizer.diarize(long, DiarizationOptions())
-    # Two passes, each within the cap plus at most one end-of-region window per region.
-    assert CountingEncoder.windows <= 2 * (60 + regions), (CountingEncoder.windows, regions)
-    assert result.turns and result.turns[-1].end <= long.duration_s
+    for make, bound in (
+        # One pass: the cap, plus at most one end-of-region window per region (a region a turn).
+        (d.SegmentationDiarizer, lambda regions: 2 * 60),
+        # Two passes, each within the cap plus one end-of-region window per (Silero) region.
+        (d.EmbeddingClusteringDiarizer, lambda regions: 2 * (60 + regions)),
+    ):
+        CountingEncoder.windows = 0
+        diarizer = make(CountingEncoder())
+        regions = len(d.speech_regions(long.samples, diarizer.config))
+        result = diarizer.diarize(long, DiarizationOptions())
+        assert CountingEncoder.windows <= bound(regions), (make, CountingEncoder.windows, regions)
+        # (No speaker count here: in tiled audio each window's exact repeats are its nearest
+        # neighbours, which no real recording has.)
+        assert result.turns and result.turns[-1].end <= long.duration_s
 
 
 def test_word_speaker_accuracy_on_the_sample(diarizer, sample, clips):
@@ -102,8 +123,8 @@ def test_word_speaker_accuracy_on_the_sample(diarizer, sample, clips):
     pairs = [(label, truth(w)) for w, label in zip(transcript.words, labels)]
     mapping = {h: collections.Counter(r for hh, r in pairs if hh == h).most_common(1)[0][0] for h in set(labels)}
     accuracy = sum(mapping[h] == r for h, r in pairs) / len(pairs)
-    # Measured 0.905 (the goal is 0.95): misses are the shortest turns, e.g. a lone "Hello?".
-    assert accuracy >= 0.88, accuracy
+    # Measured 0.986 (one miss: the first lone "Hello?"); 0.905 with the windows alone.
+    assert accuracy >= 0.95, accuracy
 
 
 # ---- pure merge --------------------------------------------------------------------------------
