@@ -18,11 +18,16 @@ class Composer:
     def __init__(self, asr: DeploymentHandle, diarization: DeploymentHandle, accounting: DeploymentHandle) -> None:
         self._asr, self._diarization, self._accounting = asr, diarization, accounting
         self._capabilities: Capabilities | None = None
+        self._capabilities_lock = asyncio.Lock()
 
     async def capabilities(self) -> Capabilities:
         """The ASR engine's capabilities, asked once (they are fixed for a deployment's life)."""
         if self._capabilities is None:
-            self._capabilities = await self._asr.capabilities.remote()
+            # One call per ingress replica, not one per waiting request: a burst of first
+            # requests must not fill the ASR queue with capability questions.
+            async with self._capabilities_lock:
+                if self._capabilities is None:
+                    self._capabilities = await self._asr.capabilities.remote()
         return self._capabilities
 
     async def check(self, params: ListenParams) -> None:

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+
+from pipeline.models import build_atomically
 
 # CTranslate2's DataType enum (include/ctranslate2/types.h), in order.
 _DTYPES = (np.float32, np.int8, np.int16, np.int32, np.float16, "bfloat16")
@@ -280,19 +279,4 @@ def converted_model(ct2_dir: Path, cache_dir: Path) -> Path:
     stat = (ct2_dir / "model.bin").stat()
     digest = hashlib.sha256(f"{ct2_dir}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     key = f"{ct2_dir.name}-transformers-{digest}"
-    final = cache_dir / key
-    if (final / "model.safetensors").is_file():
-        return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))
-    try:
-        staging.chmod(0o755)
-        convert_ct2_to_transformers(ct2_dir, staging)
-        try:
-            os.rename(staging, final)
-        except OSError:
-            if not (final / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+    return build_atomically(cache_dir / key, "model.safetensors", lambda staging: convert_ct2_to_transformers(ct2_dir, staging))

@@ -13,6 +13,7 @@ import importlib.resources
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,13 +78,8 @@ def assemble_bundled(model: BundledModel, cache_dir: Path) -> Path:
         ) from exc
     if len(parts) == 1:
         return parts[0].parent  # shipped whole: use it in place
-    final = cache_dir / f"{model.name}-{_version_tag(model)}"
-    if (final / "model.bin").is_file():
-        return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{model.name}-", dir=cache_dir))
-    try:
-        staging.chmod(0o755)
+
+    def build(staging: Path) -> None:
         with open(staging / "model.bin", "wb") as out:
             for part in parts:
                 with open(part, "rb") as src:
@@ -93,11 +89,25 @@ def assemble_bundled(model: BundledModel, cache_dir: Path) -> Path:
         for asset in assets_dir.iterdir():
             if asset.is_file() and not asset.name.startswith("model.bin"):
                 shutil.copy2(asset, staging / asset.name)
+
+    return build_atomically(cache_dir / f"{model.name}-{_version_tag(model)}", "model.bin", build)
+
+
+def build_atomically(final: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """``final``, built once by ``build(staging_dir)`` and renamed into place, so that processes
+    racing to build it never see half of it. ``final / marker`` existing means built."""
+    if (final / marker).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        staging.chmod(0o755)
+        build(staging)
         try:
             os.rename(staging, final)
         except OSError:
             # Another process won the race and renamed its complete copy first.
-            if not (final / "model.bin").is_file():
+            if not (final / marker).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

