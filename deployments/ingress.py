@@ -324,7 +324,11 @@ class Ingress:
             endpointing = q.get("endpointing", "300")
             endpointing_ms = 10**9 if endpointing.lower() == "false" else _int_param(q, "endpointing", 300, 10, 60000)
             interim = _bool_param(q, "interim_results", True)
-            caps = await self._composer.capabilities()
+            try:
+                caps = await self._composer.capabilities()
+            except Exception as exc:  # noqa: BLE001 - ASR unreachable or its queue full: say so
+                await _ws_error(ws, unwrap(exc, self._settings.retry_after_s), close_code=1013)
+                return
             caps.refuse_unsupported(language=params.language, streaming=True)
             decoder = stream_decoder(encoding, sample_rate, channels)
         except HarkError as err:

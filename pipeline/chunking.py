@@ -67,10 +67,15 @@ def windows(
     regions = speech(samples) if speech is not None else [(0, n)]
     pieces = [p for s, e in regions if e > s for p in split_span(samples, max(0, s), min(n, e), window)]
     # Pack neighbouring pieces into one window while the whole span fits.
+    # VAD regions may overlap once padded: a piece starts where the previous window ends.
     packed: list[tuple[int, int]] = []
     for start, end in pieces:
-        if packed and end - packed[-1][0] <= window:
-            packed[-1] = (packed[-1][0], end)
-        else:
-            packed.append((start, end))
+        if packed:
+            start = max(start, packed[-1][1])
+            if end <= start:
+                continue  # wholly inside what is already covered
+            if end - packed[-1][0] <= window:
+                packed[-1] = (packed[-1][0], end)
+                continue
+        packed.append((start, end))
     return packed

@@ -360,7 +360,7 @@ class SegmentationDiarizer:
         if not len(windows):
             return Diarization(turns_from_frames(np.where(speech, 0, -1), cfg))
         embeddings = self.encoder.embed(windows)
-        labels = cluster(embeddings, options, cfg)
+        labels = np.unique(cluster(embeddings, options, cfg), return_inverse=True)[1]  # no empty cluster
         k = int(labels.max()) + 1
         if k == 1:
             return Diarization(turns_from_frames(np.where(speech, 0, -1), cfg))
@@ -391,14 +391,17 @@ class SegmentationDiarizer:
                 continue
             local = weight[:, speakers].T @ embeddings[inside]
             local /= np.linalg.norm(local, axis=1, keepdims=True)
-            rows, cols = linear_sum_assignment(-(local @ centroids.T))
-            # Share of each local speaker's window weight per global speaker: purity.
+            similarity = local @ centroids.T
+            rows, cols = linear_sum_assignment(-similarity)
+            assigned = dict(zip(rows.tolist(), cols.tolist()))
+            # More local speakers than clusters: the unmatched ones take their nearest cluster.
+            assigned.update({r: int(similarity[r].argmax()) for r in range(len(speakers)) if r not in assigned})
+            # How much of each local speaker's window weight falls in each cluster.
             by_cluster = np.stack([weight[labels[inside] == c][:, speakers].sum(axis=0) for c in range(k)])
-            purity = by_cluster.max(axis=0) / by_cluster.sum(axis=0)
             span = slice(g0, g0 + len(grid))
-            for row, col in zip(rows, cols):
+            for row, col in assigned.items():
                 active = grid[:, speakers[row]]
-                if purity[row] >= self.min_purity:
+                if by_cluster[col, row] / by_cluster[:, row].sum() >= self.min_purity:
                     scores[span, col] += active
                 else:
                     scores[span] += active[:, None] * window_votes[span]

@@ -101,7 +101,7 @@ class TransformersEngine(WindowedEngine):
             states = [None] * len(samples)
         for i, k in enumerate(keys):
             if states[i] is None:
-                states[i] = self._encoded.pop(k)
+                states[i] = self._encoded[k]  # kept until the end of the call (a key may repeat)
         return torch.stack(states)  # type: ignore[arg-type]
 
     def _run_encoder(self, samples: list[np.ndarray]) -> torch.Tensor:
@@ -169,20 +169,39 @@ class TransformersEngine(WindowedEngine):
             texts.append(self._tokens.text_only(row[len(prompt) :] if row[: len(prompt)] == prompt else row))
         return self._align(encoded, batch, texts)
 
+    def _cross_attention(self, layer: int, head: int, hidden: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+        """softmax(q kᵀ) of one cross-attention head, as Whisper computes it: (batch, tokens, frames)."""
+        attention = self._model.model.decoder.layers[layer].encoder_attn
+        size = attention.head_dim
+        q = attention.q_proj(hidden)[..., head * size : (head + 1) * size].float() * attention.scaling
+        k = attention.k_proj(encoded)[..., head * size : (head + 1) * size].float()
+        return torch.softmax(q @ k.transpose(1, 2), dim=-1)
+
     def _align(self, encoded: torch.Tensor, batch: list[Window], texts: list[list[int]]) -> list[Decoded]:
         """Token probabilities and times from one teacher-forced pass over prompt + text + <|endoftext|>."""
         eot = self._tokens.eot
         rows = [list(w.prompt) + text + [eot] for w, text in zip(batch, texts, strict=True)]
         width = max(len(r) for r in rows)
         ids = torch.tensor([r + [eot] * (width - len(r)) for r in rows], device=self._device)
-        self._model.set_attn_implementation("eager")
+        queries: dict[int, torch.Tensor] = {}  # the cross-attention input of each alignment layer
+        hooks = [
+            self._model.model.decoder.layers[layer].encoder_attn.register_forward_pre_hook(
+                lambda module, args, kwargs, layer=layer: queries.__setitem__(
+                    layer, kwargs.get("hidden_states", args[0] if args else None)
+                ),
+                with_kwargs=True,
+            )
+            for layer in {layer for layer, _ in self._heads}
+        ]
         try:
-            out = self._model.model.decoder(input_ids=ids, encoder_hidden_states=encoded, output_attentions=True)
+            hidden = self._model.model.decoder(input_ids=ids, encoder_hidden_states=encoded).last_hidden_state
         finally:
-            self._model.set_attn_implementation("sdpa")
-        logprobs = torch.log_softmax(self._model.proj_out(out.last_hidden_state).float(), dim=-1)
-        # (batch, heads, tokens, frames) of the alignment heads
-        weights = torch.stack([out.cross_attentions[layer][:, head] for layer, head in self._heads], dim=1).float()
+            for hook in hooks:
+                hook.remove()
+        logprobs = torch.log_softmax(self._model.proj_out(hidden).float(), dim=-1)
+        # (batch, heads, tokens, frames) of the alignment heads only, recomputed from their inputs:
+        # asking the model for attentions would keep every layer's and force eager attention.
+        weights = torch.stack([self._cross_attention(layer, head, queries[layer], encoded) for layer, head in self._heads], dim=1)
         decoded = []
         for b, (window, text) in enumerate(zip(batch, texts, strict=True)):
             first = len(window.prompt) - 1  # the row whose query predicts the first text token

@@ -26,6 +26,9 @@ from pipeline.types import SAMPLE_RATE, AsrOptions, Audio, Segment, Transcript, 
 # Scripts written without spaces: every token group that decodes cleanly is a word of its own.
 _UNSPACED = frozenset({"zh", "ja", "th", "lo", "km", "my", "yue"})
 _FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
+# OpenAI's Whisper: punctuation that joins the next word, and punctuation that joins the previous one.
+_OPENING = set("\"'“¿([{-")
+_CLOSING = set("\"'.。,，!！?？:：”)]}、")
 _COMPRESSION_RATIO_MAX = 2.4  # Whisper's thresholds for "this decode looks degenerate"
 _AVG_LOGPROB_MIN = -1.0
 _MAX_PROMPT_TOKENS = 223  # Whisper's limit: half the decoder context, minus the start tokens
@@ -234,29 +237,31 @@ class WindowedEngine(ABC):
         )
 
     def _words(self, language: str, result: Decoded, offset: float, limit: float) -> tuple[Word, ...]:
-        """Group tokens into words: a word starts at a token that begins with a space (or at every
-        clean token group in scripts without spaces); punctuation stays with its word."""
-        groups: list[list[int]] = []  # token indices of each word
-        pending: list[int] = []
-        for i in range(len(result.tokens)):
-            pending.append(i)
-            piece = self._tokens.decode([result.tokens[j] for j in pending])
-            if "\ufffd" in piece:  # a multi-byte character continues in the next token
-                continue
-            starts_word = piece.startswith(" ") or language in _UNSPACED
-            if not groups or (starts_word and piece.strip() and not _is_punctuation(piece)):
-                groups.append(pending)
+        """Group tokens into words, as OpenAI's Whisper does: a word starts at each token that
+        begins with a space (at each clean token group in scripts without spaces); then opening
+        punctuation joins the word after it and closing punctuation the word before it."""
+        groups = self._token_groups(language, result.tokens)
+        texts = [self._tokens.decode([result.tokens[j] for j in g]) for g in groups]
+        merged: list[list[int]] = []
+        carry: list[int] = []  # opening punctuation waiting for its word
+        for group, text in zip(groups, texts):
+            core = text.strip()
+            if core and all(ch in _OPENING for ch in core):
+                carry += group
+            elif merged and core and all(ch in _CLOSING for ch in core):
+                merged[-1] += carry + group
+                carry = []
             else:
-                groups[-1].extend(pending)
-            pending = []
-        if pending:  # a truncated multi-byte character at the very end
-            if groups:
-                groups[-1].extend(pending)
+                merged.append(carry + group)
+                carry = []
+        if carry:
+            if merged:
+                merged[-1] += carry
             else:
-                groups.append(pending)
+                merged.append(carry)
         times = result.times or []
         words = []
-        for group in groups:
+        for group in merged:
             text = self._tokens.decode([result.tokens[j] for j in group])
             if not text.strip():
                 continue
@@ -272,9 +277,33 @@ class WindowedEngine(ABC):
             )
         return tuple(words)
 
-
-def _is_punctuation(piece: str) -> bool:
-    return all(not ch.isalnum() for ch in piece.strip())
+    def _token_groups(self, language: str, tokens: list[int]) -> list[list[int]]:
+        """Token indices of each space-led piece. A multi-byte character split over tokens is
+        kept whole; a stray invalid byte stays with the word before it instead of swallowing the
+        words after it."""
+        groups: list[list[int]] = []
+        pending: list[int] = []
+        for i in range(len(tokens)):
+            if pending:
+                alone = self._tokens.decode([tokens[i]])
+                if alone.startswith(" ") and "\ufffd" not in alone:  # no continuation byte: flush
+                    (groups[-1].extend(pending) if groups else groups.append(pending))
+                    pending = []
+            pending.append(i)
+            piece = self._tokens.decode([tokens[j] for j in pending])
+            if "\ufffd" in piece:
+                continue
+            if not groups or piece.startswith(" ") or language in _UNSPACED:
+                groups.append(pending)
+            else:
+                groups[-1].extend(pending)
+            pending = []
+        if pending:  # a truncated multi-byte character at the very end
+            if groups:
+                groups[-1].extend(pending)
+            else:
+                groups.append(pending)
+        return groups
 
 
 def _clamp(t: float, duration: float) -> float:
