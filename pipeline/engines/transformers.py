@@ -169,13 +169,14 @@ class TransformersEngine(WindowedEngine):
             texts.append(self._tokens.text_only(row[len(prompt) :] if row[: len(prompt)] == prompt else row))
         return self._align(encoded, batch, texts)
 
-    def _cross_attention(self, layer: int, head: int, hidden: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
-        """softmax(q kᵀ) of one cross-attention head, as Whisper computes it: (batch, tokens, frames)."""
+    def _cross_attention(self, layer: int, hidden: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+        """softmax(q kᵀ) of one layer's cross-attention, as Whisper computes it:
+        (batch, heads, tokens, frames)."""
         attention = self._model.model.decoder.layers[layer].encoder_attn
-        size = attention.head_dim
-        q = attention.q_proj(hidden)[..., head * size : (head + 1) * size].float() * attention.scaling
-        k = attention.k_proj(encoded)[..., head * size : (head + 1) * size].float()
-        return torch.softmax(q @ k.transpose(1, 2), dim=-1)
+        heads, size = self._model.config.decoder_attention_heads, attention.head_dim
+        q = (attention.q_proj(hidden).float() * attention.scaling).unflatten(-1, (heads, size)).transpose(1, 2)
+        k = attention.k_proj(encoded).float().unflatten(-1, (heads, size)).transpose(1, 2)
+        return torch.softmax(q @ k.transpose(-1, -2), dim=-1)
 
     def _align(self, encoded: torch.Tensor, batch: list[Window], texts: list[list[int]]) -> list[Decoded]:
         """Token probabilities and times from one teacher-forced pass over prompt + text + <|endoftext|>."""
@@ -201,7 +202,8 @@ class TransformersEngine(WindowedEngine):
         logprobs = torch.log_softmax(self._model.proj_out(hidden).float(), dim=-1)
         # (batch, heads, tokens, frames) of the alignment heads only, recomputed from their inputs:
         # asking the model for attentions would keep every layer's and force eager attention.
-        weights = torch.stack([self._cross_attention(layer, head, queries[layer], encoded) for layer, head in self._heads], dim=1)
+        per_layer = {layer: self._cross_attention(layer, queries[layer], encoded) for layer in queries}
+        weights = torch.stack([per_layer[layer][:, head] for layer, head in self._heads], dim=1)
         decoded = []
         for b, (window, text) in enumerate(zip(batch, texts, strict=True)):
             first = len(window.prompt) - 1  # the row whose query predicts the first text token
