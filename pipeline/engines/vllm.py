@@ -10,8 +10,9 @@ What vLLM cannot do, this engine declares instead of faking:
 - word timestamps: offline generation exposes no cross-attention, so words cannot be timed;
   ``supports_word_timestamps`` is False and the service refuses ``timestamps``/``diarize``
   with ``INVALID_PARAMETER`` (segment times, from the windows, stay exact);
-- beam search: vLLM's beam search does not take encoder/decoder multi-modal prompts, so decoding
-  is greedy (temperature fallback included) whatever ``beam_size`` says.
+- beam search: vLLM offers it only through a separate API (``LLM.beam_search``), not wired (or
+  tried) here for encoder/decoder multi-modal prompts, so decoding is greedy (temperature
+  fallback included) whatever ``beam_size`` says.
 """
 
 from __future__ import annotations
