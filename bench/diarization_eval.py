@@ -10,7 +10,6 @@ Usage: python bench/diarization_eval.py      (run on an idle machine)
 
 from __future__ import annotations
 
-import collections
 import sys
 import time
 from pathlib import Path
@@ -24,22 +23,9 @@ from pipeline.audio import decode  # noqa: E402
 from pipeline.diarization import DiarizationOptions, build_diarizer  # noqa: E402
 from pipeline.engines import build_engine  # noqa: E402
 from pipeline.merge import assign_word_speakers  # noqa: E402
-from pipeline.scoring import der, read_rttm  # noqa: E402
+from pipeline.scoring import der, read_rttm, word_speaker_accuracy  # noqa: E402
 from pipeline.settings import AsrSettings, DiarizationSettings  # noqa: E402
 from pipeline.types import AsrOptions  # noqa: E402
-
-
-def word_accuracy(words, labels, stm_path: Path) -> float:
-    stm = [line.split(maxsplit=5) for line in stm_path.read_text().splitlines()]
-    spans = [(p[2], float(p[3]), float(p[4])) for p in stm]
-
-    def truth(word):
-        middle = (word.start + word.end) / 2
-        return min(spans, key=lambda s: 0 if s[1] <= middle <= s[2] else min(abs(middle - s[1]), abs(middle - s[2])))[0]
-
-    pairs = [(label, truth(w)) for w, label in zip(words, labels)]
-    mapping = {h: collections.Counter(r for hh, r in pairs if hh == h).most_common(1)[0][0] for h in set(labels)}
-    return sum(mapping[h] == r for h, r in pairs) / len(pairs)
 
 
 def main() -> None:
@@ -69,7 +55,7 @@ def main() -> None:
             )
             if name == "sample":
                 labels = assign_word_speakers(transcript.words, result.turns)
-                accuracy = word_accuracy(transcript.words, labels, assets.CACHE / "pyannote/audio/sample/sample.stm")
+                accuracy = word_speaker_accuracy(transcript.words, labels, assets.CACHE / "pyannote/audio/sample/sample.stm")
                 cell += f" words {accuracy:.1%}"
             row.append(cell)
         print(" | ".join(row))

@@ -258,13 +258,8 @@ class EmbeddingClusteringDiarizer:
         regions = [(s, e) for s, e in speech_regions(samples, cfg)]
         if not regions:
             return Diarization(())
-        # Loudness as Resemblyzer's training data had it (-30 dBFS over the speech).
-        speech = np.concatenate([samples[s:e] for s, e in regions])
-        rms = float(np.sqrt(np.mean(speech.astype(np.float64) ** 2))) or 1.0
-        gain = 10 ** (-30 / 20) / rms
-        total_speech_s = len(speech) / SAMPLE_RATE
+        mels, total_speech_s = _speech_mels(self.encoder, samples, regions, cfg)
         n_frames = int(np.ceil(len(samples) / (FRAME_S * SAMPLE_RATE))) + 1
-        mels = [(s, self.encoder.mel(samples[s:e] * gain)) for s, e in regions if (e - s) / SAMPLE_RATE >= cfg.min_region_s]
         hop_s = max(cfg.hop_s, total_speech_s / MAX_WINDOWS)
         windows, spans = _windows(mels, cfg.window_frames, hop_s)
         if not len(windows):
@@ -273,17 +268,11 @@ class EmbeddingClusteringDiarizer:
         labels = cluster(embeddings, options, cfg)
         k = int(labels.max()) + 1
         if k > 1 and cfg.refine_window_frames:
-            centroids = np.stack([embeddings[labels == j].mean(axis=0) for j in range(k)])
-            centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+            centroids = _centroids(embeddings, labels, k)
             refine_hop = max(cfg.refine_hop_s, total_speech_s / MAX_WINDOWS)
             windows, spans = _windows(mels, cfg.refine_window_frames, refine_hop)
             labels = (self.encoder.embed(windows) @ centroids.T).argmax(axis=1)
-        votes = np.zeros((n_frames, k), dtype=np.float32)
-        for (a, b), label in zip(spans, labels):
-            # Weight the window's middle most: its edges hear the neighbours too.
-            centre, half = (a + b) / 2, max(1.0, (b - a) / 2)
-            frames = np.arange(a, min(b, n_frames))
-            votes[frames, label] += 1.0 - 0.9 * np.abs(frames - centre) / half
+        votes = _window_votes(spans, labels, n_frames, k)
         frame_labels = np.full(n_frames, -1, dtype=int)
         for s, e in regions:
             a, b = int(s / SAMPLE_RATE / FRAME_S), min(n_frames, int(np.ceil(e / SAMPLE_RATE / FRAME_S)))
@@ -294,10 +283,7 @@ class EmbeddingClusteringDiarizer:
         speech_mask = np.zeros(n_frames, dtype=bool)
         for s, e in regions:
             speech_mask[int(s / SAMPLE_RATE / FRAME_S) : min(n_frames, int(np.ceil(e / SAMPLE_RATE / FRAME_S)))] = True
-        labelled = np.flatnonzero(frame_labels >= 0)
-        if len(labelled):
-            for i in np.flatnonzero(speech_mask & (frame_labels < 0)):
-                frame_labels[i] = frame_labels[labelled[np.abs(labelled - i).argmin()]]
+        _fill_from_neighbours(frame_labels, speech_mask)
         return Diarization(turns_from_frames(frame_labels, cfg))
 
 
@@ -351,11 +337,8 @@ class SegmentationDiarizer:
         if not regions:
             return Diarization(())
         region_samples = [(a * hop, min(len(samples), b * hop)) for a, b in regions]
-        speech_audio = np.concatenate([samples[a:b] for a, b in region_samples])
-        rms = float(np.sqrt(np.mean(speech_audio.astype(np.float64) ** 2))) or 1.0
-        gain = 10 ** (-30 / 20) / rms
-        mels = [(a, self.encoder.mel(samples[a:b] * gain)) for a, b in region_samples if (b - a) / SAMPLE_RATE >= cfg.min_region_s]
-        hop_s = max(cfg.hop_s, (len(speech_audio) / SAMPLE_RATE) / MAX_WINDOWS)
+        mels, total_speech_s = _speech_mels(self.encoder, samples, region_samples, cfg)
+        hop_s = max(cfg.hop_s, total_speech_s / MAX_WINDOWS)
         windows, spans = _windows(mels, cfg.window_frames, hop_s)
         if not len(windows):
             return Diarization(turns_from_frames(np.where(speech, 0, -1), cfg))
@@ -364,17 +347,12 @@ class SegmentationDiarizer:
         k = int(labels.max()) + 1
         if k == 1:
             return Diarization(turns_from_frames(np.where(speech, 0, -1), cfg))
-        centroids = np.stack([embeddings[labels == j].mean(axis=0) for j in range(k)])
-        centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+        centroids = _centroids(embeddings, labels, k)
         starts = np.array([a for a, _ in spans])
         ends = np.array([b for _, b in spans])
         # What the windows alone say, per frame (their middles weigh most), for local speakers
         # that the windows find impure: the segmentation model hears two similar voices as one.
-        window_votes = np.zeros((n_frames, k), np.float32)
-        for (a, b), label in zip(spans, labels):
-            frames = np.arange(a, min(b, n_frames))
-            centre, half = (a + b) / 2, max(1.0, (b - a) / 2)
-            window_votes[frames, label] += 1.0 - 0.9 * np.abs(frames - centre) / half
+        window_votes = _window_votes(spans, labels, n_frames, k)
         window_votes /= np.maximum(window_votes.sum(axis=1, keepdims=True), 1e-6)
         scores = np.zeros((n_frames, k), np.float32)
         for g0, packed in chunks:
@@ -406,11 +384,42 @@ class SegmentationDiarizer:
                 else:
                     scores[span] += active[:, None] * window_votes[span]
         frame_labels = np.where(speech & (scores.max(axis=1) > 0), scores.argmax(axis=1), -1)
-        labelled = np.flatnonzero(frame_labels >= 0)
-        if len(labelled):
-            for i in np.flatnonzero(speech & (frame_labels < 0)):
-                frame_labels[i] = frame_labels[labelled[np.abs(labelled - i).argmin()]]
+        _fill_from_neighbours(frame_labels, speech)
         return Diarization(turns_from_frames(frame_labels, cfg))
+
+
+def _speech_mels(encoder: SpeakerEncoder, samples: np.ndarray, regions, cfg: ClusteringConfig):
+    """(first sample, mel) of each speech region long enough to embed, at the loudness
+    Resemblyzer's training data had (-30 dBFS over the speech), and the seconds of speech."""
+    speech = np.concatenate([samples[s:e] for s, e in regions])
+    rms = float(np.sqrt(np.mean(speech.astype(np.float64) ** 2))) or 1.0
+    gain = 10 ** (-30 / 20) / rms
+    mels = [(s, encoder.mel(samples[s:e] * gain)) for s, e in regions if (e - s) / SAMPLE_RATE >= cfg.min_region_s]
+    return mels, len(speech) / SAMPLE_RATE
+
+
+def _centroids(embeddings: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    centroids = np.stack([embeddings[labels == j].mean(axis=0) for j in range(k)])
+    return centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
+
+
+def _window_votes(spans: list[tuple[int, int]], labels: np.ndarray, n_frames: int, k: int) -> np.ndarray:
+    """(frames, k): each window votes for its label over its frames, its middle most (its edges
+    hear the neighbours too)."""
+    votes = np.zeros((n_frames, k), dtype=np.float32)
+    for (a, b), label in zip(spans, labels):
+        centre, half = (a + b) / 2, max(1.0, (b - a) / 2)
+        frames = np.arange(a, min(b, n_frames))
+        votes[frames, label] += 1.0 - 0.9 * np.abs(frames - centre) / half
+    return votes
+
+
+def _fill_from_neighbours(frame_labels: np.ndarray, speech: np.ndarray) -> None:
+    """Speech frames left unlabelled (too short to embed) take their nearest labelled neighbour."""
+    labelled = np.flatnonzero(frame_labels >= 0)
+    if len(labelled):
+        for i in np.flatnonzero(speech & (frame_labels < 0)):
+            frame_labels[i] = frame_labels[labelled[np.abs(labelled - i).argmin()]]
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:

@@ -1,8 +1,10 @@
-"""Diarization error rate through pyannote.metrics (a dev/bench dependency)."""
+"""Diarization scores: DER through pyannote.metrics (a dev/bench dependency) and word-speaker
+accuracy against an STM transcript."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import collections
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 
@@ -34,3 +36,19 @@ def der(reference: Iterable, hypothesis: Iterable, collar_s: float) -> float:
 
     metric = DiarizationErrorRate(collar=2 * collar_s, skip_overlap=False)
     return float(metric(_annotation(reference), _annotation(hypothesis)))
+
+
+def word_speaker_accuracy(words: Sequence, labels: Sequence[str], stm_path: Path) -> float:
+    """Share of words whose speaker is right. A word's true speaker is the STM utterance holding
+    its middle (the nearest one for words between utterances); each hypothesis label stands for
+    the reference speaker it most often meets."""
+    stm = [line.split(maxsplit=5) for line in Path(stm_path).read_text().splitlines()]
+    spans = [(parts[2], float(parts[3]), float(parts[4])) for parts in stm]
+
+    def truth(word) -> str:
+        middle = (word.start + word.end) / 2
+        return min(spans, key=lambda s: 0 if s[1] <= middle <= s[2] else min(abs(middle - s[1]), abs(middle - s[2])))[0]
+
+    pairs = [(label, truth(w)) for w, label in zip(words, labels, strict=True)]
+    mapping = {h: collections.Counter(r for hh, r in pairs if hh == h).most_common(1)[0][0] for h in set(labels)}
+    return sum(mapping[h] == r for h, r in pairs) / len(pairs)

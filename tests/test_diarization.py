@@ -1,7 +1,5 @@
 """The bundled diarizer on real and synthetic speech, and the pure word/speaker merge."""
 
-import collections
-
 import numpy as np
 import pytest
 
@@ -19,7 +17,7 @@ from pipeline.diarization import (
 )
 from pipeline.settings import DiarizationSettings
 from pipeline.merge import assign_word_speakers, group_turns
-from pipeline.scoring import der, read_rttm
+from pipeline.scoring import der, read_rttm, word_speaker_accuracy
 from pipeline.types import Audio, Word
 
 
@@ -113,16 +111,7 @@ def test_word_speaker_accuracy_on_the_sample(diarizer, sample, clips):
 
     [transcript] = build_engine(AsrSettings()).transcribe([sample], [AsrOptions(word_timestamps=True)])
     labels = assign_word_speakers(transcript.words, diarizer.diarize(sample, DiarizationOptions()).turns)
-    stm = [line.split(maxsplit=5) for line in (assets.CACHE / "pyannote/audio/sample/sample.stm").read_text().splitlines()]
-    spans = [(parts[2], float(parts[3]), float(parts[4])) for parts in stm]
-
-    def truth(word):
-        middle = (word.start + word.end) / 2
-        return min(spans, key=lambda s: 0 if s[1] <= middle <= s[2] else min(abs(middle - s[1]), abs(middle - s[2])))[0]
-
-    pairs = [(label, truth(w)) for w, label in zip(transcript.words, labels)]
-    mapping = {h: collections.Counter(r for hh, r in pairs if hh == h).most_common(1)[0][0] for h in set(labels)}
-    accuracy = sum(mapping[h] == r for h, r in pairs) / len(pairs)
+    accuracy = word_speaker_accuracy(transcript.words, labels, assets.CACHE / "pyannote/audio/sample/sample.stm")
     # Measured 0.986 (one miss: the first lone "Hello?"); 0.905 with the windows alone.
     assert accuracy >= 0.95, accuracy
 
