@@ -42,7 +42,10 @@ class FakeEngine(WindowedEngine):
 
 
 def words_of(engine, text, language="en"):
-    ids = engine._tokens.tokenizer.encode(text, add_special_tokens=False).ids
+    return words_of_ids(engine, engine._tokens.tokenizer.encode(text, add_special_tokens=False).ids, language)
+
+
+def words_of_ids(engine, ids, language="en"):
     result = Decoded(tokens=ids, probabilities=[0.5] * len(ids), times=[0.1 * i for i in range(len(ids) + 1)], avg_logprob=0.0)
     return [w.text for w in engine._words(language, result, 0.0, 1e9)]
 
@@ -62,8 +65,7 @@ def test_words_keep_punctuation_with_their_word(tokens, text, expected):
 def test_a_stray_byte_does_not_swallow_the_words_after_it(tokens):
     engine = FakeEngine(tokens, {})
     ids = tokens.tokenizer.encode(" a", add_special_tokens=False).ids + [128] + tokens.tokenizer.encode(" b c", add_special_tokens=False).ids
-    result = Decoded(tokens=ids, probabilities=[0.5] * len(ids), times=[0.1 * i for i in range(len(ids) + 1)], avg_logprob=0.0)
-    assert [w.text.strip() for w in engine._words("en", result, 0.0, 1e9)][1:] == ["b", "c"]
+    assert [w.strip() for w in words_of_ids(engine, ids)][1:] == ["b", "c"]
 
 
 def test_unspaced_scripts_get_a_word_per_token_group(tokens):

@@ -9,7 +9,7 @@ from typing import ClassVar
 from faster_whisper import WhisperModel
 from faster_whisper.vad import VadOptions
 
-from pipeline.errors import InvalidParameter
+from pipeline.engines import Capabilities
 from pipeline.models import resolve_model
 from pipeline.settings import AsrSettings
 from pipeline.types import AsrOptions, Audio, Segment, Transcript, Word
@@ -43,12 +43,9 @@ class CTranslate2Engine:
         return self._languages
 
     def check(self, options: AsrOptions) -> None:
-        if options.language is not None and options.language not in self._languages:
-            raise InvalidParameter(
-                f"The loaded model cannot transcribe language {options.language!r}"
-                + ("" if self._model.model.is_multilingual else " (it is English-only)"),
-                param="language",
-            )
+        Capabilities.of(self, self._settings.engine).refuse_unsupported(
+            language=options.language, timestamps=options.word_timestamps
+        )
 
     def transcribe(self, batch: Sequence[Audio], options: Sequence[AsrOptions]) -> list[Transcript]:
         # CTranslate2 parallelises inside one call (intra-op threads); running the batch in turn

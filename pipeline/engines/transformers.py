@@ -13,30 +13,19 @@ from __future__ import annotations
 import os
 import threading
 from collections import defaultdict
+
 import numpy as np
 import torch
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.whisper.generation_whisper import _dynamic_time_warping, _median_filter
 
-from pipeline.engines.windowed import Decoded, WhisperTokens, Window, WindowedEngine
+from pipeline.engines.windowed import Decoded, WhisperTokens, Window, WindowedEngine, resolve_device, resolve_dtype
 from pipeline.models import model_file, resolve_transformers_model
 from pipeline.settings import AsrSettings
 
 _MEDIAN_FILTER_WIDTH = 7
 _SECONDS_PER_ENCODER_FRAME = 0.02
-
-
-def torch_device(setting: str) -> str:
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return setting
-
-
-def torch_dtype(setting: str, device: str) -> torch.dtype:
-    if setting == "auto":
-        return torch.float16 if device == "cuda" else torch.float32
-    return getattr(torch, setting)
 
 
 class TransformersEngine(WindowedEngine):
@@ -63,11 +52,11 @@ class TransformersEngine(WindowedEngine):
     @classmethod
     def from_settings(cls, settings: AsrSettings) -> "TransformersEngine":
         path = resolve_transformers_model(settings.model, settings.model_cache_dir)
-        device = torch_device(settings.device)
+        device = resolve_device(settings.device)
         if device == "cpu":
             torch.set_num_threads(settings.cpu_threads or (os.cpu_count() or 1))
         model = WhisperForConditionalGeneration.from_pretrained(
-            path, dtype=torch_dtype(settings.dtype, device), cache_dir=str(settings.model_cache_dir)
+            path, dtype=getattr(torch, resolve_dtype(settings.dtype, device)), cache_dir=str(settings.model_cache_dir)
         )
         model = model.to(device).eval()
         features = WhisperFeatureExtractor.from_pretrained(path, cache_dir=str(settings.model_cache_dir))
@@ -86,23 +75,14 @@ class TransformersEngine(WindowedEngine):
     # --- batches ---------------------------------------------------------------------------------
     def _encode(self, samples: list[np.ndarray]) -> torch.Tensor:
         """Encoder states of each window. A window whose language was just detected is not
-        encoded twice: its states are kept from detection until its decode (same audio buffer,
-        same span), then dropped."""
+        encoded twice: its states are kept from detection (same audio buffer, same span) until
+        the end of the ``transcribe`` call."""
         keys = [_span_key(s) for s in samples]
         todo = [i for i, k in enumerate(keys) if k not in self._encoded]
-        if todo:
-            fresh = self._run_encoder([samples[i] for i in todo])
-            if len(todo) == len(samples):
-                return fresh
-            states: list[torch.Tensor | None] = [None] * len(samples)
-            for row, i in enumerate(todo):
-                states[i] = fresh[row]
-        else:
-            states = [None] * len(samples)
-        for i, k in enumerate(keys):
-            if states[i] is None:
-                states[i] = self._encoded[k]  # kept until the end of the call (a key may repeat)
-        return torch.stack(states)  # type: ignore[arg-type]
+        if len(todo) == len(samples):
+            return self._run_encoder(samples)
+        fresh = dict(zip(todo, self._run_encoder([samples[i] for i in todo]))) if todo else {}
+        return torch.stack([fresh[i] if i in fresh else self._encoded[k] for i, k in enumerate(keys)])
 
     def _run_encoder(self, samples: list[np.ndarray]) -> torch.Tensor:
         inputs = self._features(

@@ -24,23 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.engines.windowed import Decoded, WhisperTokens, Window, WindowedEngine
+from pipeline.engines.windowed import Decoded, WhisperTokens, Window, WindowedEngine, resolve_device, resolve_dtype
 from pipeline.models import model_file, resolve_transformers_model
 from pipeline.settings import AsrSettings
 from pipeline.types import SAMPLE_RATE
 
 _LANGUAGE_LOGPROBS = 10
-
-
-def _device(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:  # pragma: no cover - vLLM always brings torch
-        return "cpu"
 
 
 class VllmEngine(WindowedEngine):
@@ -57,8 +46,8 @@ class VllmEngine(WindowedEngine):
         from vllm import LLM
 
         path = resolve_transformers_model(settings.model, settings.model_cache_dir)
-        device = _device(settings.device)
-        dtype = settings.dtype if settings.dtype != "auto" else ("float16" if device == "cuda" else "float32")
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
         options: dict[str, Any] = dict(
             model=path,
             max_model_len=448,  # Whisper's decoder context

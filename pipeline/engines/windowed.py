@@ -19,7 +19,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from pipeline.chunking import SpeechFinder, silero_speech, windows
-from pipeline.errors import InvalidParameter
+from pipeline.engines import Capabilities
 from pipeline.settings import AsrSettings
 from pipeline.types import SAMPLE_RATE, AsrOptions, Audio, Segment, Transcript, Word
 
@@ -105,6 +105,22 @@ class Decoded:
     avg_logprob: float
 
 
+def resolve_device(setting: str) -> str:
+    """``auto`` → ``cuda`` where torch sees a GPU, else ``cpu``; other settings as they are."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(setting: str, device: str) -> str:
+    """``auto`` → float16 on CUDA, float32 elsewhere; other settings as they are."""
+    if setting != "auto":
+        return setting
+    return "float16" if device == "cuda" else "float32"
+
+
 def compression_ratio(text: str) -> float:
     data = text.encode("utf-8")
     return len(data) / len(zlib.compress(data)) if data else 0.0
@@ -138,16 +154,9 @@ class WindowedEngine(ABC):
         return frozenset(self._tokens.language_ids) if self._tokens.multilingual else frozenset({"en"})
 
     def check(self, options: AsrOptions) -> None:
-        if options.language is not None and options.language not in self.languages:
-            raise InvalidParameter(
-                f"The loaded model cannot transcribe language {options.language!r}"
-                + ("" if self._tokens.multilingual else " (it is English-only)"),
-                param="language",
-            )
-        if options.word_timestamps and not self.supports_word_timestamps:
-            raise InvalidParameter(
-                f"The {self._settings.engine} engine cannot time words", param="timestamps"
-            )
+        Capabilities.of(self, self._settings.engine).refuse_unsupported(
+            language=options.language, timestamps=options.word_timestamps
+        )
 
     def transcribe(self, batch: Sequence[Audio], options: Sequence[AsrOptions]) -> list[Transcript]:
         for opts in options:
