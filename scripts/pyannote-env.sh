@@ -8,7 +8,8 @@
 # checkout. Cached under ~/.cache/hark/pyannote-env-<hash>; HARK_PYANNOTE_ENV overrides it.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-key="$( (cat "$0"; echo "$repo") | sha256sum | cut -c1-12)"
+# Keyed by exactly what it installs: this script.
+key="$(sha256sum < "$0" | cut -c1-12)"
 env_dir="${HARK_PYANNOTE_ENV:-$HOME/.cache/hark/pyannote-env-$key}"
 install() {
     "$1/bin/pip" install -q torch==2.9.1 'torchaudio==2.9.*' >&2
