@@ -40,3 +40,24 @@ def test_local_directory_and_hub_ids(tmp_path):
     assert resolve_model(str(local), tmp_path) == str(local)
     # Anything else is handed to faster-whisper as a hub id or size name (downloads need internet).
     assert resolve_model("Systran/faster-whisper-small", tmp_path) == "Systran/faster-whisper-small"
+
+
+def test_a_missing_local_path_is_an_error_not_a_hub_id(tmp_path):
+    # Regression: a mistyped path used to be handed to faster-whisper as a hub id to download.
+    from pipeline.models import check_model, resolve_transformers_model
+
+    missing = str(tmp_path / "no-such-model")
+    for resolve in (resolve_model, resolve_transformers_model):
+        with pytest.raises(ValueError, match="no such directory"):
+            resolve(missing, tmp_path)
+    with pytest.raises(ValueError, match="no such directory"):
+        check_model(missing)
+    with pytest.raises(ValueError, match="no such directory"):
+        check_model("./relative-typo")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="neither"):
+        check_model(str(empty))
+    # Bundled names and hub ids pass the cheap check (hub ids are the replicas' to download).
+    check_model("whisper-base")
+    check_model("Systran/faster-whisper-small")
