@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 import assets  # noqa: E402
 from media import encode  # noqa: E402
 
-from pipeline.audio import decode  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
+from pipeline.audio.decode import decode  # noqa: E402
+from pipeline.core.settings import Settings  # noqa: E402
 
 
 def build_corpus(copies: int) -> Path:
@@ -38,7 +38,7 @@ def plain_loop(files: list[Path], settings: Settings) -> tuple[float, float]:
     from faster_whisper import WhisperModel
     from faster_whisper.vad import VadOptions
 
-    from pipeline.models import resolve_model
+    from pipeline.asr.models import resolve_model
 
     started = time.perf_counter()
     model = WhisperModel(resolve_model(settings.asr.model, settings.asr.model_cache_dir), device="cpu",
@@ -69,7 +69,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from pipeline.batch import run_batch
+    from hark.batch import run_batch
 
     ray.init(include_dashboard=False, log_to_driver=False, object_store_memory=512 * 1024**2)
     out = Path(tempfile.mkdtemp(prefix="hark-bench-out-")) / "results"

@@ -32,10 +32,10 @@ def measure(engine_name: str) -> dict:
     import assets
     from textnorm import wer
 
-    from pipeline.audio import decode
-    from pipeline.engines import build_engine
-    from pipeline.settings import AsrSettings
-    from pipeline.types import AsrOptions
+    from pipeline.audio.decode import decode
+    from pipeline.asr.factory import build_engine
+    from pipeline.core.settings import AsrSettings
+    from pipeline.core.types import AsrOptions
 
     clips = assets.prepare()
     audios = [decode(clips[name].path, max_duration_s=7200) for name in CLIPS]

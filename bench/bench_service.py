@@ -31,8 +31,8 @@ import assets  # noqa: E402
 from media import wav_bytes  # noqa: E402
 from textnorm import wer  # noqa: E402
 
-from pipeline.audio import decode  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
+from pipeline.audio.decode import decode  # noqa: E402
+from pipeline.core.settings import Settings  # noqa: E402
 
 KEY = "bench-key"
 
@@ -53,7 +53,7 @@ def raw_engine(settings: Settings):
     from faster_whisper import WhisperModel
     from faster_whisper.vad import VadOptions
 
-    from pipeline.models import resolve_model
+    from pipeline.asr.models import resolve_model
 
     model = WhisperModel(
         resolve_model(settings.asr.model, settings.asr.model_cache_dir),

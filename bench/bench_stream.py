@@ -73,7 +73,7 @@ def main() -> None:
           f"({len(final_lat)}/{len(reference)} utterances)")
     print(f"start of speech -> first result:    median {statistics.median(interim_lat):.2f} s, max {max(interim_lat):.2f} s")
 
-    from pipeline.audio import decode
+    from pipeline.audio.decode import decode
 
     sample = decode(clips["sample"].path, max_duration_s=600)
     streamed = asyncio.run(timed_stream(url, sample.samples))

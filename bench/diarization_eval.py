@@ -19,13 +19,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import assets  # noqa: E402
 import conversation  # noqa: E402
-from pipeline.audio import decode  # noqa: E402
-from pipeline.diarization import DiarizationOptions, build_diarizer  # noqa: E402
-from pipeline.engines import build_engine  # noqa: E402
-from pipeline.merge import assign_word_speakers  # noqa: E402
-from pipeline.scoring import der, read_rttm, word_speaker_accuracy  # noqa: E402
-from pipeline.settings import AsrSettings, DiarizationSettings  # noqa: E402
-from pipeline.types import AsrOptions  # noqa: E402
+from pipeline.audio.decode import decode  # noqa: E402
+from pipeline.diarization.base import DiarizationOptions
+from pipeline.diarization.factory import build_diarizer  # noqa: E402
+from pipeline.asr.factory import build_engine  # noqa: E402
+from pipeline.transcription.merge import assign_word_speakers  # noqa: E402
+from pipeline.tools.scoring import der, read_rttm, word_speaker_accuracy  # noqa: E402
+from pipeline.core.settings import AsrSettings, DiarizationSettings  # noqa: E402
+from pipeline.core.types import AsrOptions  # noqa: E402
 
 
 def main() -> None:

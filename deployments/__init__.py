@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from pipeline.settings import Settings
+from pipeline.core.settings import Settings
 
 
 def replica_info(settings: Settings, **extra) -> dict:

@@ -12,9 +12,9 @@ from ray import serve
 from deployments import replica_info
 
 from deployments.metrics import ServiceMetrics
-from pipeline.errors import HarkError
-from pipeline.limits import Lease, book_from_settings
-from pipeline.settings import Settings
+from pipeline.core.errors import HarkError
+from pipeline.service.limits import Lease, book_from_settings
+from pipeline.core.settings import Settings
 
 
 @serve.deployment(

@@ -12,7 +12,7 @@ from deployments.diarization import DiarizationDeployment
 from deployments.fetch import AudioFetchDeployment
 from deployments.ingress import Ingress
 from deployments.jobs import JobsDeployment
-from pipeline.settings import Settings
+from pipeline.core.settings import Settings
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

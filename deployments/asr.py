@@ -8,8 +8,8 @@ from ray import serve
 
 from deployments import replica_info
 
-from pipeline.settings import Settings
-from pipeline.types import AsrOptions, Audio, Transcript
+from pipeline.core.settings import Settings
+from pipeline.core.types import AsrOptions, Audio, Transcript
 
 
 @serve.deployment(
@@ -21,7 +21,7 @@ from pipeline.types import AsrOptions, Audio, Transcript
 )
 class AsrDeployment:
     def __init__(self, settings: Settings) -> None:
-        from pipeline.engines import build_engine
+        from pipeline.asr.factory import build_engine
 
         self._settings = settings
         self._engine = build_engine(settings.asr)
@@ -40,7 +40,7 @@ class AsrDeployment:
         return await asyncio.to_thread(self._engine.transcribe, audios, options)
 
     def capabilities(self):
-        from pipeline.engines import Capabilities
+        from pipeline.asr.base import Capabilities
 
         return Capabilities.of(self._engine, self._settings.asr.engine)
 

@@ -7,11 +7,11 @@ import asyncio
 
 from ray.serve.handle import DeploymentHandle
 
-from pipeline.engines import Capabilities
-from pipeline.formatting import render
-from pipeline.merge import assign_word_speakers
-from pipeline.schemas import ListenParams
-from pipeline.types import Audio, Transcript
+from pipeline.asr.base import Capabilities
+from pipeline.transcription.render import render
+from pipeline.transcription.merge import assign_word_speakers
+from pipeline.transcription.schemas import ListenParams
+from pipeline.core.types import Audio, Transcript
 
 
 class Composer:

@@ -9,10 +9,11 @@ from ray import serve
 
 from deployments import replica_info
 
-from pipeline.diarization import Diarization, DiarizationOptions
-from pipeline.errors import InvalidParameter
-from pipeline.settings import Settings
-from pipeline.types import Audio
+from pipeline.core.types import Diarization
+from pipeline.diarization.base import DiarizationOptions
+from pipeline.core.errors import InvalidParameter
+from pipeline.core.settings import Settings
+from pipeline.core.types import Audio
 
 logger = logging.getLogger("ray.serve")
 
@@ -28,7 +29,7 @@ class DiarizationDeployment:
         self._settings = settings
         self._unavailable: str | None = None
         try:
-            from pipeline.diarization import build_diarizer
+            from pipeline.diarization.factory import build_diarizer
 
             self._diarizer = build_diarizer(settings.diarization)
         except (ImportError, RuntimeError) as exc:

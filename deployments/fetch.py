@@ -9,9 +9,9 @@ from ray import serve
 
 from deployments import replica_info
 
-from pipeline.loader import AudioLoader
-from pipeline.settings import Settings
-from pipeline.types import Audio
+from pipeline.audio.loader import AudioLoader
+from pipeline.core.settings import Settings
+from pipeline.core.types import Audio
 
 
 @serve.deployment(

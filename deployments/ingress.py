@@ -19,8 +19,8 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.auth import KeyRing
-from pipeline.errors import (
+from pipeline.service.auth import KeyRing
+from pipeline.core.errors import (
     HarkError,
     InvalidParameter,
     MissingParameter,
@@ -30,10 +30,10 @@ from pipeline.errors import (
     error_from_body,
 )
 from deployments.compose import Composer
-from pipeline.loader import AudioLoader
-from pipeline.schemas import ListenParams
-from pipeline.settings import Settings
-from pipeline.upload import ListenInput, read_listen_input
+from pipeline.audio.loader import AudioLoader
+from pipeline.transcription.schemas import ListenParams
+from pipeline.core.settings import Settings
+from pipeline.service.upload import ListenInput, read_listen_input
 
 logger = logging.getLogger("ray.serve")
 
@@ -293,7 +293,7 @@ class Ingress:
 
     @app.websocket("/v1/listen/stream")
     async def stream(self, ws: WebSocket) -> None:
-        """Live transcription; see ``pipeline.streaming`` and the README's client example."""
+        """Live transcription; see ``pipeline.streaming.session`` and the README's client example."""
         subprotocols = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
         # Browsers cannot set headers: they send the pair ("token", KEY) as subprotocols.
         via_protocol = len(subprotocols) == 2 and subprotocols[0].lower() == "token"
@@ -312,7 +312,8 @@ class Ingress:
             self._detached(self._accounting.release.remote, lease.lease_id, key_id)
 
     async def _stream(self, ws: WebSocket, key_id: str) -> None:
-        from pipeline.streaming import StreamingSession, StreamOptions, stream_decoder
+        from pipeline.streaming.session import StreamingSession, StreamOptions
+        from pipeline.streaming.decoders import stream_decoder
 
         request_id = f"req_{uuid.uuid4().hex}"
         try:

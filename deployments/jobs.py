@@ -22,12 +22,12 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.compose import Composer
-from pipeline.errors import HarkError, NotFound, ServiceUnavailable
-from pipeline.fetch import UrlGuard
-from pipeline.jobs import Job, SqliteJobStore
-from pipeline.schemas import ListenParams
-from pipeline.settings import Settings
-from pipeline.webhooks import Attempt, backoff_s, deliver, webhook_signer
+from pipeline.core.errors import HarkError, NotFound, ServiceUnavailable
+from pipeline.audio.fetch import UrlGuard
+from pipeline.service.jobs import Job, SqliteJobStore
+from pipeline.transcription.schemas import ListenParams
+from pipeline.core.settings import Settings
+from pipeline.service.webhooks import Attempt, backoff_s, deliver, webhook_signer
 
 logger = logging.getLogger("ray.serve")
 POLL_S = 0.25

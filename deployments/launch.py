@@ -60,8 +60,8 @@ def prebuild(config) -> None:
     from ray._common.utils import import_attr
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
-    from pipeline.models import check_model
-    from pipeline.settings import Settings
+    from pipeline.asr.models import check_model
+    from pipeline.core.settings import Settings
 
     for app in config.applications:
         try:

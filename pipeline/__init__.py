@@ -1,1 +1,6 @@
-"""Hark's domain core: audio, fetching, engines, formatting. No Ray Serve imports here."""
+"""Hark's Ray-free core, one package per layer; imports point one way:
+
+core → audio → asr, diarization → transcription → service, streaming (tools use any).
+No Ray here (tests/test_layout.py checks it): Serve adapters live in ``deployments``, the CLI and
+Ray Data batch in ``hark``.
+"""

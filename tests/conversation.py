@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 import assets
-from pipeline.audio import decode
-from pipeline.types import SAMPLE_RATE, Audio
+from pipeline.audio.decode import decode
+from pipeline.core.types import SAMPLE_RATE, Audio
 
 VOICES = {"alice": "en-us+f3", "bob": "en-us+m3", "carol": "en-gb+f5"}
 LINES = [

@@ -172,7 +172,7 @@ class WebhookReceiver(ThreadingHTTPServer):
 
     def __init__(self, secret: str) -> None:
         super().__init__(("127.0.0.1", 0), _ReceiverHandler)
-        from pipeline.webhooks import webhook_signer
+        from pipeline.service.webhooks import webhook_signer
 
         self.verifier = webhook_signer(secret)
         self.fail_first: dict[str, int] = {}  # path -> how many attempts answer 500 first

@@ -12,7 +12,7 @@ import requests
 
 from conftest import API_KEYS, S3_BUCKET, wait_until
 from media import ENCODINGS, encode, long_silent_wav, png_bytes, video_only_mp4, wav_bytes
-from pipeline.audio import decode
+from pipeline.audio.decode import decode
 from textnorm import wer
 
 pytestmark = pytest.mark.serve
@@ -272,7 +272,7 @@ def test_settings_reach_every_replica(serve_app, data_dir):
     from ray import serve
 
     from conftest import app_settings_overrides
-    from pipeline.settings import Settings
+    from pipeline.core.settings import Settings
 
     import hashlib
 

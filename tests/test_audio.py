@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from media import ENCODINGS, encode, long_silent_wav, png_bytes, video_only_mp4, wav_bytes
-from pipeline.audio import decode, sniff_format
-from pipeline.errors import AudioTooLong, InvalidAudio, UnsupportedFormat
-from pipeline.types import SAMPLE_RATE
+from pipeline.audio.decode import decode, sniff_format
+from pipeline.core.errors import AudioTooLong, InvalidAudio, UnsupportedFormat
+from pipeline.core.types import SAMPLE_RATE
 
 
 @pytest.fixture(scope="module")

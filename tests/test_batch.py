@@ -13,9 +13,9 @@ import pytest
 import assets
 from conftest import S3_BUCKET, wait_until
 from media import encode
-from pipeline.audio import decode
-from pipeline.batch import discover, read_results, run_batch
-from pipeline.settings import Settings
+from pipeline.audio.decode import decode
+from hark.batch import discover, read_results, run_batch
+from pipeline.core.settings import Settings
 
 pytestmark = pytest.mark.serve  # shares the session's Ray instance with the Serve app
 
@@ -52,7 +52,7 @@ def test_local_corpus_resumes_after_an_interrupted_run(serve_app, corpus, tmp_pa
     out = tmp_path / "out"
     # A run interrupted after its first part file: the CLI in its own process, stopped by SIGINT.
     env = {**os.environ, "HARK_LICENSE_KEYS": "x"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "batch", str(corpus), str(out), "--max-actors", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "hark.cli", "batch", str(corpus), str(out), "--max-actors", "1"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_until(lambda: out.exists() and any(p.name.startswith("part-") for p in out.iterdir()), 300, what="a first part file")

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pipeline.chunking import quietest_cut, windows
-from pipeline.engines import Capabilities
-from pipeline.errors import InvalidParameter
+from pipeline.asr.chunking import quietest_cut, windows
+from pipeline.asr.base import Capabilities
+from pipeline.core.errors import InvalidParameter
 
 SR = 16000
 

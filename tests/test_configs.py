@@ -6,7 +6,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from pipeline.settings import Settings
+from pipeline.core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = {"Ingress", "AudioFetch", "ASR", "Diarization", "Accounting", "Jobs"}

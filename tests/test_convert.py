@@ -9,11 +9,12 @@ import pytest
 import torch
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-from pipeline.cli import main
-from pipeline.convert import _weight, read_ct2_model
-from pipeline.engines.windowed import WhisperTokens
-from pipeline.models import resolve_model, resolve_transformers_model
-from pipeline.settings import Settings
+from hark.cli import main
+from pipeline.asr.convert import _weight, read_ct2_model
+from pipeline.asr.windowed import WhisperTokens
+from pipeline.asr.models import resolve_model
+from pipeline.asr.convert import resolve_transformers_model
+from pipeline.core.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def converted(tmp_path_factory):
 
 
 def test_converted_model_is_exact(converted, clips):
-    from pipeline.audio import decode
+    from pipeline.audio.decode import decode
 
     source = resolve_model("whisper-base", Settings().asr.model_cache_dir)
     model = WhisperForConditionalGeneration.from_pretrained(converted).eval()

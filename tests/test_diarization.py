@@ -5,20 +5,20 @@ import pytest
 
 import assets
 import conversation
-from pipeline.audio import decode
-from pipeline.diarization import (
+from pipeline.audio.decode import decode
+from pipeline.diarization.clustering import (
     ClusteringConfig,
-    DiarizationOptions,
     EmbeddingClusteringDiarizer,
     SegmentationDiarizer,
-    SpeakerTurn,
-    build_diarizer,
     turns_from_frames,
 )
-from pipeline.settings import DiarizationSettings
-from pipeline.merge import assign_word_speakers, group_turns
-from pipeline.scoring import der, read_rttm, word_speaker_accuracy
-from pipeline.types import Audio, Word
+from pipeline.diarization.base import DiarizationOptions
+from pipeline.core.types import SpeakerTurn
+from pipeline.diarization.factory import build_diarizer
+from pipeline.core.settings import DiarizationSettings
+from pipeline.transcription.merge import assign_word_speakers, group_turns
+from pipeline.tools.scoring import der, read_rttm, word_speaker_accuracy
+from pipeline.core.types import Audio, Word
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_silence_has_no_turns(diarizer):
 
 
 def test_long_audio_embeds_a_bounded_number_of_windows(sample, monkeypatch):
-    import pipeline.diarization as d
+    import pipeline.diarization.clustering as d
 
     class CountingEncoder(d.SpeakerEncoder):
         windows = 0
@@ -105,9 +105,9 @@ def test_long_audio_embeds_a_bounded_number_of_windows(sample, monkeypatch):
 
 
 def test_word_speaker_accuracy_on_the_sample(diarizer, sample, clips):
-    from pipeline.engines import build_engine
-    from pipeline.settings import AsrSettings
-    from pipeline.types import AsrOptions
+    from pipeline.asr.factory import build_engine
+    from pipeline.core.settings import AsrSettings
+    from pipeline.core.types import AsrOptions
 
     [transcript] = build_engine(AsrSettings()).transcribe([sample], [AsrOptions(word_timestamps=True)])
     labels = assign_word_speakers(transcript.words, diarizer.diarize(sample, DiarizationOptions()).turns)

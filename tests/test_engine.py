@@ -9,11 +9,12 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.audio import decode
-from pipeline.engines import AsrEngine, build_engine
-from pipeline.errors import InvalidParameter
-from pipeline.settings import AsrSettings
-from pipeline.types import AsrOptions, Audio
+from pipeline.audio.decode import decode
+from pipeline.asr.base import AsrEngine
+from pipeline.asr.factory import build_engine
+from pipeline.core.errors import InvalidParameter
+from pipeline.core.settings import AsrSettings
+from pipeline.core.types import AsrOptions, Audio
 from textnorm import wer
 
 ESPEAK = ["fox", "stella", "meeting", "speech", "weather", "report"]

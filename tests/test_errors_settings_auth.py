@@ -2,9 +2,9 @@ import pickle
 
 import pytest
 
-from pipeline import errors
-from pipeline.auth import KeyRing, key_id
-from pipeline.settings import Settings
+from pipeline.core import errors
+from pipeline.service.auth import KeyRing, key_id
+from pipeline.core.settings import Settings
 
 
 @pytest.mark.parametrize(

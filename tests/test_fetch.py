@@ -11,10 +11,10 @@ import pytest
 
 from conftest import S3_BUCKET
 from media import encode, wav_bytes
-from pipeline.errors import FetchFailed, FileTooLarge, ForbiddenUrl, InvalidParameter
-from pipeline.fetch import UrlGuard, is_public_address
-from pipeline.loader import AudioLoader
-from pipeline.settings import Settings
+from pipeline.core.errors import FetchFailed, FileTooLarge, ForbiddenUrl, InvalidParameter
+from pipeline.audio.fetch import UrlGuard, is_public_address
+from pipeline.audio.loader import AudioLoader
+from pipeline.core.settings import Settings
 from servers import HUGE_BYTES
 
 TONE = wav_bytes(0.1 * np.sin(np.arange(16000) / 10).astype(np.float32))

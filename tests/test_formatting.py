@@ -1,9 +1,9 @@
 import pytest
 
-from pipeline.formatting import api_words, render, strip_punctuation
-from pipeline.schemas import ListenParams
-from pipeline.errors import InvalidParameter
-from pipeline.types import Segment, Transcript, Word
+from pipeline.transcription.render import api_words, render, strip_punctuation
+from pipeline.transcription.schemas import ListenParams
+from pipeline.core.errors import InvalidParameter
+from pipeline.core.types import Segment, Transcript, Word
 
 WORDS = (
     Word(" Hello,", 0.0, 0.5, 0.9),

@@ -7,10 +7,10 @@ import random
 import pytest
 from standardwebhooks import Webhook
 
-from pipeline.errors import FetchFailed, error_from_body
-from pipeline.fetch import UrlGuard
-from pipeline.jobs import COMPLETED, DELIVERED, DELIVERY_FAILED, FAILED, PENDING, QUEUED, RUNNING, SqliteJobStore
-from pipeline.webhooks import backoff_s, deliver, webhook_signer
+from pipeline.core.errors import FetchFailed, error_from_body
+from pipeline.audio.fetch import UrlGuard
+from pipeline.service.jobs import COMPLETED, DELIVERED, DELIVERY_FAILED, FAILED, PENDING, QUEUED, RUNNING, SqliteJobStore
+from pipeline.service.webhooks import backoff_s, deliver, webhook_signer
 from servers import WebhookReceiver
 
 

@@ -1,9 +1,9 @@
 import pytest
 
-from pipeline.auth import key_id
-from pipeline.errors import RateLimited
-from pipeline.limits import KeyLimits, LimitBook, book_from_settings
-from pipeline.settings import Settings
+from pipeline.service.auth import key_id
+from pipeline.core.errors import RateLimited
+from pipeline.service.limits import KeyLimits, LimitBook, book_from_settings
+from pipeline.core.settings import Settings
 
 
 class Clock:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.models import BUNDLED, resolve_model
+from pipeline.asr.models import BUNDLED, resolve_model
 
 
 def _assemble(cache: str) -> str:
@@ -44,7 +44,8 @@ def test_local_directory_and_hub_ids(tmp_path):
 
 def test_a_missing_local_path_is_an_error_not_a_hub_id(tmp_path):
     # Regression: a mistyped path used to be handed to faster-whisper as a hub id to download.
-    from pipeline.models import check_model, resolve_transformers_model
+    from pipeline.asr.models import check_model
+    from pipeline.asr.convert import resolve_transformers_model
 
     missing = str(tmp_path / "no-such-model")
     for resolve in (resolve_model, resolve_transformers_model):

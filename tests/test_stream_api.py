@@ -9,7 +9,7 @@ import pytest
 import websockets
 
 from conftest import API_KEYS
-from pipeline.audio import decode
+from pipeline.audio.decode import decode
 from textnorm import wer
 
 pytestmark = pytest.mark.serve

@@ -5,8 +5,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from pipeline.streaming import Linear16Decoder, StreamingSession, StreamOptions
-from pipeline.types import SAMPLE_RATE, Segment, Transcript, Word
+from pipeline.streaming.decoders import Linear16Decoder
+from pipeline.streaming.session import StreamingSession, StreamOptions
+from pipeline.core.types import SAMPLE_RATE, Segment, Transcript, Word
 
 # What is "said": (word, start, end) in seconds; silence between 3.0 and 4.0.
 SCRIPT = [(" One", 0.2, 0.6), (" two", 0.7, 1.1), (" three.", 1.2, 1.8), (" Four", 1.9, 2.4), (" five.", 2.5, 2.9),
@@ -110,9 +111,9 @@ def test_linear16_decoder_handles_split_samples_channels_and_rates():
 
 def test_container_decoder_decodes_as_bytes_arrive(clips):
     from media import encode
-    from pipeline.audio import decode
-    from pipeline.errors import InvalidAudio
-    from pipeline.streaming import ContainerDecoder, stream_decoder
+    from pipeline.audio.decode import decode
+    from pipeline.core.errors import InvalidAudio
+    from pipeline.streaming.decoders import ContainerDecoder, stream_decoder
 
     samples = decode(clips["beckett"].path, max_duration_s=60).samples
     data = encode(samples, "ogg-opus")

@@ -4,8 +4,8 @@ import json
 import httpx
 import pytest
 
-from pipeline.errors import FileTooLarge, InvalidParameter
-from pipeline.upload import read_listen_input
+from pipeline.core.errors import FileTooLarge, InvalidParameter
+from pipeline.service.upload import read_listen_input
 
 MAX = 1_000_000
 

@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.chunking import windows
-from pipeline.engines.windowed import Decoded, WhisperTokens, WindowedEngine
-from pipeline.models import resolve_model
-from pipeline.settings import AsrSettings
-from pipeline.types import AsrOptions, Audio
+from pipeline.asr.chunking import windows
+from pipeline.asr.windowed import Decoded, WhisperTokens, WindowedEngine
+from pipeline.asr.models import resolve_model
+from pipeline.core.settings import AsrSettings
+from pipeline.core.types import AsrOptions, Audio
 
 SR = 16000
 

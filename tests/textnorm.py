@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jiwer
 
-from pipeline.formatting import strip_punctuation
+from pipeline.transcription.render import strip_punctuation
 
 
 def wer(reference: str, hypothesis: str) -> float:

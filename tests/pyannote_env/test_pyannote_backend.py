@@ -9,12 +9,13 @@ import torch
 from pyannote.audio import Model
 
 import assets
-from pipeline.audio import decode
-from pipeline.diarization import DiarizationOptions, build_diarizer
-from pipeline.diarization_pyannote import PyannoteDiarizer
-from pipeline.scoring import read_rttm
-from pipeline.segmentation import Segmenter, segmentation_weights
-from pipeline.settings import DiarizationSettings
+from pipeline.audio.decode import decode
+from pipeline.diarization.base import DiarizationOptions
+from pipeline.diarization.factory import build_diarizer
+from pipeline.diarization.pyannote_backend import PyannoteDiarizer
+from pipeline.tools.scoring import read_rttm
+from pipeline.diarization.segmentation import Segmenter, segmentation_weights
+from pipeline.core.settings import DiarizationSettings
 
 CHECKPOINT = segmentation_weights().parent / "pytorch_model.bin"
 

@@ -1,0 +1,1 @@
+"""Entry points that use Ray: the hark command and offline batch on Ray Data."""

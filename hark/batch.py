@@ -1,0 +1,347 @@
+"""Offline batch transcription of a corpus with Ray Data.
+
+Plan: the list of items is a small dataset; reading and decoding run as parallel Ray tasks
+(``map``); recognition runs in a pool of actors (``map_batches`` with a concurrency range), each
+loading the model once; results stream back to the driver, which appends them to part files in
+the output directory (local or s3) and so always knows what is done. A re-run skips the URIs the
+output already holds. Adding cores or nodes adds decode tasks and ASR actors: throughput grows
+with the cluster while each actor keeps its threads busy.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import math
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.errors import HarkError
+from pipeline.core.settings import Settings
+from pipeline.core.types import Audio
+
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
+# The API's result fields, plus the source, the error, and the seconds the ASR actor spent.
+ROW_FIELDS = ("uri", "request_id", "text", "confidence", "duration", "language", "words", "speakers", "error", "processing_s")
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    uri: str
+    options: dict[str, Any] = field(default_factory=dict)  # API option names: language, diarize, ...
+
+
+@dataclass
+class BatchSummary:
+    items: int = 0
+    skipped: int = 0
+    done: int = 0
+    failed: int = 0
+    audio_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def audio_hours_per_hour(self) -> float:
+        return self.audio_s / self.wall_s if self.wall_s else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.items} items: {self.done} transcribed, {self.failed} failed, {self.skipped} already done; "
+            f"{self.audio_s / 3600:.3f} audio hours in {self.wall_s:.1f} s "
+            f"({self.audio_hours_per_hour:.1f} audio hours per hour)"
+        )
+
+
+def _fs(uri: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(uri)
+
+
+# ---- what to transcribe --------------------------------------------------------------------------
+
+def discover(source: str) -> list[BatchItem]:
+    """Items from a directory, a glob, an s3:// prefix, a manifest (.csv/.jsonl) or one file."""
+    if source.lower().endswith(MANIFEST_SUFFIXES):
+        return read_manifest(source)
+    if source.startswith("s3://"):
+        fs, root = _fs(source)
+        if fs.isfile(root):
+            return [BatchItem(source)]
+        return [BatchItem(f"s3://{p}") for p in sorted(fs.find(root)) if not Path(p).name.startswith(".")]
+    if any(ch in source for ch in "*?["):
+        return [BatchItem(p) for p in sorted(glob.glob(source, recursive=True)) if os.path.isfile(p)]
+    path = Path(source)
+    if path.is_dir():
+        return [
+            BatchItem(str(p)) for p in sorted(path.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        ]
+    if path.is_file():
+        return [BatchItem(str(path))]
+    raise FileNotFoundError(f"No such input: {source}")
+
+
+def read_manifest(uri: str) -> list[BatchItem]:
+    """CSV with a ``uri`` column, or JSONL objects with ``uri``; other columns are options."""
+    fs, path = _fs(uri)
+    with fs.open(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    if uri.lower().endswith(".jsonl"):
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        rows = list(csv.DictReader(io.StringIO(text)))
+    items = []
+    for i, row in enumerate(rows):
+        if not row.get("uri"):
+            raise ValueError(f"{uri}: row {i + 1} has no 'uri'")
+        options = {k: v for k, v in row.items() if k != "uri" and v not in (None, "")}
+        items.append(BatchItem(str(row["uri"]), options))
+    return items
+
+
+# ---- the Ray Data stages ---------------------------------------------------------------------
+
+def decode_row(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Fetch and decode one item. A failure becomes the row's error, never an exception."""
+    from pipeline.audio.loader import AudioLoader
+
+    # "" rather than None: a column of nulls would not keep its type through Ray Data.
+    out = {"uri": row["uri"], "options": row["options"], "pcm": b"", "error": ""}
+    try:
+        loader = AudioLoader(settings)
+        uri = row["uri"]
+        audio = loader.from_url(uri) if "://" in uri else loader.from_path(uri)
+        out["pcm"] = audio.samples.tobytes()  # float32 bytes: one binary column for any length
+    except HarkError as exc:
+        out["error"] = json.dumps(exc.to_body())
+    except OSError as exc:
+        out["error"] = json.dumps({"error": str(exc), "code": "FETCH_FAILED"})
+    return out
+
+
+class TranscribeActor:
+    """One per ASR worker: loads the engine (and the diarizer, when asked) once."""
+
+    def __init__(self, settings: Settings) -> None:
+        from pipeline.asr.factory import build_engine
+
+        self._settings = settings
+        self._engine = build_engine(settings.asr)
+        self._diarizer = None
+
+    def _diarize(self, audio: Audio, num_speakers: int | None):
+        from pipeline.diarization.base import DiarizationOptions
+        from pipeline.diarization.factory import build_diarizer
+
+        if self._diarizer is None:
+            self._diarizer = build_diarizer(self._settings.diarization)
+        return self._diarizer.diarize(
+            audio, DiarizationOptions(num_speakers=num_speakers, max_speakers=self._settings.diarization.max_speakers)
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows = [transcribe_row(self, uri, opts, pcm, err)
+                for uri, opts, pcm, err in zip(batch["uri"], batch["options"], batch["pcm"], batch["error"])]
+        return {name: [json.dumps(r[name]) if name in ("words", "speakers", "error") else r[name] for r in rows]
+                for name in ROW_FIELDS}
+
+
+def transcribe_row(actor: TranscribeActor, uri: str, options_json: str, pcm: bytes, error: str | None) -> dict[str, Any]:
+    from pipeline.transcription.render import render
+    from pipeline.transcription.merge import assign_word_speakers
+    from pipeline.transcription.schemas import ListenParams
+
+    row: dict[str, Any] = dict.fromkeys(ROW_FIELDS)
+    row["uri"] = uri
+    if error:
+        row["error"] = json.loads(error)
+        return row
+    started = time.perf_counter()
+    try:
+        params = ListenParams.parse(json.loads(options_json))
+        audio = Audio(np.frombuffer(pcm, dtype=np.float32))
+        actor._engine.check(params.asr_options())
+        [transcript] = actor._engine.transcribe([audio], [params.asr_options()])
+        speakers = None
+        if params.diarize:
+            speakers = assign_word_speakers(transcript.words, actor._diarize(audio, params.num_speakers).turns)
+        body = render(transcript, request_id=f"req_{uuid.uuid4().hex}", punctuate=params.punctuate,
+                      timestamps=params.timestamps, word_speakers=speakers).to_json()
+        row.update(body)
+    except HarkError as exc:
+        row["error"] = exc.to_body()
+    row["processing_s"] = round(time.perf_counter() - started, 3)
+    return row
+
+
+def transcribe_dataset(items: Iterable[BatchItem], settings: Settings, defaults: dict[str, Any] | None = None,
+                       *, max_actors: int | None = None, num_gpus_per_actor: float = 0.0, batch_size: int = 4):
+    """A Ray Dataset of result rows (``ROW_FIELDS``; words, speakers and error as JSON text).
+
+    ``defaults`` are API options for every item; an item's own options win.
+    """
+    import ray
+
+    defaults = defaults or {}
+    records = [{"uri": it.uri, "options": json.dumps({**defaults, **it.options})} for it in items]
+    if max_actors is None:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        max_actors = max(1, cpus // 2) if not num_gpus_per_actor else max(1, int(ray.cluster_resources().get("GPU", 1) / num_gpus_per_actor))
+    ds = ray.data.from_items(records, override_num_blocks=max(1, min(len(records), 64)))
+    ds = ds.map(decode_row, fn_kwargs={"settings": settings}, num_cpus=0.25)
+    return ds.map_batches(
+        TranscribeActor,
+        fn_constructor_kwargs={"settings": settings},
+        batch_size=batch_size,
+        concurrency=(1, max_actors),
+        num_cpus=0 if num_gpus_per_actor else 1,
+        num_gpus=num_gpus_per_actor,
+        batch_format="numpy",
+    )
+
+
+# ---- output and resume -----------------------------------------------------------------------
+
+def _decode_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (json.loads(v) if k in ("words", "speakers", "error") and isinstance(v, str) else v) for k, v in row.items()}
+
+
+def read_results(output: str) -> list[dict[str, Any]]:
+    """Every row of every part file under ``output`` (JSONL or Parquet)."""
+    fs, root = _fs(output)
+    if not fs.exists(root):
+        return []
+    rows: list[dict[str, Any]] = []
+    for path in sorted(fs.find(root)):
+        name = path.rsplit("/", 1)[-1]
+        if not name.startswith("part-"):
+            continue
+        if name.endswith(".jsonl"):
+            with fs.open(path, "rt", encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        continue  # a torn last line of an interrupted local write
+        elif name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            with fs.open(path, "rb") as f:
+                rows += [_decode_row(r) for r in pq.read_table(f).to_pylist()]
+    return rows
+
+
+class PartWriter:
+    """Appends result rows as small part files; each part appears whole (temp + rename, or one
+    S3 PUT), so an interrupted run loses at most the rows not yet flushed."""
+
+    def __init__(self, output: str, fmt: str, flush_rows: int = 16, flush_s: float = 10.0) -> None:
+        if fmt not in ("jsonl", "parquet"):
+            raise ValueError(f"Unknown output format: {fmt}")
+        self.fs, self.root = _fs(output)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.fmt, self.flush_rows, self.flush_s = fmt, flush_rows, flush_s
+        self._last_flush = time.monotonic()
+        self.run = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        self.pending: list[dict[str, Any]] = []
+        self.parts = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.pending.append(row)
+        if len(self.pending) >= self.flush_rows or time.monotonic() - self._last_flush > self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"part-{self.run}-{self.parts:05d}.{self.fmt}"
+        if self.fmt == "jsonl":
+            data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.pending).encode()
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pylist([
+                {k: (json.dumps(v) if k in ("words", "speakers", "error") and v is not None else v) for k, v in r.items()}
+                for r in self.pending
+            ])
+            buf = io.BytesIO()
+            pq.write_table(table, buf)
+            data = buf.getvalue()
+        final = f"{self.root}/{name}"
+        from fsspec.implementations.local import LocalFileSystem
+
+        if isinstance(self.fs, LocalFileSystem):
+            tmp = f"{self.root}/.{name}.tmp"
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, final)
+        else:
+            with self.fs.open(final, "wb") as f:
+                f.write(data)
+        self.parts += 1
+        self.pending = []
+        self._last_flush = time.monotonic()
+
+
+def run_batch(source: str, output: str, settings: Settings, defaults: dict[str, Any] | None = None, *,
+              fmt: str = "jsonl", retry_failed: bool = False, max_actors: int | None = None,
+              num_gpus_per_actor: float = 0.0, progress: bool = True, limit: int | None = None) -> BatchSummary:
+    """Transcribe everything ``source`` names into ``output``; skips what ``output`` already holds."""
+    started = time.perf_counter()
+    items = discover(source)
+    previous = read_results(output)
+    done_ok = {r["uri"] for r in previous if not r.get("error")}
+    done_any = {r["uri"] for r in previous}
+    skip = done_ok if retry_failed else done_any
+    todo = [it for it in items if it.uri not in skip]
+    if limit is not None:
+        todo = todo[:limit]
+    summary = BatchSummary(items=len(items), skipped=len(items) - len([it for it in items if it.uri not in skip]))
+    if todo:
+        writer = PartWriter(output, fmt)
+        bar = _progress(len(todo), progress)
+        try:
+            for row in _rows(transcribe_dataset(todo, settings, defaults, max_actors=max_actors,
+                                                num_gpus_per_actor=num_gpus_per_actor)):
+                writer.add(row)
+                if row.get("error"):
+                    summary.failed += 1
+                else:
+                    summary.done += 1
+                    summary.audio_s += row.get("duration") or 0.0
+                bar.update(1)
+                bar.set_postfix_str(f"{summary.audio_s / 3600:.3f} audio h, {summary.failed} failed")
+        finally:
+            writer.flush()
+            bar.close()
+    summary.wall_s = time.perf_counter() - started
+    return summary
+
+
+def _plain(value: Any) -> Any:
+    value = value.item() if hasattr(value, "item") else value
+    # Ray Data turns a missing number into NaN; the row says null.
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _rows(ds) -> Iterator[dict[str, Any]]:
+    for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=4):
+        for i in range(len(batch["uri"])):
+            yield _decode_row({k: _plain(v[i]) for k, v in batch.items()})
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="item", disable=not enabled, desc="transcribing")

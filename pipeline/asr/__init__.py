@@ -1,0 +1,1 @@
+"""Speech recognition: the engine Protocol (base), its adapters (CTranslate2, transformers, vLLM), chunking, models and conversion."""

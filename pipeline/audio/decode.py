@@ -1,0 +1,130 @@
+"""Recognise audio by its content and decode it once, with PyAV, to float32 mono 16 kHz."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import BinaryIO
+
+import av
+import numpy as np
+
+from pipeline.core.errors import AudioTooLong, InvalidAudio, UnsupportedFormat
+from pipeline.core.types import SAMPLE_RATE, Audio
+
+# The demuxer PyAV is told to use for each recognised format: content decides, never the name.
+_DEMUXERS = {"wav": "wav", "mp3": "mp3", "flac": "flac", "ogg": "ogg", "m4a": "mov,mp4,m4a,3gp,3g2,mj2"}
+_MP4_AUDIO_CODECS = {"aac", "alac", "mp3", "mp4als"}
+SNIFF_BYTES = 64
+
+
+def _skip_id3(head: bytes) -> bytes:
+    # ID3v2: "ID3", version (2), flags (1), size as 4 syncsafe bytes, excluding the 10-byte header.
+    if len(head) >= 10 and head[:3] == b"ID3":
+        size = (head[6] << 21) | (head[7] << 14) | (head[8] << 7) | head[9]
+        return head[10 + size :]
+    return head
+
+
+def _is_mpeg_audio_frame(head: bytes) -> bool:
+    if len(head) < 4 or head[0] != 0xFF or (head[1] & 0xE0) != 0xE0:
+        return False
+    version = (head[1] >> 3) & 0x3
+    layer = (head[1] >> 1) & 0x3
+    bitrate = head[2] >> 4
+    rate = (head[2] >> 2) & 0x3
+    # Layer 00 is ADTS AAC, not MPEG audio; index 15 bitrate and 3 sample rate are reserved.
+    return version != 1 and layer != 0 and bitrate != 0xF and rate != 0x3
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The format of a file from its first bytes (ID3 tags skipped), or None if not ours.
+
+    ``head`` should hold the first few KiB: an ID3 tag can push the real magic further in.
+    """
+    if head[:4] in (b"RIFF", b"RF64", b"BW64") and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[4:8] == b"ftyp":
+        return "m4a"
+    body = _skip_id3(head)
+    if body[:4] == b"fLaC":
+        return "flac"
+    if head[:3] == b"ID3" or _is_mpeg_audio_frame(body):
+        return "mp3"
+    return None
+
+
+def decode(source: str | Path | bytes | BinaryIO, *, max_duration_s: float) -> Audio:
+    """Decode a file (path, bytes or binary file object) to 16 kHz mono float32.
+
+    Raises ``UNSUPPORTED_FORMAT`` for content that is none of the supported formats (a video
+    without audio included), ``INVALID_AUDIO`` for a supported container that does not decode or
+    holds no audio, and ``AUDIO_TOO_LONG`` as soon as the audio is known to exceed the limit.
+    """
+    stream: BinaryIO
+    if isinstance(source, bytes):
+        stream = io.BytesIO(source)
+    elif isinstance(source, (str, Path)):
+        stream = open(source, "rb")  # noqa: SIM115 - closed below
+    else:
+        stream = source
+    try:
+        head = stream.read(16 * 1024)
+        stream.seek(0)
+        if not head:
+            raise InvalidAudio("The audio file is empty")
+        fmt = sniff_format(head)
+        if fmt is None:
+            raise UnsupportedFormat("Unsupported audio format: the content is not WAV, MP3, FLAC, OGG or M4A")
+        samples = _decode_stream(stream, fmt, max_duration_s)
+    finally:
+        if isinstance(source, (str, Path)):
+            stream.close()
+    return Audio(samples=samples, source_format=fmt)
+
+
+def _decode_stream(stream: BinaryIO, fmt: str, max_duration_s: float) -> np.ndarray:
+    max_samples = int(max_duration_s * SAMPLE_RATE)
+    try:
+        container = av.open(stream, mode="r", format=_DEMUXERS[fmt])
+    except av.FFmpegError as exc:
+        raise InvalidAudio(f"The {fmt} file cannot be decoded: {exc}") from None
+    with container:
+        if not container.streams.audio:
+            if fmt == "m4a" and container.streams.video:
+                raise UnsupportedFormat("Unsupported format: the file has video but no audio track")
+            raise InvalidAudio(f"The {fmt} file holds no audio stream")
+        audio_stream = container.streams.audio[0]
+        if fmt == "m4a" and audio_stream.codec_context.name not in _MP4_AUDIO_CODECS:
+            raise UnsupportedFormat(
+                f"Unsupported audio codec in an MP4 container: {audio_stream.codec_context.name}"
+            )
+        # Refuse early when the container already says it is too long; the sample count below
+        # is what really decides, since a header can lie.
+        if container.duration is not None and container.duration / av.time_base > max_duration_s + 1:
+            raise AudioTooLong(int(max_duration_s))
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        chunks: list[np.ndarray] = []
+        total = 0
+        try:
+            for frame in container.decode(audio_stream):
+                for out in resampler.resample(frame):
+                    chunk = out.to_ndarray().reshape(-1)
+                    chunks.append(chunk)
+                    total += len(chunk)
+                if total > max_samples:
+                    raise AudioTooLong(int(max_duration_s))
+            for out in resampler.resample(None):
+                chunk = out.to_ndarray().reshape(-1)
+                chunks.append(chunk)
+                total += len(chunk)
+        except av.FFmpegError as exc:
+            raise InvalidAudio(f"The {fmt} file is corrupt: {exc}") from None
+    if total > max_samples:
+        raise AudioTooLong(int(max_duration_s))
+    if total == 0:
+        raise InvalidAudio(f"The {fmt} file holds no audio")
+    samples = np.concatenate(chunks).astype(np.float32, copy=False)
+    return np.clip(samples, -1.0, 1.0, out=samples)

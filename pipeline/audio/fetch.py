@@ -1,0 +1,227 @@
+"""Fetch audio from ``http(s)://`` and ``s3://`` URLs into a local file, within limits.
+
+http(s): the host is resolved once, every address is checked by the SSRF guard, and the
+connection goes to the checked address (the name travels in ``Host`` and TLS SNI), so a DNS
+answer cannot change between the check and the connect. Redirects are followed by hand and each
+hop is checked again. Bodies stream to disk and reading stops past the byte cap.
+
+s3: through s3fs, configured by the standard AWS variables (``AWS_ENDPOINT_URL`` included). The
+endpoint is the operator's choice, so it is not subject to the guard.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from pipeline.core.errors import FetchFailed, FileTooLarge, ForbiddenUrl, InvalidParameter
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# (host, port) -> the addresses the host resolves to. Injectable so tests never need real DNS.
+Resolver = Callable[[str, int], Sequence[str]]
+
+_CHUNK = 256 * 1024
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_REDIRECTS = {301, 302, 303, 307, 308}
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def is_public_address(ip: IPAddress) -> bool:
+    """True for globally routable unicast addresses; False for loopback, private, link-local,
+    multicast, reserved, unspecified and shared (CGNAT) space, including IPv4 mapped in IPv6."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return is_public_address(ip.ipv4_mapped)
+        if ip in _NAT64:  # 64:ff9b::a.b.c.d reaches a.b.c.d through a NAT64 gateway
+            return is_public_address(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if ip.is_site_local:  # deprecated fec0::/10, which is_global does not exclude
+            return False
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+
+
+@dataclass(frozen=True)
+class UrlGuard:
+    """Decides which addresses URLs given by users may reach."""
+
+    allow_private: bool = False
+    allowlist: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    resolver: Resolver = field(default=system_resolver, compare=False)
+
+    @classmethod
+    def from_settings(cls, allow_private: bool, allowlist: Sequence[str], resolver: Resolver = system_resolver) -> "UrlGuard":
+        return cls(allow_private, tuple(ipaddress.ip_network(n, strict=False) for n in allowlist), resolver)
+
+    def allows(self, ip: IPAddress) -> bool:
+        return self.allow_private or is_public_address(ip) or any(ip in net for net in self.allowlist)
+
+    def resolve(self, url: str) -> str:
+        """Check an http(s) URL and return the one address to connect to."""
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            raise InvalidParameter(f"Malformed URL: {url}", param="url") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidParameter(f"Not a valid http(s) URL: {url}", param="url")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise InvalidParameter(f"Invalid port in URL: {url}", param="url") from None
+        try:
+            literal = ipaddress.ip_address(parts.hostname)
+            candidates = [str(literal)]
+        except ValueError:
+            try:
+                candidates = list(self.resolver(parts.hostname, port))
+            except (OSError, UnicodeError) as exc:
+                raise FetchFailed(f"Cannot resolve host {parts.hostname!r}: {exc}") from None
+        if not candidates:
+            raise FetchFailed(f"Cannot resolve host {parts.hostname!r}")
+        addresses = [ipaddress.ip_address(c.split("%")[0]) for c in candidates]
+        # Every address must pass: otherwise a name with one public and one private record
+        # would let a later connection land on the private one.
+        refused = [a for a in addresses if not self.allows(a)]
+        if refused:
+            raise ForbiddenUrl(
+                f"URL host {parts.hostname!r} resolves to a non-public address, which is not allowed"
+            )
+        return str(addresses[0])
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    max_bytes: int
+    max_mb: int
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0
+    total_timeout_s: float = 600.0
+    max_redirects: int = 5
+
+
+class _Sink:
+    """Counts bytes into a file and stops at the cap."""
+
+    def __init__(self, out: BinaryIO, limits: FetchLimits) -> None:
+        self.out, self.limits, self.written = out, limits, 0
+
+    def write(self, chunk: bytes) -> None:
+        self.written += len(chunk)
+        if self.written > self.limits.max_bytes:
+            raise FileTooLarge(self.limits.max_mb)
+        self.out.write(chunk)
+
+
+def pinned_request(
+    client: httpx.Client, method: str, url: str, guard: UrlGuard, *, headers: dict[str, str], content: bytes | None = None
+) -> httpx.Request:
+    """A request to the address the guard checked, carrying the URL's name in Host and TLS SNI."""
+    ip = guard.resolve(url)
+    parts = urlsplit(url)
+    return client.build_request(
+        method,
+        httpx.URL(url).copy_with(host=ip),
+        headers={**headers, "Host": parts.netloc.rsplit("@", 1)[-1]},
+        content=content,
+        extensions={"sni_hostname": parts.hostname},
+    )
+
+
+def fetch_http(url: str, out: BinaryIO, guard: UrlGuard, limits: FetchLimits) -> None:
+    """Stream an http(s) URL into ``out``; raises HarkErrors for every refusal or failure."""
+    deadline = time.monotonic() + limits.total_timeout_s
+    timeout = httpx.Timeout(
+        connect=limits.connect_timeout_s, read=limits.read_timeout_s, write=limits.read_timeout_s, pool=limits.connect_timeout_s
+    )
+    # trust_env=False: a proxy from the environment would connect on our behalf to whatever the
+    # name resolves to there, defeating the address check.
+    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        for _ in range(limits.max_redirects + 1):
+            parts = urlsplit(url)
+            request = pinned_request(
+                client, "GET", url, guard, headers={"Accept": "audio/*, */*", "Accept-Encoding": "identity"}
+            )
+            try:
+                response = client.send(request, stream=True)
+            except httpx.TimeoutException:
+                raise FetchFailed(f"Timed out waiting for {parts.hostname}") from None
+            except httpx.HTTPError as exc:
+                raise FetchFailed(f"Could not fetch the URL: {exc}") from None
+            try:
+                if response.status_code in _REDIRECTS:
+                    location = response.headers.get("location")
+                    if not location:
+                        raise FetchFailed("Redirect without a Location header", status=response.status_code)
+                    try:
+                        url = urljoin(url, location)
+                        scheme = urlsplit(url).scheme
+                    except ValueError:
+                        raise FetchFailed(f"Redirect to a malformed URL: {location}") from None
+                    if scheme not in ("http", "https"):
+                        raise ForbiddenUrl("Redirect to a non-http(s) URL is not allowed")
+                    continue
+                if response.status_code >= 400:
+                    raise FetchFailed(
+                        f"The URL answered HTTP {response.status_code}", status=response.status_code
+                    )
+                declared = response.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > limits.max_bytes:
+                    raise FileTooLarge(limits.max_mb)
+                sink = _Sink(out, limits)
+                try:
+                    for chunk in response.iter_bytes(_CHUNK):
+                        sink.write(chunk)
+                        if time.monotonic() > deadline:
+                            raise FetchFailed(f"Download exceeded {limits.total_timeout_s:.0f} s")
+                except httpx.TimeoutException:
+                    raise FetchFailed("Timed out reading from the URL") from None
+                except httpx.HTTPError as exc:
+                    raise FetchFailed(f"Download failed: {exc}") from None
+                return
+            finally:
+                response.close()
+    raise FetchFailed(f"More than {limits.max_redirects} redirects")
+
+
+def fetch_s3(url: str, out: BinaryIO, limits: FetchLimits, filesystem=None) -> None:
+    """Stream ``s3://bucket/key`` into ``out`` via s3fs (credentials and endpoint from AWS_*)."""
+    parts = urlsplit(url)
+    if not parts.netloc or not parts.path.strip("/"):
+        raise InvalidParameter(f"Not a valid s3 URL (s3://bucket/key): {url}", param="url")
+    if filesystem is None:
+        import s3fs
+
+        filesystem = s3fs.S3FileSystem(
+            config_kwargs={
+                "connect_timeout": limits.connect_timeout_s,
+                "read_timeout": limits.read_timeout_s,
+                "retries": {"max_attempts": 3},
+            }
+        )
+    path = f"{parts.netloc}{parts.path}"
+    deadline = time.monotonic() + limits.total_timeout_s
+    try:
+        size = filesystem.info(path).get("size")
+        if size is not None and size > limits.max_bytes:
+            raise FileTooLarge(limits.max_mb)
+        sink = _Sink(out, limits)
+        with filesystem.open(path, "rb", block_size=4 * _CHUNK, cache_type="none") as remote:
+            while chunk := remote.read(_CHUNK):
+                sink.write(chunk)
+                if time.monotonic() > deadline:
+                    raise FetchFailed(f"Download exceeded {limits.total_timeout_s:.0f} s")
+    except FileNotFoundError:
+        raise FetchFailed(f"The object does not exist: {url}", status=404) from None
+    except PermissionError:
+        raise FetchFailed(f"Access denied to {url}", status=403) from None
+    except (OSError, ValueError) as exc:
+        raise FetchFailed(f"Could not read {url}: {exc}") from None

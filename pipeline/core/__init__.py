@@ -1,0 +1,1 @@
+"""Values, errors, settings and languages every other package uses; imports nothing of Hark."""

@@ -1,0 +1,163 @@
+"""Per-key limits: requests per minute, concurrent requests, audio hours per UTC day.
+
+Pure logic with an injected clock. One ``LimitBook`` serves every ingress replica (it lives in a
+single Ray Serve deployment), so a limit holds whichever replica takes a request.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pipeline.core.errors import HarkError, RateLimited
+from pipeline.core.settings import KeyLimits
+
+WINDOW_S = 60.0
+DAY_S = 86_400.0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """An admitted request: holds one concurrency slot until released."""
+
+    lease_id: str
+    key_id: str
+    headers: dict[str, str]
+
+
+@dataclass
+class _KeyState:
+    recent: deque = field(default_factory=deque)  # admission times within the last WINDOW_S
+    leases: dict[str, float] = field(default_factory=dict)  # lease id -> expiry time
+    day: int = -1
+    audio_s: float = 0.0
+
+
+def book_from_settings(settings, clock: Callable[[], float] | None = None) -> "LimitBook":
+    """A ``LimitBook`` for ``Settings.limits``; per-key overrides may name a key or its id."""
+    from pipeline.service.auth import key_id
+
+    cfg = settings.limits
+    default = KeyLimits(**cfg.model_dump(exclude={"per_key"}))
+    per_key = {
+        (name if name.startswith("key_") else key_id(name)): KeyLimits(**{**default.model_dump(), **values})
+        for name, values in cfg.per_key.items()
+    }
+    return LimitBook(default, per_key, clock)
+
+
+class LimitBook:
+    def __init__(
+        self,
+        default: KeyLimits,
+        per_key: dict[str, KeyLimits] | None = None,
+        clock: Callable[[], float] | None = None,
+        lease_ttl_s: float = 4 * 3600,
+    ) -> None:
+        import time
+
+        self._default = default
+        self._per_key = dict(per_key or {})
+        self._clock = clock or time.time
+        # A lease whose release never came (its ingress died) frees itself after this long.
+        self._lease_ttl_s = lease_ttl_s
+        self._keys: dict[str, _KeyState] = {}
+        self.refusals: dict[str, int] = {"requests_per_minute": 0, "concurrent_requests": 0, "audio_hours_per_day": 0}
+
+    def limits_for(self, key_id: str) -> KeyLimits:
+        return self._per_key.get(key_id, self._default)
+
+    def _state(self, key_id: str, now: float) -> _KeyState:
+        state = self._keys.setdefault(key_id, _KeyState())
+        while state.recent and state.recent[0] <= now - WINDOW_S:
+            state.recent.popleft()
+        for lease_id, expiry in list(state.leases.items()):
+            if expiry <= now:
+                del state.leases[lease_id]
+        day = int(now // DAY_S)
+        if day != state.day:
+            state.day, state.audio_s = day, 0.0
+        return state
+
+    def _headers(self, limits: KeyLimits, state: _KeyState, now: float) -> dict[str, str]:
+        if not limits.requests_per_minute:
+            return {}
+        remaining = max(0, limits.requests_per_minute - len(state.recent))
+        reset = math.ceil(state.recent[0] + WINDOW_S - now) if state.recent else 0
+        return {
+            "X-RateLimit-Limit": str(limits.requests_per_minute),
+            "X-RateLimit-Remaining": str(remaining),
+            "X-RateLimit-Reset": str(max(0, reset)),
+        }
+
+    def _refuse(self, which: str, message: str, retry_after: float, headers: dict[str, str]) -> HarkError:
+        self.refusals[which] += 1
+        return RateLimited(message, retry_after=max(1, math.ceil(retry_after))).with_headers(headers)
+
+    def admit(self, key_id: str) -> Lease:
+        """Count a request and take a concurrency slot, or raise ``RATE_LIMITED``."""
+        now = self._clock()
+        limits = self.limits_for(key_id)
+        state = self._state(key_id, now)
+        if limits.requests_per_minute and len(state.recent) >= limits.requests_per_minute:
+            wait = state.recent[0] + WINDOW_S - now
+            raise self._refuse(
+                "requests_per_minute",
+                f"Over {limits.requests_per_minute} requests per minute for this key",
+                wait,
+                self._headers(limits, state, now),
+            )
+        if limits.concurrent_requests and len(state.leases) >= limits.concurrent_requests:
+            raise self._refuse(
+                "concurrent_requests",
+                f"Over {limits.concurrent_requests} concurrent requests for this key",
+                # The real wait is until one of them ends, which nobody knows; 1 s is the shortest
+                # honest answer.
+                1,
+                self._headers(limits, state, now),
+            )
+        self._check_audio(key_id, limits, state, now, 0.0)
+        state.recent.append(now)
+        lease = Lease(uuid.uuid4().hex, key_id, self._headers(limits, state, now))
+        state.leases[lease.lease_id] = now + self._lease_ttl_s
+        return lease
+
+    def _check_audio(self, key_id: str, limits: KeyLimits, state: _KeyState, now: float, seconds: float) -> None:
+        quota_s = limits.audio_hours_per_day * 3600
+        if not quota_s:
+            return
+        if state.audio_s >= quota_s or (seconds and state.audio_s + seconds > quota_s):
+            raise self._refuse(
+                "audio_hours_per_day",
+                f"Over {limits.audio_hours_per_day:g} audio hours per day for this key",
+                (state.day + 1) * DAY_S - now,
+                self._headers(limits, state, now),
+            )
+
+    def check_audio(self, key_id: str, seconds: float) -> None:
+        """Before transcribing: refuse if ``seconds`` more would exceed the daily quota."""
+        now = self._clock()
+        self._check_audio(key_id, self.limits_for(key_id), self._state(key_id, now), now, seconds)
+
+    def charge_audio(self, key_id: str, seconds: float) -> None:
+        """After transcribing: count the decoded duration against the daily quota."""
+        now = self._clock()
+        self._state(key_id, now).audio_s += seconds
+
+    def release(self, lease_id: str, key_id: str) -> None:
+        state = self._keys.get(key_id)
+        if state is not None:
+            state.leases.pop(lease_id, None)
+
+    def in_flight(self) -> int:
+        """Leases held across all keys: the app's queue depth."""
+        now = self._clock()
+        return sum(len(self._state(k, now).leases) for k in list(self._keys))
+
+    def usage(self, key_id: str) -> dict[str, float]:
+        now = self._clock()
+        state = self._state(key_id, now)
+        return {"requests_last_minute": len(state.recent), "concurrent": len(state.leases), "audio_s_today": state.audio_s}

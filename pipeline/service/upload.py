@@ -1,0 +1,128 @@
+"""Read the body of ``POST /v1/listen``: JSON, a multipart form, or raw audio bytes.
+
+Framework-free: it takes the content type and an async iterator of body chunks, so it reads
+as the bytes arrive and stops at the cap instead of buffering a huge body first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import python_multipart
+from python_multipart.exceptions import FormParserError
+
+from pipeline.core.errors import FileTooLarge, InvalidParameter
+
+MAX_JSON_BYTES = 1_000_000
+# Room for the multipart boundaries and the option fields around the file.
+FORM_OVERHEAD_BYTES = 1_000_000
+AUDIO_FIELD = "audio"
+
+
+@dataclass(frozen=True)
+class ListenInput:
+    fields: dict[str, Any] = field(default_factory=dict)  # options found in the body
+    url: str | None = None
+    audio: bytes | None = None
+
+
+async def read_listen_input(
+    content_type: str | None,
+    body: AsyncIterator[bytes],
+    *,
+    content_length: int | None,
+    max_bytes: int,
+    max_mb: int,
+) -> ListenInput:
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        return _from_json(await _read_capped(body, MAX_JSON_BYTES, content_length, lambda: _json_too_large()))
+    if media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        return await _from_form(content_type or "", body, content_length, max_bytes, max_mb)
+    too_large = lambda: FileTooLarge(max_mb)  # noqa: E731
+    data = await _read_capped(body, max_bytes, content_length, too_large)
+    # Raw audio in the body (Deepgram's way: Content-Type audio/*, or none at all).
+    return ListenInput(audio=data) if data else ListenInput()
+
+
+def _json_too_large() -> InvalidParameter:
+    return InvalidParameter("JSON body too large: send audio as a multipart upload", param="body")
+
+
+async def _read_capped(body: AsyncIterator[bytes], cap: int, content_length: int | None, error) -> bytes:
+    if content_length is not None and content_length > cap:
+        raise error()
+    chunks, total = [], 0
+    async for chunk in body:
+        total += len(chunk)
+        if total > cap:
+            raise error()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _from_json(raw: bytes) -> ListenInput:
+    try:
+        payload = json.loads(raw) if raw.strip() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidParameter(f"Malformed JSON body: {exc}", param="body") from None
+    if not isinstance(payload, dict):
+        raise InvalidParameter("The JSON body must be an object", param="body")
+    url = payload.pop("url", None)
+    if url is not None and not isinstance(url, str):
+        raise InvalidParameter("'url' must be a string", param="url")
+    return ListenInput(fields=payload, url=url or None)
+
+
+async def _from_form(
+    content_type: str, body: AsyncIterator[bytes], content_length: int | None, max_bytes: int, max_mb: int
+) -> ListenInput:
+    cap = max_bytes + FORM_OVERHEAD_BYTES
+    if content_length is not None and content_length > cap:
+        raise FileTooLarge(max_mb)
+    raw_fields: dict[str, bytes] = {}
+    files: dict[str, Any] = {}
+
+    def on_field(f) -> None:
+        raw_fields[f.field_name.decode()] = f.value or b""
+
+    def on_file(f) -> None:
+        files[f.field_name.decode()] = f
+
+    _, params = python_multipart.multipart.parse_options_header(content_type)
+    try:
+        parser = python_multipart.FormParser(
+            content_type.split(";")[0].strip().lower(),
+            on_field,
+            on_file,
+            boundary=params.get(b"boundary"),
+            # Files above 1 MiB spool to a temporary file, not memory.
+            config={"MAX_MEMORY_FILE_SIZE": 1024 * 1024, "MAX_BODY_SIZE": cap},
+        )
+        total = 0
+        async for chunk in body:
+            total += len(chunk)
+            if total > cap:
+                raise FileTooLarge(max_mb)
+            parser.write(chunk)
+        parser.finalize()
+    except (FormParserError, ValueError) as exc:
+        raise InvalidParameter(f"Malformed form body: {exc}", param="body") from None
+    try:
+        # A part without a filename arrives as a plain field: take its bytes as the audio too.
+        audio = raw_fields.pop(AUDIO_FIELD, None)
+        if AUDIO_FIELD in files:
+            upload = files[AUDIO_FIELD]
+            upload.file_object.seek(0)
+            audio = upload.file_object.read()
+    finally:
+        for upload in files.values():
+            upload.close()
+    if audio is not None and len(audio) > max_bytes:
+        raise FileTooLarge(max_mb)
+    fields = {name: value.decode("utf-8", "replace") for name, value in raw_fields.items()}
+    url = fields.pop("url", None) or None
+    return ListenInput(fields=fields, url=url, audio=audio)

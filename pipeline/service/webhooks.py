@@ -1,0 +1,77 @@
+"""Webhook delivery, signed the Standard Webhooks way, to callback URLs that pass the SSRF guard."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import random
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+import httpx
+from standardwebhooks import Webhook
+
+from pipeline.core.errors import HarkError
+from pipeline.audio.fetch import UrlGuard, pinned_request
+
+# Besides 2xx (done) and 5xx (retry), these mean "try again later" too.
+_RETRYABLE_4XX = {408, 429}
+
+
+def webhook_signer(secret: str) -> Webhook:
+    """``whsec_<base64>`` keys with the decoded bytes (as the Standard Webhooks libraries do);
+    any other string keys with its UTF-8 bytes."""
+    return Webhook(secret if secret.startswith("whsec_") else secret.encode())
+
+
+@dataclass(frozen=True)
+class Attempt:
+    delivered: bool
+    retry: bool  # worth trying again
+    status: int | None = None
+    error: str | None = None
+    retry_after_s: float | None = None  # what the receiver asked for
+
+
+def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with jitter: attempt 1 waits ~base, then doubling, capped."""
+    ceiling = min(max_s, base_s * 2 ** max(0, attempt - 1))
+    return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
+def deliver(url: str, payload: dict, msg_id: str, signer: Webhook, guard: UrlGuard, timeout_s: float) -> Attempt:
+    """One delivery attempt."""
+    body = json.dumps(payload, separators=(",", ":"))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    headers = {
+        "Content-Type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": signer.sign(msg_id, now, body),
+        "User-Agent": "Hark-Webhooks/1",
+    }
+    try:
+        with httpx.Client(timeout=timeout_s, follow_redirects=False, trust_env=False) as client:
+            response = client.send(pinned_request(client, "POST", url, guard, headers=headers, content=body.encode()))
+    except HarkError as exc:  # refused by the guard, or the name does not resolve
+        return Attempt(False, retry=exc.code == "FETCH_FAILED", error=exc.message)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        return Attempt(False, retry=not isinstance(exc, httpx.InvalidURL), error=f"{type(exc).__name__}: {exc}")
+    status = response.status_code
+    if 200 <= status < 300:
+        return Attempt(True, retry=False, status=status)
+    retry = status >= 500 or status in _RETRYABLE_4XX
+    return Attempt(False, retry=retry, status=status, error=f"HTTP {status}",
+                   retry_after_s=_retry_after(response.headers.get("retry-after")))

@@ -1,0 +1,192 @@
+"""Live transcription of an audio stream: VAD-driven utterances, interim results that settle.
+
+The session keeps the audio of the current utterance. Every ``interim_every_s`` of new speech it
+re-decodes the utterance; words on which two successive hypotheses agree (local agreement), and
+that are not in the last ``unstable_tail_s`` of audio, become final and never change. When the
+speaker pauses for ``endpointing_ms`` (Silero VAD), the whole utterance is decoded once more and
+what was not yet final is finalised with ``speech_final``. Decoding goes through an injected
+coroutine, so the service uses the same ASR deployment as batch requests and tests can fake it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.transcription.render import api_words, strip_punctuation
+from pipeline.audio.vad import silero_speech
+from pipeline.core.types import SAMPLE_RATE, AsrOptions, Audio, Transcript, Word
+
+Transcribe = Callable[[Audio, AsrOptions], Awaitable[Transcript]]
+# (samples) -> list of (start, end) sample indices of speech
+Vad = Callable[[np.ndarray], list[tuple[int, int]]]
+
+
+# Short silences and little padding: an utterance must end within endpointing_ms of silence.
+silero_vad = silero_speech(min_silence_duration_ms=100, speech_pad_ms=30, min_speech_duration_ms=100)
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    language: str | None = None
+    punctuate: bool = True
+    interim_results: bool = True
+    endpointing_ms: int = 300  # silence that ends an utterance
+    interim_every_s: float = 1.5
+    unstable_tail_s: float = 0.6  # words ending this close to the live edge are not final yet
+    max_utterance_s: float = 25.0  # an utterance is cut (finalised) at this length
+    vad_every_s: float = 0.1
+    final_beam_size: int | None = 1  # None: the engine's width (slower on CPUs, a little more accurate)
+
+
+@dataclass
+class StreamingSession:
+    transcribe: Transcribe
+    options: StreamOptions = field(default_factory=StreamOptions)
+    vad: Vad = silero_vad
+    buffer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # the utterance so far
+    offset_s: float = 0.0  # absolute time of buffer[0]
+    received_s: float = 0.0
+    committed: list[Word] = field(default_factory=list)  # final words of this utterance (absolute)
+    previous: list[Word] | None = None  # last hypothesis beyond the committed words
+    speech_seen: bool = False
+    trailing_silence_s: float = 0.0
+    _since_vad: int = 0
+    _decoded_len: int = 0
+    language: str | None = None
+
+    def __post_init__(self) -> None:
+        self.language = self.options.language
+
+    # ---- input ----------------------------------------------------------------------------------
+
+    async def feed(self, samples: np.ndarray) -> list[dict[str, Any]]:
+        """Add 16 kHz mono audio; returns the Results messages it produced."""
+        self.buffer = np.concatenate([self.buffer, samples.astype(np.float32, copy=False)])
+        self.received_s += len(samples) / SAMPLE_RATE
+        self._since_vad += len(samples)
+        if self._since_vad < self.options.vad_every_s * SAMPLE_RATE:
+            return []
+        self._since_vad = 0
+        self._update_vad()
+        if not self.speech_seen:
+            # Nothing said yet: keep only the last half second, so silence costs no memory.
+            keep = int(0.5 * SAMPLE_RATE)
+            if len(self.buffer) > 2 * keep:
+                drop = len(self.buffer) - keep
+                self.buffer = self.buffer[drop:]
+                self.offset_s += drop / SAMPLE_RATE
+            return []
+        duration = len(self.buffer) / SAMPLE_RATE
+        if self.trailing_silence_s * 1000 >= self.options.endpointing_ms:
+            return await self._finalise(speech_final=True)
+        if duration >= self.options.max_utterance_s:
+            return await self._finalise(speech_final=False)
+        if (len(self.buffer) - self._decoded_len) >= self.options.interim_every_s * SAMPLE_RATE:
+            return await self._interim()
+        return []
+
+    async def finish(self) -> list[dict[str, Any]]:
+        """The stream ended: finalise whatever is pending."""
+        if self.speech_seen:
+            return await self._finalise(speech_final=True)
+        return []
+
+    def _update_vad(self) -> None:
+        # Only the last second: enough to see a pause of up to 1 s, and cheap to run every 0.1 s.
+        tail_n = min(len(self.buffer), int(1.0 * SAMPLE_RATE))
+        regions = self.vad(self.buffer[-tail_n:]) if tail_n >= 512 else []
+        if regions:
+            self.speech_seen = True
+            self.trailing_silence_s = (tail_n - regions[-1][1]) / SAMPLE_RATE
+        elif self.speech_seen:
+            self.trailing_silence_s = tail_n / SAMPLE_RATE
+
+    # ---- decoding -------------------------------------------------------------------------------
+
+    async def _decode(self, beam_size: int | None) -> list[Word]:
+        self._decoded_len = len(self.buffer)
+        duration = len(self.buffer) / SAMPLE_RATE
+        # Latency first: one temperature, and a token budget far above speech rates (~4 tokens/s)
+        # that stops a looping decoder early. No prompt: on short chunks it invites loops.
+        opts = AsrOptions(
+            language=self.language, word_timestamps=True, beam_size=beam_size,
+            temperature_fallback=False, max_new_tokens=int(20 + 10 * duration),
+        )
+        transcript = await self.transcribe(Audio(self.buffer.copy()), opts)
+        if self.language is None and transcript.words:
+            self.language = transcript.language  # keep one language for the whole stream
+        committed_end = self.committed[-1].end if self.committed else -1.0
+        words = [
+            Word(w.text, w.start + self.offset_s, w.end + self.offset_s, w.probability) for w in transcript.words
+        ]
+        # Only what lies after the final words: those never change.
+        fresh = [w for w in words if w.start >= committed_end - 0.02]
+        # A re-decode can repeat the last final words with shifted times: drop such an overlap.
+        tail = [_norm(w.text) for w in self.committed[-5:]]
+        for k in range(min(len(tail), len(fresh)), 0, -1):
+            if tail[-k:] == [_norm(w.text) for w in fresh[:k]]:
+                return fresh[k:]
+        return fresh
+
+    async def _interim(self) -> list[dict[str, Any]]:
+        hypothesis = await self._decode(beam_size=1)
+        events = []
+        live_edge = self.offset_s + len(self.buffer) / SAMPLE_RATE
+        agreed: list[Word] = []
+        if self.previous is not None:
+            for old, new in zip(self.previous, hypothesis):
+                if _norm(old.text) != _norm(new.text) or new.end > live_edge - self.options.unstable_tail_s:
+                    break
+                agreed.append(new)
+        if agreed:
+            self.committed += agreed
+            events.append(self._results(agreed, is_final=True, speech_final=False))
+            # Final audio need not be decoded again, but Whisper drops words when a chunk starts
+            # mid-phrase: restart the buffer only after a final word that ends a sentence (or
+            # when the buffer grows long), never in the middle of one.
+            cut_at = next((w for w in reversed(agreed) if w.text.rstrip().endswith((".", "?", "!", "。", "？", "！"))), None)
+            if cut_at is None and len(self.buffer) / SAMPLE_RATE > self.options.max_utterance_s / 2:
+                cut_at = agreed[-1]
+            if cut_at is not None:
+                cut = int(round((cut_at.end - self.offset_s) * SAMPLE_RATE))
+                self.buffer = self.buffer[cut:]
+                self.offset_s = cut_at.end
+                self._decoded_len = max(0, self._decoded_len - cut)
+        rest = hypothesis[len(agreed):]
+        self.previous = rest
+        if rest and self.options.interim_results:
+            events.append(self._results(rest, is_final=False, speech_final=False))
+        return events
+
+    async def _finalise(self, speech_final: bool) -> list[dict[str, Any]]:
+        words = await self._decode(beam_size=self.options.final_beam_size)
+        end = self.offset_s + len(self.buffer) / SAMPLE_RATE
+        events = [self._results(words, is_final=True, speech_final=speech_final, end=end)]
+        self.offset_s = end
+        self.buffer = np.zeros(0, np.float32)
+        self.committed, self.previous = [], None
+        self.speech_seen, self.trailing_silence_s, self._decoded_len = False, 0.0, 0
+        return events
+
+    def _results(self, words: list[Word], *, is_final: bool, speech_final: bool, end: float | None = None) -> dict[str, Any]:
+        start = words[0].start if words else self.offset_s
+        stop = end if end is not None and not words else (words[-1].end if words else start)
+        text = "".join(w.text for w in words).strip()
+        return {
+            "type": "Results",
+            "is_final": is_final,
+            "speech_final": speech_final,
+            "start": round(start, 3),
+            "duration": round(max(0.0, stop - start), 3),
+            "text": text if self.options.punctuate else strip_punctuation(text),
+            "words": [w.model_dump(exclude_none=True) for w in api_words(words, self.options.punctuate)],
+            "language": self.language,
+        }
+
+
+def _norm(text: str) -> str:
+    return strip_punctuation(text)
