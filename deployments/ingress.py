@@ -1,39 +1,36 @@
-"""HTTP ingress: auth, limits, request parsing, composition of fetch and ASR, errors as ``API.md``."""
+"""HTTP ingress: routes, auth and admission, then the core's flow, job runner and stream server.
+
+What a request means lives in ``pipeline``: bodies (``service.upload``), options
+(``transcription.schemas``), the flow (``transcription.flow``), jobs (``service.runner``), streams
+(``streaming.server``). This module adapts FastAPI and the deployment handles to them.
+"""
 
 import asyncio
 import contextvars
-import hashlib
-import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
-
-from deployments import replica_info
-from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.service.auth import KeyRing
-from pipeline.core.errors import (
-    HarkError,
-    InvalidParameter,
-    MissingParameter,
-    FetchFailed,
-    ServiceUnavailable,
-    StreamTimeout,
-    error_from_body,
-)
-from deployments.compose import Composer
-from pipeline.audio.loader import AudioLoader
-from pipeline.transcription.schemas import ListenParams
+from deployments import replica_info
+from deployments.handles import HandleAudio, HandleMeter, HandleRecognizer, HandleSpeakers, call, unwrap
+from pipeline.audio.fetch import UrlGuard
+from pipeline.core.errors import HarkError, InvalidParameter, MissingParameter
 from pipeline.core.settings import Settings
-from pipeline.service.upload import ListenInput, read_listen_input
+from pipeline.service.auth import KeyRing
+from pipeline.service.runner import JobRequest, refuse_unrunnable
+from pipeline.service.upload import read_listen_input
+from pipeline.streaming.server import ChannelClosed, StreamServer, send_error
+from pipeline.transcription.flow import TranscriptionFlow
+from pipeline.transcription.schemas import ListenParams
 
 logger = logging.getLogger("ray.serve")
 
@@ -56,59 +53,37 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse({"error": str(exc.detail), "code": code}, status_code=exc.status_code)
 
 
-def unwrap(exc: BaseException, retry_after_s: int) -> HarkError:
-    """The API error for whatever a handle call raised."""
-    if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
-        exc = exc.cause
-    if isinstance(exc, HarkError):
-        return exc
-    if isinstance(exc, BackPressureError):
-        return ServiceUnavailable(retry_after=retry_after_s)
-    if isinstance(exc, RayActorError):
-        return ServiceUnavailable("The worker handling the request stopped; please retry", retry_after=retry_after_s)
-    logger.exception("Unexpected error", exc_info=exc)
-    return HarkError("Internal error")
+@dataclass
+class _Answer:
+    status: int
+    body: dict
+    headers: dict[str, str] = field(default_factory=dict)
+    audio_s: float = 0.0  # decoded audio transcribed, for the metrics
 
 
-def _int_param(query, name: str, default: int, low: int, high: int) -> int:
-    raw = query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidParameter(f"{name} must be an integer", param=name) from None
-    if not low <= value <= high:
-        raise InvalidParameter(f"{name} must be between {low} and {high}", param=name)
-    return value
+class _WebSocketChannel:
+    """Starlette's WebSocket as the core's ``Channel``."""
 
+    def __init__(self, ws: WebSocket) -> None:
+        self._ws = ws
 
-def _bool_param(query, name: str, default: bool) -> bool:
-    raw = query.get(name)
-    if raw is None:
-        return default
-    if raw.lower() in ("true", "1", "yes", "on"):
-        return True
-    if raw.lower() in ("false", "0", "no", "off"):
-        return False
-    raise InvalidParameter(f"{name} must be true or false", param=name)
+    async def receive(self) -> dict[str, Any]:
+        try:
+            message = await self._ws.receive()
+        except WebSocketDisconnect:
+            raise ChannelClosed from None
+        if message["type"] == "websocket.disconnect":
+            raise ChannelClosed
+        return message
 
+    async def send_json(self, message: dict[str, Any]) -> None:
+        try:
+            await self._ws.send_json(message)
+        except WebSocketDisconnect:
+            raise ChannelClosed from None
 
-def _control(text: str | None) -> str | None:
-    """The type of a control message, or None for anything malformed."""
-    try:
-        kind = json.loads(text or "").get("type")
-    except (ValueError, AttributeError):
-        return None
-    return kind if kind in ("KeepAlive", "CloseStream") else None
-
-
-async def _ws_error(ws: WebSocket, err: HarkError, close_code: int) -> None:
-    try:
-        await ws.send_json({"type": "Error", **err.to_body()})
-        await ws.close(code=close_code, reason=err.code)
-    except Exception:  # the client may already be gone
-        pass
+    async def close(self, code: int, reason: str = "") -> None:
+        await self._ws.close(code=code, reason=reason)
 
 
 @serve.deployment(
@@ -131,10 +106,12 @@ class Ingress:
         self._keys = KeyRing(settings.license_keys)
         if not len(self._keys):
             logger.warning("No license keys configured: every request will be refused (HARK_LICENSE_KEYS)")
-        self._url_checker = AudioLoader(settings)
-        self._fetch = fetch
+        self._retry = retry = settings.retry_after_s
+        self._guard = UrlGuard.from_settings(settings.allow_private_urls, settings.url_allowlist)
+        self._audio = HandleAudio(fetch, retry)
         self._asr = asr
-        self._composer = Composer(asr, diarization, accounting)
+        self._flow = TranscriptionFlow(HandleRecognizer(asr, retry), HandleSpeakers(diarization, retry))
+        self._streams = StreamServer(self._flow, settings.stream_idle_timeout_s)
         self._accounting = accounting
         self._jobs = jobs
         self._background: set[asyncio.Task] = set()
@@ -161,19 +138,18 @@ class Ingress:
     @app.post(LISTEN_ROUTE)
     async def listen(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
-        outcome: dict = {"audio_s": 0.0}
+        audio_s = 0.0
         try:
-            status, body, headers = await self._listen(request, outcome)
-            response = JSONResponse(body, status_code=status, headers=headers)
-            code = ""
-        except BaseException as exc:  # noqa: BLE001 - every failure becomes an API error
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            err = unwrap(exc, self._settings.retry_after_s)
+            answer = await self._listen(request)
+            response = JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
+            code, audio_s = "", answer.audio_s
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an API error
+            err = unwrap(exc, self._retry)
             response, code = _error_response(err), err.code
         self._detached(
-            self._accounting.record.remote,
-            LISTEN_ROUTE, response.status_code, code, time.perf_counter() - started, outcome["audio_s"],
+            self._accounting.record.remote, LISTEN_ROUTE, response.status_code, code, time.perf_counter() - started, audio_s,
         )
         return response
 
@@ -181,21 +157,20 @@ class Ingress:
     async def job(self, job_id: str, request: Request) -> JSONResponse:
         key_id = self._keys.authenticate(request.headers.get("authorization"))
         try:
-            return JSONResponse(await self._jobs.get.remote(job_id, key_id))
-        except BaseException as exc:  # noqa: BLE001
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return _error_response(unwrap(exc, self._settings.retry_after_s))
+            return JSONResponse(await call(self._jobs.get.remote(job_id, key_id), self._retry))
+        except HarkError as err:
+            return _error_response(err)
 
-    async def _listen(self, request: Request, outcome: dict) -> tuple[int, dict, dict[str, str]]:
+    async def _listen(self, request: Request) -> _Answer:
         key_id = self._keys.authenticate(request.headers.get("authorization"))
         # Admission first: a refused request costs nothing, not even reading its body.
         lease = await self._accounting.admit.remote(key_id)
         try:
-            status, body = await self._transcribe(request, key_id, outcome)
+            answer = await self._transcribe(request, key_id)
         finally:
             self._detached(self._accounting.release.remote, lease.lease_id, key_id)
-        return status, body, lease.headers
+        answer.headers.update(lease.headers)
+        return answer
 
     def _detached(self, method, *args) -> None:
         """Call a handle method outside this request's context.
@@ -205,13 +180,13 @@ class Ingress:
         is not the request's child and runs to the end. (Leases also expire as a last resort.)
         """
 
-        async def call() -> None:
+        async def run() -> None:
             await method(*args)
 
-        self._background.add(task := asyncio.get_running_loop().create_task(call(), context=contextvars.Context()))
+        self._background.add(task := asyncio.get_running_loop().create_task(run(), context=contextvars.Context()))
         task.add_done_callback(self._background.discard)
 
-    async def _transcribe(self, request: Request, key_id: str, outcome: dict) -> tuple[int, dict]:
+    async def _transcribe(self, request: Request, key_id: str) -> _Answer:
         declared = request.headers.get("content-length")
         source = await read_listen_input(
             request.headers.get("content-type"),
@@ -225,166 +200,58 @@ class Ingress:
         if source.url is None and source.audio is None:
             raise MissingParameter()
         params = ListenParams.parse({**request.query_params, **source.fields})
-        await self._composer.check(params)
+        await self._flow.check(params)
         if source.url is not None:
-            self._url_checker.check_url(source.url)
+            self._guard.check_form(source.url)
         idempotency_key = request.headers.get("idempotency-key")
         if params.callback_url is not None or idempotency_key:
-            return await self._as_job(key_id, source, params, idempotency_key, request.query_params)
+            job = JobRequest(key_id, params, url=source.url, audio=source.audio, idempotency_key=idempotency_key)
+            return await self._as_job(job)
         if source.url is not None:
-            audio = await self._fetch.from_url.remote(source.url)
+            audio = await self._audio.from_url(source.url)
         else:
-            audio = await self._fetch.from_bytes.remote(source.audio)
+            audio = await self._audio.from_bytes(source.audio)
         # The decoded audio is awaited before the ASR call, not chained into it: Serve counts
         # a request against max_queued_requests only when it enters the router, and a chained
         # request enters before its input exists, so a full queue would never refuse it.
-        transcript, body = await self._composer.transcribe(audio, params, key_id, f"req_{uuid.uuid4().hex}")
-        outcome["audio_s"] = transcript.duration_s
-        return 200, body
+        result = await self._flow.run(audio, params, request_id=f"req_{uuid.uuid4().hex}",
+                                      meter=HandleMeter(self._accounting, key_id, self._retry))
+        return _Answer(200, result.body, audio_s=result.transcript.duration_s)
 
-    async def _as_job(self, key_id: str, source: ListenInput, params: ListenParams,
-                      idempotency_key: str | None, query) -> tuple[int, dict]:
+    async def _as_job(self, job: JobRequest) -> _Answer:
         """A job: answered 202 at once with a callback_url; else (an Idempotency-Key alone)
         awaited here, so that a repeat of the same request gets the same result."""
-        if params.callback_url is not None:
-            if self._settings.webhook_secret is None:
-                raise InvalidParameter(
-                    "callback_url needs a webhook signing secret on the server (HARK_WEBHOOK_SECRET)", param="callback_url"
-                )
-            self._url_checker.check_url(params.callback_url, param="callback_url", schemes=("http", "https"))
-            try:
-                # FORBIDDEN_URL now, not at delivery. getaddrinfo blocks: off the event loop.
-                await asyncio.to_thread(self._url_checker.guard.resolve, params.callback_url)
-            except FetchFailed as exc:
-                raise InvalidParameter(f"callback_url: {exc.message}", param="callback_url") from None
-        if source.url is not None and source.url.lower().startswith(("http://", "https://")):
-            # The job fetches later; refuse a forbidden audio URL now rather than in a failed job.
-            await asyncio.to_thread(self._url_checker.guard.resolve, source.url)
-        fields = params.model_dump(mode="json")
-        digest = hashlib.sha256(
-            json.dumps(
-                {"url": source.url, "audio": hashlib.sha256(source.audio).hexdigest() if source.audio is not None else None,
-                 "params": fields},
-                sort_keys=True,
-            ).encode()
-        ).hexdigest()
-        payload = None
-        if idempotency_key:
-            if len(idempotency_key) > 255:
-                raise InvalidParameter("Idempotency-Key is longer than 255 characters", param="Idempotency-Key")
-            found = await self._jobs.find_idempotent.remote(key_id, idempotency_key)
-            if found is not None:
-                payload, stored_digest = found
-                if stored_digest != digest:
-                    raise InvalidParameter("This Idempotency-Key was used with a different request", param="Idempotency-Key")
-        if payload is None:
-            payload = await self._jobs.submit.remote(
-                key_id, fields, source.url, source.audio, params.callback_url, idempotency_key, digest
-            )
-        if params.callback_url is not None:
+        # getaddrinfo blocks: off the event loop.
+        await asyncio.to_thread(refuse_unrunnable, job, self._guard, self._settings.webhook_secret is not None)
+        payload = await call(self._jobs.submit.remote(job), self._retry)
+        if job.params.callback_url is not None:
             # A replay answers as the first request was answered; GET /v1/jobs/{id} has the rest.
-            return 202, {"job_id": payload["job_id"], "status": "processing"}
-        while payload["status"] == "processing":
-            await asyncio.sleep(0.25)
-            payload = await self._jobs.get.remote(payload["job_id"], key_id)
-        if payload["status"] == "failed":
-            raise error_from_body(payload["error"])
-        return 200, payload["result"]
+            return _Answer(202, {"job_id": payload["job_id"], "status": "processing"})
+        return _Answer(200, await call(self._jobs.result.remote(payload["job_id"], job.key_id), self._retry))
 
     @app.websocket("/v1/listen/stream")
     async def stream(self, ws: WebSocket) -> None:
-        """Live transcription; see ``pipeline.streaming.session`` and the README's client example."""
+        """Live transcription; see ``pipeline.streaming`` and the README's client example."""
         subprotocols = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
         # Browsers cannot set headers: they send the pair ("token", KEY) as subprotocols.
         via_protocol = len(subprotocols) == 2 and subprotocols[0].lower() == "token"
         await ws.accept(subprotocol="token" if via_protocol else None)
+        channel = _WebSocketChannel(ws)
         try:
             header = ws.headers.get("authorization") or (f"Token {subprotocols[1]}" if via_protocol else None)
             key_id = self._keys.authenticate(header)
-            lease = await self._accounting.admit.remote(key_id)
-        except BaseException as exc:  # noqa: BLE001
-            err = unwrap(exc, self._settings.retry_after_s)
-            await _ws_error(ws, err, close_code=1008 if err.status == 401 else 1013)
+            lease = await call(self._accounting.admit.remote(key_id), self._retry)
+        except HarkError as err:
+            await send_error(channel, err, close_code=1008 if err.status == 401 else 1013)
             return
         try:
-            await self._stream(ws, key_id)
+            # Audio received counts against the daily quota however the stream ends.
+            await self._streams.serve(
+                channel, ws.query_params,
+                on_end=lambda received_s: self._detached(self._accounting.charge_audio.remote, key_id, received_s),
+            )
         finally:
             self._detached(self._accounting.release.remote, lease.lease_id, key_id)
-
-    async def _stream(self, ws: WebSocket, key_id: str) -> None:
-        from pipeline.streaming.session import StreamingSession, StreamOptions
-        from pipeline.streaming.decoders import stream_decoder
-
-        request_id = f"req_{uuid.uuid4().hex}"
-        try:
-            q = ws.query_params
-            params = ListenParams.parse({k: q[k] for k in ("language", "punctuate") if k in q})
-            encoding = q.get("encoding", "linear16").lower()
-            sample_rate = _int_param(q, "sample_rate", 16000, 8000, 192000)
-            channels = _int_param(q, "channels", 1, 1, 8)
-            endpointing = q.get("endpointing", "300")
-            endpointing_ms = 10**9 if endpointing.lower() == "false" else _int_param(q, "endpointing", 300, 10, 60000)
-            interim = _bool_param(q, "interim_results", True)
-            try:
-                caps = await self._composer.capabilities()
-            except Exception as exc:  # noqa: BLE001 - ASR unreachable or its queue full: say so
-                await _ws_error(ws, unwrap(exc, self._settings.retry_after_s), close_code=1013)
-                return
-            caps.refuse_unsupported(language=params.language, streaming=True)
-            decoder = stream_decoder(encoding, sample_rate, channels)
-        except HarkError as err:
-            await _ws_error(ws, err, close_code=1008)
-            return
-        session = StreamingSession(
-            transcribe=lambda audio, opts: self._asr.transcribe.remote(audio, opts),
-            options=StreamOptions(language=params.language, punctuate=params.punctuate,
-                                  interim_results=interim, endpointing_ms=endpointing_ms),
-        )
-        try:
-            await self._serve_stream(ws, session, decoder, request_id, channels)
-        finally:
-            await asyncio.to_thread(decoder.close)  # ends a container decoder's thread
-            # Audio received counts against the daily quota however the stream ends.
-            self._detached(self._accounting.charge_audio.remote, key_id, session.received_s)
-
-    async def _serve_stream(self, ws: WebSocket, session, decoder, request_id: str, channels: int) -> None:
-        idle = self._settings.stream_idle_timeout_s
-        try:
-            while True:
-                try:
-                    message = await asyncio.wait_for(ws.receive(), timeout=idle)
-                except asyncio.TimeoutError:
-                    await _ws_error(ws, StreamTimeout(f"No audio or KeepAlive for {idle:g} s"), close_code=1011)
-                    return
-                if message["type"] == "websocket.disconnect":
-                    return
-                if message.get("bytes") is not None:
-                    for event in await session.feed(decoder.decode(message["bytes"])):
-                        await ws.send_json(event)
-                    continue
-                control = _control(message.get("text"))
-                if control is None:
-                    await ws.send_json({"type": "Error", "code": "INVALID_PARAMETER", "param": "message",
-                                        "error": 'Text frames must be {"type": "KeepAlive"} or {"type": "CloseStream"}'})
-                elif control == "CloseStream":
-                    break
-        except WebSocketDisconnect:
-            return
-        except BaseException as exc:  # noqa: BLE001
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            await _ws_error(ws, unwrap(exc, self._settings.retry_after_s), close_code=1011)
-            return
-        try:
-            tail = await asyncio.to_thread(decoder.close)
-        except HarkError as err:
-            await _ws_error(ws, err, close_code=1003)
-            return
-        for event in [*await session.feed(tail), *await session.finish()]:
-            await ws.send_json(event)
-        await ws.send_json({"type": "Metadata", "request_id": request_id, "duration": round(session.received_s, 3),
-                            "channels": channels, "language": session.language})
-        await ws.close(code=1000)
 
     def describe(self) -> dict:
         return replica_info(self._settings)

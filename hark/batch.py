@@ -10,6 +10,7 @@ with the cluster while each actor keeps its threads busy.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import glob
 import io
@@ -28,6 +29,7 @@ import numpy as np
 from pipeline.core.errors import HarkError
 from pipeline.core.settings import Settings
 from pipeline.core.types import Audio
+from pipeline.transcription.schemas import ListenParams
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 # The API's result fields, plus the source, the error, and the seconds the ASR actor spent.
@@ -130,58 +132,41 @@ def decode_row(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
 
 
 class TranscribeActor:
-    """One per ASR worker: loads the engine (and the diarizer, when asked) once."""
+    """One per ASR worker: loads the engine once (the diarizer on first use) and runs each row
+    through the same ``TranscriptionFlow`` as the service, on an event loop of its own."""
 
     def __init__(self, settings: Settings) -> None:
         from pipeline.asr.factory import build_engine
+        from pipeline.transcription.flow import local_flow
 
-        self._settings = settings
-        self._engine = build_engine(settings.asr)
-        self._diarizer = None
-
-    def _diarize(self, audio: Audio, num_speakers: int | None):
-        from pipeline.diarization.base import DiarizationOptions
-        from pipeline.diarization.factory import build_diarizer
-
-        if self._diarizer is None:
-            self._diarizer = build_diarizer(self._settings.diarization)
-        return self._diarizer.diarize(
-            audio, DiarizationOptions(num_speakers=num_speakers, max_speakers=self._settings.diarization.max_speakers)
-        )
+        self._flow = local_flow(build_engine(settings.asr), settings.asr.engine, settings.diarization)
+        self._loop = asyncio.new_event_loop()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        rows = [transcribe_row(self, uri, opts, pcm, err)
+        rows = [self.transcribe_row(uri, opts, pcm, err)
                 for uri, opts, pcm, err in zip(batch["uri"], batch["options"], batch["pcm"], batch["error"])]
         return {name: [json.dumps(r[name]) if name in ("words", "speakers", "error") else r[name] for r in rows]
                 for name in ROW_FIELDS}
 
-
-def transcribe_row(actor: TranscribeActor, uri: str, options_json: str, pcm: bytes, error: str | None) -> dict[str, Any]:
-    from pipeline.transcription.render import render
-    from pipeline.transcription.merge import assign_word_speakers
-    from pipeline.transcription.schemas import ListenParams
-
-    row: dict[str, Any] = dict.fromkeys(ROW_FIELDS)
-    row["uri"] = uri
-    if error:
-        row["error"] = json.loads(error)
+    def transcribe_row(self, uri: str, options_json: str, pcm: bytes, error: str | None) -> dict[str, Any]:
+        row: dict[str, Any] = dict.fromkeys(ROW_FIELDS)
+        row["uri"] = uri
+        if error:
+            row["error"] = json.loads(error)
+            return row
+        started = time.perf_counter()
+        try:
+            params = ListenParams.parse(json.loads(options_json))
+            audio = Audio(np.frombuffer(pcm, dtype=np.float32))
+            row.update(self._loop.run_until_complete(self._transcribe(audio, params)))
+        except HarkError as exc:
+            row["error"] = exc.to_body()
+        row["processing_s"] = round(time.perf_counter() - started, 3)
         return row
-    started = time.perf_counter()
-    try:
-        params = ListenParams.parse(json.loads(options_json))
-        audio = Audio(np.frombuffer(pcm, dtype=np.float32))
-        actor._engine.check(params.asr_options())
-        [transcript] = actor._engine.transcribe([audio], [params.asr_options()])
-        speakers = None
-        if params.diarize:
-            speakers = assign_word_speakers(transcript.words, actor._diarize(audio, params.num_speakers).turns)
-        body = render(transcript, request_id=f"req_{uuid.uuid4().hex}", punctuate=params.punctuate,
-                      timestamps=params.timestamps, word_speakers=speakers).to_json()
-        row.update(body)
-    except HarkError as exc:
-        row["error"] = exc.to_body()
-    row["processing_s"] = round(time.perf_counter() - started, 3)
-    return row
+
+    async def _transcribe(self, audio: Audio, params: ListenParams) -> dict[str, Any]:
+        await self._flow.check(params)
+        return (await self._flow.run(audio, params, request_id=f"req_{uuid.uuid4().hex}")).body
 
 
 def transcribe_dataset(items: Iterable[BatchItem], settings: Settings, defaults: dict[str, Any] | None = None,

@@ -55,19 +55,24 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _transcribe(args: argparse.Namespace) -> int:
+    import asyncio
+
     from pipeline.asr.factory import build_engine
-    from pipeline.transcription.render import render
     from pipeline.audio.loader import AudioLoader
+    from pipeline.transcription.flow import local_flow
     from pipeline.transcription.schemas import ListenParams
 
     settings = Settings()
     params = ListenParams.parse({"language": args.language, "timestamps": args.timestamps, "punctuate": not args.no_punctuate})
+    flow = local_flow(build_engine(settings.asr), settings.asr.engine, settings.diarization)
     loader = AudioLoader(settings)
-    audio = loader.from_url(args.source) if "://" in args.source else loader.from_path(args.source)
-    engine = build_engine(settings.asr)
-    [transcript] = engine.transcribe([audio], [params.asr_options()])
-    body = render(transcript, request_id="local", punctuate=params.punctuate, timestamps=params.timestamps)
-    json.dump(body.to_json(), sys.stdout, ensure_ascii=False, indent=2)
+
+    async def run() -> dict:
+        await flow.check(params)
+        audio = loader.from_url(args.source) if "://" in args.source else loader.from_path(args.source)
+        return (await flow.run(audio, params, request_id="local")).body
+
+    json.dump(asyncio.run(run()), sys.stdout, ensure_ascii=False, indent=2)
     print()
     return 0
 

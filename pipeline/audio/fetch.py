@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import httpx
 
@@ -27,6 +27,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # (host, port) -> the addresses the host resolves to. Injectable so tests never need real DNS.
 Resolver = Callable[[str, int], Sequence[str]]
 
+SUPPORTED_SCHEMES = ("http", "https", "s3")
 _CHUNK = 256 * 1024
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _REDIRECTS = {301, 302, 303, 307, 308}
@@ -65,18 +66,27 @@ class UrlGuard:
     def allows(self, ip: IPAddress) -> bool:
         return self.allow_private or is_public_address(ip) or any(ip in net for net in self.allowlist)
 
-    def resolve(self, url: str) -> str:
-        """Check an http(s) URL and return the one address to connect to."""
+    @staticmethod
+    def check_form(url: str, param: str = "url", schemes: tuple[str, ...] = SUPPORTED_SCHEMES) -> SplitResult:
+        """A URL's form (scheme, host, port), checked without any lookup; ``param`` names it in errors."""
         try:
             parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises for a bad port
         except ValueError:
-            raise InvalidParameter(f"Malformed URL: {url}", param="url") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidParameter(f"Not a valid http(s) URL: {url}", param="url")
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            raise InvalidParameter(f"Invalid port in URL: {url}", param="url") from None
+            raise InvalidParameter(f"Malformed URL: {url}", param=param) from None
+        scheme = parts.scheme.lower()
+        if scheme not in schemes:
+            raise InvalidParameter(
+                f"Unsupported URL scheme {scheme or '(none)'!r}: use {', '.join(schemes)}", param=param
+            )
+        if not parts.hostname:
+            raise InvalidParameter(f"The URL has no host: {url}", param=param)
+        return parts
+
+    def resolve(self, url: str, param: str = "url") -> str:
+        """Check an http(s) URL and return the one address to connect to."""
+        parts = self.check_form(url, param, schemes=("http", "https"))
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
         try:
             literal = ipaddress.ip_address(parts.hostname)
             candidates = [str(literal)]

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from pipeline.audio import decode as audio
-from pipeline.core.errors import FileTooLarge, InvalidParameter
+from pipeline.core.errors import FileTooLarge
 from pipeline.audio.fetch import FetchLimits, Resolver, UrlGuard, fetch_http, fetch_s3, system_resolver
 from pipeline.core.settings import Settings
 from pipeline.core.types import Audio
-
-SUPPORTED_SCHEMES = ("http", "https", "s3")
-
 
 class AudioLoader:
     """Turns what a request names into ``Audio``. Usable from a deployment, Ray Data or a CLI."""
@@ -31,24 +27,8 @@ class AudioLoader:
         self.max_duration_s = settings.max_duration_s
         self._s3 = s3_filesystem
 
-    def check_url(self, url: str, param: str = "url", schemes: tuple[str, ...] = SUPPORTED_SCHEMES) -> str:
-        """Validate a URL's form (scheme, host) without fetching it; returns its scheme."""
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 - raises for a bad port
-        except ValueError:
-            raise InvalidParameter(f"Malformed URL: {url}", param=param) from None
-        scheme = parts.scheme.lower()
-        if scheme not in schemes:
-            raise InvalidParameter(
-                f"Unsupported URL scheme {scheme or '(none)'!r}: use {', '.join(schemes)}", param=param
-            )
-        if not parts.netloc:
-            raise InvalidParameter(f"The URL has no host: {url}", param=param)
-        return scheme
-
     def from_url(self, url: str) -> Audio:
-        scheme = self.check_url(url)
+        scheme = self.guard.check_form(url).scheme.lower()
         with tempfile.TemporaryFile() as spool:
             if scheme == "s3":
                 fetch_s3(url, spool, self.limits, self._s3)

@@ -158,3 +158,11 @@ def error_from_body(body: dict[str, Any]) -> HarkError:
     cls = by_code.get(body.get("code", ""), HarkError)
     extra = {k: v for k, v in body.items() if k not in ("error", "code")}
     return _rebuild(cls, body.get("error", "Error"), extra, {})
+
+
+class WorkerLost(ServiceUnavailable):
+    """The worker running the request died (it was not merely busy): the same answer to a client,
+    but a job runner counts it against the job's runs."""
+
+    def __init__(self, message: str = "The worker handling the request stopped; please retry", retry_after: int = 30) -> None:
+        super().__init__(message, retry_after=retry_after)

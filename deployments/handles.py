@@ -1,0 +1,95 @@
+"""DeploymentHandles as the core's Protocols, and the one translation of Ray's errors into Hark's.
+
+Whatever a handle call raises leaves here as a ``HarkError``: the cause of a ``RayTaskError``, a
+full queue (``BackPressureError``) as ``ServiceUnavailable``, a dead replica (``RayActorError``)
+as ``WorkerLost``; anything else is logged and answered as an internal error. So the core (the
+flow, the job runner, the stream session) never sees a Ray type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from pipeline.asr.base import Capabilities
+from pipeline.core.errors import HarkError, ServiceUnavailable, WorkerLost
+from pipeline.core.types import AsrOptions, Audio, Diarization, Transcript
+
+logger = logging.getLogger("ray.serve")
+
+
+def unwrap(exc: BaseException, retry_after_s: int) -> HarkError:
+    """The API error for whatever a handle call raised."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
+        exc = exc.cause
+    if isinstance(exc, HarkError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return ServiceUnavailable(retry_after=retry_after_s)
+    if isinstance(exc, RayActorError):
+        return WorkerLost(retry_after=retry_after_s)
+    logger.exception("Unexpected error", exc_info=exc)
+    return HarkError("Internal error")
+
+
+async def call(response: Any, retry_after_s: int) -> Any:
+    """Await a handle call; its failure as a ``HarkError``."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - translated, never swallowed
+        raise unwrap(exc, retry_after_s) from exc
+
+
+class HandleRecognizer:
+    def __init__(self, asr: DeploymentHandle, retry_after_s: int) -> None:
+        self._asr, self._retry = asr, retry_after_s
+
+    async def capabilities(self) -> Capabilities:
+        return await call(self._asr.capabilities.remote(), self._retry)
+
+    async def transcribe(self, audio: Audio, options: AsrOptions) -> Transcript:
+        return await call(self._asr.transcribe.remote(audio, options), self._retry)
+
+
+class HandleSpeakers:
+    def __init__(self, diarization: DeploymentHandle, retry_after_s: int) -> None:
+        self._diarization, self._retry = diarization, retry_after_s
+
+    async def check(self) -> None:
+        await call(self._diarization.check.remote(), self._retry)
+
+    async def diarize(self, audio: Audio, num_speakers: int | None) -> Diarization:
+        return await call(self._diarization.diarize.remote(audio, num_speakers), self._retry)
+
+
+class HandleAudio:
+    """The AudioFetch deployment: URLs and bytes in, decoded ``Audio`` out."""
+
+    def __init__(self, fetch: DeploymentHandle, retry_after_s: int) -> None:
+        self._fetch, self._retry = fetch, retry_after_s
+
+    async def from_url(self, url: str) -> Audio:
+        return await call(self._fetch.from_url.remote(url), self._retry)
+
+    async def from_bytes(self, data: bytes) -> Audio:
+        return await call(self._fetch.from_bytes.remote(data), self._retry)
+
+
+class HandleMeter:
+    """One key's audio quota, kept by the Accounting deployment."""
+
+    def __init__(self, accounting: DeploymentHandle, key_id: str, retry_after_s: int) -> None:
+        self._accounting, self._key_id, self._retry = accounting, key_id, retry_after_s
+
+    async def check_audio(self, duration_s: float) -> None:
+        await call(self._accounting.check_audio.remote(self._key_id, duration_s), self._retry)
+
+    async def charge_audio(self, duration_s: float) -> None:
+        await call(self._accounting.charge_audio.remote(self._key_id, duration_s), self._retry)

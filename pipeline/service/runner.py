@@ -1,0 +1,306 @@
+"""Async jobs: written durably before the 202, run with a renewed lease, results delivered by
+signed webhooks with retries.
+
+Jobs are claimed from the store with a lease that a heartbeat renews, so after a restart (or if
+the runner dies) a job left running is claimed again once its lease runs out; a finished job is
+never run again. Deliveries are retried from the store's state, so they survive restarts too.
+The runner is framework-free: audio comes through an ``AudioSource``, transcription through the
+``TranscriptionFlow``, quotas through a ``Meter`` per key (Serve handles in the service).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pipeline.audio.fetch import UrlGuard
+from pipeline.core.errors import (
+    FetchFailed,
+    HarkError,
+    InvalidParameter,
+    NotFound,
+    ServiceUnavailable,
+    WorkerLost,
+    error_from_body,
+)
+from pipeline.core.settings import Settings
+from pipeline.core.types import Audio
+from pipeline.service.jobs import Job, JobStore
+from pipeline.service.webhooks import Attempt, backoff_s, deliver, webhook_signer
+from pipeline.transcription.flow import Meter, TranscriptionFlow
+from pipeline.transcription.schemas import ListenParams
+
+logger = logging.getLogger(__name__)
+POLL_S = 0.25
+BUSY_RETRY_S = 5.0
+# Runs of one job that ended with a worker dead before the job fails: audio that crashes the
+# ASR replica must not crash it forever. Busy workers (queues full) do not use up runs.
+MAX_RUN_ATTEMPTS = 5
+
+
+class AudioSource(Protocol):
+    async def from_url(self, url: str) -> Audio: ...
+
+    async def from_bytes(self, data: bytes) -> Audio: ...
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What a client asked for, as the job keeps it."""
+
+    key_id: str
+    params: ListenParams
+    url: str | None = None
+    audio: bytes | None = None
+    idempotency_key: str | None = None
+
+    @property
+    def digest(self) -> str:
+        """Same digest, same request: how a repeated ``Idempotency-Key`` is told from a reused one."""
+        audio = hashlib.sha256(self.audio).hexdigest() if self.audio is not None else None
+        fields = {"url": self.url, "audio": audio, "params": self.params.model_dump(mode="json")}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def refuse_unrunnable(request: JobRequest, guard: UrlGuard, can_sign: bool) -> None:
+    """Refuse now what would only fail later in the job: a ``callback_url`` without a signing
+    secret, or one (or an http(s) audio URL) the SSRF policy forbids. Blocks on DNS."""
+    callback = request.params.callback_url
+    if callback is not None:
+        if not can_sign:
+            raise InvalidParameter(
+                "callback_url needs a webhook signing secret on the server (HARK_WEBHOOK_SECRET)", param="callback_url"
+            )
+        try:
+            guard.resolve(callback, param="callback_url")  # FORBIDDEN_URL now, not at delivery
+        except FetchFailed as exc:
+            raise InvalidParameter(f"callback_url: {exc.message}", param="callback_url") from None
+    if request.url is not None and request.url.lower().startswith(("http://", "https://")):
+        guard.resolve(request.url)
+
+
+class JobRunner:
+    def __init__(self, settings: Settings, store: JobStore, audio: AudioSource, flow: TranscriptionFlow,
+                 meter_for: Callable[[str], Meter]) -> None:
+        self._settings = settings
+        self._store = store
+        self._audio_dir = settings.data_dir / "audio"
+        self._audio_dir.mkdir(parents=True, exist_ok=True)
+        self._audio = audio
+        self._flow = flow
+        self._meter_for = meter_for
+        self._guard = UrlGuard.from_settings(settings.allow_private_urls, settings.url_allowlist)
+        self._signer = webhook_signer(settings.webhook_secret) if settings.webhook_secret else None
+        self._worker = f"runner-{uuid.uuid4().hex[:12]}"
+        self._delivering: set[str] = set()
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        """Start the run and delivery loops on the running event loop (once)."""
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._run_loop()), loop.create_task(self._delivery_loop())]
+
+    def check_health(self) -> None:
+        self.start()
+        for task in self._tasks:
+            if task.done():
+                raise RuntimeError(f"job loop stopped: {task.exception()!r}")
+
+    # ---- API ------------------------------------------------------------------------------------
+
+    async def submit(self, request: JobRequest) -> dict:
+        """Write the job (and its uploaded audio) durably; return the API payload.
+
+        A repeated ``Idempotency-Key`` (same key, same request, within 24 h) returns the job it
+        made first; the same key with a different request is refused.
+        """
+        self.start()
+        if request.idempotency_key:
+            if len(request.idempotency_key) > 255:
+                raise InvalidParameter("Idempotency-Key is longer than 255 characters", param="Idempotency-Key")
+            found = await asyncio.to_thread(self._store.find_idempotent, request.key_id, request.idempotency_key)
+            if found is not None:
+                job, digest = found
+                if digest != request.digest:
+                    raise InvalidParameter("This Idempotency-Key was used with a different request",
+                                           param="Idempotency-Key")
+                return job.payload()
+        stored: dict = {"params": request.params.model_dump(mode="json")}
+        if request.audio is not None:
+            path = self._audio_dir / f"upload-{uuid.uuid4().hex}.bin"
+            await asyncio.to_thread(_write_durably, path, request.audio)
+            stored["audio_path"] = str(path)
+        else:
+            stored["url"] = request.url
+        try:
+            job = await asyncio.to_thread(
+                self._store.create, request.key_id, stored, request.params.callback_url, request.idempotency_key,
+                request.digest,
+            )
+        except sqlite3.IntegrityError:
+            # The same Idempotency-Key raced in twice: the first one's job is the answer.
+            if "audio_path" in stored:
+                Path(stored["audio_path"]).unlink(missing_ok=True)
+            found = await asyncio.to_thread(self._store.find_idempotent, request.key_id, request.idempotency_key)
+            if found is None:
+                raise
+            job = found[0]
+        return job.payload()
+
+    async def result(self, job_id: str, key_id: str) -> dict:
+        """The job's result once it has ended, or its error raised (how a request that has an
+        Idempotency-Key but no callback_url is answered)."""
+        payload = await self.get(job_id, key_id)
+        while payload["status"] == "processing":
+            await asyncio.sleep(POLL_S)
+            payload = await self.get(job_id, key_id)
+        if payload["status"] == "failed":
+            raise error_from_body(payload["error"])
+        return payload["result"]
+
+    async def get(self, job_id: str, key_id: str) -> dict:
+        job = await asyncio.to_thread(self._store.get, job_id)
+        if job is None or job.key_id != key_id:  # another key's job does not exist for you
+            raise NotFound(f"No job {job_id!r}")
+        body = job.payload()
+        if job.callback_url is not None:
+            body["delivery"] = {
+                "state": job.delivery_state,
+                "attempts": job.delivery_attempts,
+                "last_status": job.delivery_last_status,
+                "last_error": job.delivery_last_error,
+            }
+        return body
+
+    # ---- running jobs ---------------------------------------------------------------------------
+
+    async def _run_loop(self) -> None:
+        slots = asyncio.Semaphore(self._settings.jobs_concurrency)
+        while True:
+            await slots.acquire()
+            try:
+                job = await asyncio.to_thread(self._store.claim, self._worker, self._settings.jobs_lease_s)
+            except Exception:
+                logger.exception("claiming a job failed")
+                job = None
+            if job is None:
+                slots.release()
+                await asyncio.sleep(POLL_S)
+                continue
+            task = asyncio.get_running_loop().create_task(self._run(job))
+            task.add_done_callback(lambda _: slots.release())
+
+    async def _heartbeat(self, job_id: str) -> None:
+        while True:
+            await asyncio.sleep(self._settings.jobs_lease_s / 3)
+            if not await asyncio.to_thread(self._store.renew, job_id, self._worker, self._settings.jobs_lease_s):
+                return
+
+    async def _run(self, job: Job) -> None:
+        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(job.job_id))
+        result: dict | None = None
+        error: dict | None = None
+        try:
+            params = ListenParams.parse(job.request["params"])
+            if "audio_path" in job.request:
+                data = await asyncio.to_thread(Path(job.request["audio_path"]).read_bytes)
+                audio = await self._audio.from_bytes(data)
+            else:
+                audio = await self._audio.from_url(job.request["url"])
+            started = time.perf_counter()
+            outcome = await self._flow.run(audio, params, request_id=f"req_{uuid.uuid4().hex}",
+                                           meter=self._meter_for(job.key_id))
+            result = outcome.body
+            logger.info("job %s transcribed %.1f s in %.1f s", job.job_id, outcome.transcript.duration_s,
+                        time.perf_counter() - started)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - every failure is the job's outcome
+            died = isinstance(err, WorkerLost)
+            busy = isinstance(err, ServiceUnavailable) and not died
+            if busy or (died and job.run_attempts < MAX_RUN_ATTEMPTS):
+                # Busy, or a worker died: back to the queue, untouched; only deaths use up runs.
+                heartbeat.cancel()
+                await asyncio.to_thread(
+                    self._store.requeue, job.job_id, self._worker, BUSY_RETRY_S, count_attempt=not busy
+                )
+                return
+            if died:
+                err = ServiceUnavailable(f"The ASR worker died on this job {job.run_attempts} times")
+            if not isinstance(err, HarkError):
+                logger.exception("job %s failed unexpectedly", job.job_id, exc_info=err)
+                err = HarkError("Internal error")
+            error = err.to_body()
+        finally:
+            heartbeat.cancel()
+        if await asyncio.to_thread(self._store.finish, job.job_id, self._worker, result=result, error=error):
+            if "audio_path" in job.request:
+                Path(job.request["audio_path"]).unlink(missing_ok=True)
+
+    # ---- webhooks -------------------------------------------------------------------------------
+
+    async def _delivery_loop(self) -> None:
+        last_sweep = 0.0
+        while True:
+            if time.monotonic() - last_sweep > 600:
+                # Idempotency keys older than 24 h may be used again.
+                await asyncio.to_thread(self._store.forget_idempotency)
+                last_sweep = time.monotonic()
+            try:
+                due = await asyncio.to_thread(self._store.due_deliveries, 32)
+            except Exception:
+                logger.exception("reading due deliveries failed")
+                due = []
+            for job in due:
+                if job.job_id not in self._delivering:
+                    self._delivering.add(job.job_id)
+                    task = asyncio.get_running_loop().create_task(self._deliver(job))
+                    task.add_done_callback(lambda _, j=job.job_id: self._delivering.discard(j))
+            await asyncio.sleep(POLL_S)
+
+    async def _deliver(self, job: Job) -> None:
+        s = self._settings
+        if self._signer is None:
+            attempt = Attempt(False, retry=False, error="HARK_WEBHOOK_SECRET is not set: deliveries cannot be signed")
+        else:
+            try:
+                attempt = await asyncio.to_thread(
+                    deliver, job.callback_url, job.payload(), job.webhook_id, self._signer, self._guard,
+                    s.webhook_timeout_s,
+                )
+            except Exception as exc:  # noqa: BLE001 - a bug here must not re-send every 0.25 s
+                logger.exception("webhook delivery for %s raised", job.job_id)
+                attempt = Attempt(False, retry=True, error=f"{type(exc).__name__}: {exc}")
+        attempts_made = job.delivery_attempts + 1
+        next_at = None
+        if not attempt.delivered and attempt.retry and attempts_made < s.webhook_max_attempts:
+            wait = backoff_s(attempts_made, s.webhook_backoff_base_s, s.webhook_backoff_max_s)
+            if attempt.retry_after_s is not None:
+                wait = max(wait, min(attempt.retry_after_s, s.webhook_backoff_max_s))
+            next_at = time.time() + wait
+        if not attempt.delivered:
+            logger.info("webhook for %s: attempt %d failed (%s)", job.job_id, attempts_made, attempt.error)
+        await asyncio.to_thread(
+            self._store.delivery_result, job.job_id, delivered=attempt.delivered, status=attempt.status,
+            error=attempt.error, next_at=next_at,
+        )
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(path)

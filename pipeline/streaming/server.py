@@ -1,0 +1,183 @@
+"""One live stream, end to end: query options, the message loop, the closing messages.
+
+Framework-free: it talks to the client through a ``Channel`` (the ingress adapts Starlette's
+WebSocket to it) and to ASR through the ``TranscriptionFlow``'s recognizer. Authentication,
+admission and the audio charge stay with the caller, which knows the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.core.errors import HarkError, InvalidParameter, StreamTimeout
+from pipeline.streaming.decoders import stream_decoder
+from pipeline.streaming.session import StreamingSession, StreamOptions
+from pipeline.transcription.flow import TranscriptionFlow
+from pipeline.transcription.schemas import ListenParams
+
+logger = logging.getLogger(__name__)
+ENDPOINTING_OFF_MS = 10**9  # endpointing=false: utterances end only at CloseStream or their cap
+
+
+class ChannelClosed(Exception):
+    """The client went away."""
+
+
+class Channel(Protocol):
+    """A WebSocket as the stream needs it. ``receive`` returns ``{"bytes": ...}`` or
+    ``{"text": ...}`` and raises ``ChannelClosed`` when the client disconnects."""
+
+    async def receive(self) -> dict[str, Any]: ...
+
+    async def send_json(self, message: dict[str, Any]) -> None: ...
+
+    async def close(self, code: int, reason: str = "") -> None: ...
+
+
+class StreamParams(BaseModel):
+    """Query options of ``GET /v1/listen/stream`` (unknown names are ignored, as Deepgram does)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    language: str | None = None
+    punctuate: bool = True
+    encoding: str = "linear16"
+    sample_rate: int = Field(16000, ge=8000, le=192000)
+    channels: int = Field(1, ge=1, le=8)
+    endpointing_ms: int | None = Field(300, ge=10, le=60000)  # None: endpointing=false
+    interim_results: bool = True
+
+    @field_validator("encoding", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @classmethod
+    def parse(cls, query: Mapping[str, str]) -> "StreamParams":
+        """From query strings; the first bad option is ``INVALID_PARAMETER`` naming it."""
+        listen = ListenParams.parse({k: query[k] for k in ("language", "punctuate") if k in query})
+        fields: dict[str, Any] = {k: query[k] for k in ("encoding", "sample_rate", "channels", "interim_results")
+                                  if k in query}
+        endpointing = query.get("endpointing")
+        if endpointing is not None:
+            fields["endpointing_ms"] = None if endpointing.lower() == "false" else endpointing
+        try:
+            return cls(language=listen.language, punctuate=listen.punctuate, **fields)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            name = str(error["loc"][0]) if error["loc"] else "query"
+            param = "endpointing" if name == "endpointing_ms" else name
+            if error["type"] in ("greater_than_equal", "less_than_equal"):
+                bounds = cls.model_fields[name].metadata
+                low, high = bounds[0].ge, bounds[1].le
+                raise InvalidParameter(f"{param} must be between {low} and {high}", param=param) from None
+            if error["type"].startswith("int"):
+                raise InvalidParameter(f"{param} must be an integer", param=param) from None
+            if error["type"].startswith("bool"):
+                raise InvalidParameter(f"{param} must be true or false", param=param) from None
+            raise InvalidParameter(f"{param}: {error['msg']}", param=param) from None
+
+    def session_options(self) -> StreamOptions:
+        return StreamOptions(language=self.language, punctuate=self.punctuate,
+                             interim_results=self.interim_results,
+                             endpointing_ms=ENDPOINTING_OFF_MS if self.endpointing_ms is None else self.endpointing_ms)
+
+
+def _control(text: str | None) -> str | None:
+    """The type of a control message, or None for anything malformed."""
+    try:
+        kind = json.loads(text or "").get("type")
+    except (ValueError, AttributeError):
+        return None
+    return kind if kind in ("KeepAlive", "CloseStream") else None
+
+
+async def send_error(channel: Channel, err: HarkError, close_code: int) -> None:
+    try:
+        await channel.send_json({"type": "Error", **err.to_body()})
+        await channel.close(close_code, err.code)
+    except Exception:  # noqa: BLE001 - the client may already be gone
+        pass
+
+
+def _as_hark_error(exc: BaseException) -> HarkError:
+    if isinstance(exc, HarkError):
+        return exc
+    logger.exception("stream failed", exc_info=exc)
+    return HarkError("Internal error")
+
+
+class StreamServer:
+    """Serves streams over a flow."""
+
+    def __init__(self, flow: TranscriptionFlow, idle_timeout_s: float) -> None:
+        self._flow, self._idle_timeout_s = flow, idle_timeout_s
+
+    async def serve(self, channel: Channel, query: Mapping[str, str], on_end: Callable[[float], None]) -> None:
+        """Run one stream to its end; ``on_end(seconds of audio received)`` is called however the
+        stream ends, a cancelled one included (the caller charges it)."""
+        request_id = f"req_{uuid.uuid4().hex}"
+        try:
+            params = StreamParams.parse(query)
+            try:
+                caps = await self._flow.capabilities()
+            except HarkError as err:  # ASR unreachable or its queue full: say so
+                await send_error(channel, err, close_code=1013)
+                return
+            caps.refuse_unsupported(language=params.language, streaming=True)
+            decoder = stream_decoder(params.encoding, params.sample_rate, params.channels)
+        except HarkError as err:
+            await send_error(channel, err, close_code=1008)
+            return
+        session = StreamingSession(transcribe=self._flow.recognizer.transcribe, options=params.session_options())
+        try:
+            await self._loop(channel, session, decoder, request_id, params.channels)
+        finally:
+            try:
+                await asyncio.to_thread(decoder.close)  # ends a container decoder's thread
+            finally:
+                on_end(session.received_s)
+
+    async def _loop(self, channel: Channel, session: StreamingSession, decoder, request_id: str, channels: int) -> None:
+        idle = self._idle_timeout_s
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(channel.receive(), timeout=idle)
+                except asyncio.TimeoutError:
+                    await send_error(channel, StreamTimeout(f"No audio or KeepAlive for {idle:g} s"), close_code=1011)
+                    return
+                if message.get("bytes") is not None:
+                    for event in await session.feed(decoder.decode(message["bytes"])):
+                        await channel.send_json(event)
+                    continue
+                control = _control(message.get("text"))
+                if control is None:
+                    await channel.send_json({"type": "Error", "code": "INVALID_PARAMETER", "param": "message",
+                                             "error": 'Text frames must be {"type": "KeepAlive"} or {"type": "CloseStream"}'})
+                elif control == "CloseStream":
+                    break
+        except ChannelClosed:
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is answered on the stream
+            await send_error(channel, _as_hark_error(exc), close_code=1011)
+            return
+        try:
+            tail = await asyncio.to_thread(decoder.close)
+        except HarkError as err:
+            await send_error(channel, err, close_code=1003)
+            return
+        for event in [*await session.feed(tail), *await session.finish()]:
+            await channel.send_json(event)
+        await channel.send_json({"type": "Metadata", "request_id": request_id, "duration": round(session.received_s, 3),
+                                 "channels": channels, "language": session.language})
+        await channel.close(1000)
