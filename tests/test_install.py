@@ -26,7 +26,7 @@ from conftest import free_port, wait_until
 from textnorm import wer
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "deployments")
+PACKAGES = ("pipeline", "deployments", "hark")
 HARK = Path(sys.executable).with_name("hark")
 
 

@@ -82,3 +82,9 @@ def test_zero_means_unlimited_and_per_key_overrides():
     book.admit("plain")
     with pytest.raises(RateLimited):
         book.admit("plain")
+
+
+def test_a_misspelt_per_key_override_is_refused():
+    # Typed overrides: a typo used to be silently ignored, leaving the key on the defaults.
+    with pytest.raises(ValueError, match="requests_per_minit"):
+        Settings(limits={"per_key": {"vip": {"requests_per_minit": 600}}})

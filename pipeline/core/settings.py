@@ -97,11 +97,21 @@ class KeyLimits(BaseModel):
     audio_hours_per_day: float = Field(100.0, ge=0, description="Audio hours per key per UTC day.")
 
 
+class KeyLimitsOverride(BaseModel):
+    """Some of one key's limits; the rest are the defaults. A misspelt name is an error."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    requests_per_minute: int | None = Field(None, ge=0)
+    concurrent_requests: int | None = Field(None, ge=0)
+    audio_hours_per_day: float | None = Field(None, ge=0)
+
+
 class LimitsSettings(KeyLimits):
     """Per-license-key limits, enforced across every ingress replica: the defaults for every key,
     and overrides for some."""
 
-    per_key: dict[str, dict[str, int | float]] = Field(
+    per_key: dict[str, KeyLimitsOverride] = Field(
         default_factory=dict,
         description="Overrides by key id (see `hark keys id KEY`) or by key, e.g. "
         '{"key_1a2b...": {"requests_per_minute": 600}}.',

@@ -43,8 +43,8 @@ def book_from_settings(settings, clock: Callable[[], float] | None = None) -> "L
     cfg = settings.limits
     default = KeyLimits(**cfg.model_dump(exclude={"per_key"}))
     per_key = {
-        (name if name.startswith("key_") else key_id(name)): KeyLimits(**{**default.model_dump(), **values})
-        for name, values in cfg.per_key.items()
+        (name if name.startswith("key_") else key_id(name)): default.model_copy(update=override.model_dump(exclude_none=True))
+        for name, override in cfg.per_key.items()
     }
     return LimitBook(default, per_key, clock)
 

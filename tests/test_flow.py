@@ -1,0 +1,182 @@
+"""The one transcription flow, the job runner's failure policy and the stream's typed options,
+with fakes at the Protocol seams (the real parts run in tests/test_api.py and friends)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from pipeline.asr.base import Capabilities
+from pipeline.core.errors import InvalidParameter, RateLimited, ServiceUnavailable, WorkerLost
+from pipeline.core.settings import Settings
+from pipeline.core.types import AsrOptions, Audio, Diarization, Segment, SpeakerTurn, Transcript, Word
+from pipeline.service.jobs import SqliteJobStore
+from pipeline.service.runner import MAX_RUN_ATTEMPTS, JobRequest, JobRunner
+from pipeline.streaming.server import ENDPOINTING_OFF_MS, StreamParams
+from pipeline.transcription.flow import TranscriptionFlow
+from pipeline.transcription.schemas import ListenParams
+
+AUDIO = Audio(np.zeros(16000 * 2, np.float32))
+WORDS = (Word(" Hello", 0.0, 0.5, 0.9), Word(" there.", 1.2, 1.8, 0.8))
+
+
+class FakeRecognizer:
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.calls: list[AsrOptions] = []
+        self.capability_calls = 0
+        self.fail = fail
+
+    async def capabilities(self) -> Capabilities:
+        self.capability_calls += 1
+        await asyncio.sleep(0.01)  # let concurrent first requests pile up
+        return Capabilities("fake", word_timestamps=True, language_detection=True, languages=frozenset({"en"}))
+
+    async def transcribe(self, audio: Audio, options: AsrOptions) -> Transcript:
+        if self.fail is not None:
+            raise self.fail
+        self.calls.append(options)
+        return Transcript((Segment("Hello there.", 0.0, 1.8, -0.1, 4, WORDS),), "en", 1.0, audio.duration_s)
+
+
+class FakeSpeakers:
+    def __init__(self) -> None:
+        self.asked: list[int | None] = []
+
+    async def check(self) -> None:
+        pass
+
+    async def diarize(self, audio: Audio, num_speakers: int | None) -> Diarization:
+        self.asked.append(num_speakers)
+        return Diarization((SpeakerTurn("SPEAKER_00", 0.0, 1.0), SpeakerTurn("SPEAKER_01", 1.0, 2.0)))
+
+
+class FakeMeter:
+    def __init__(self, refuse: bool = False) -> None:
+        self.log: list[tuple[str, float]] = []
+        self.refuse = refuse
+
+    async def check_audio(self, duration_s: float) -> None:
+        self.log.append(("check", duration_s))
+        if self.refuse:
+            raise RateLimited("Daily audio quota used up", retry_after=60)
+
+    async def charge_audio(self, duration_s: float) -> None:
+        self.log.append(("charge", duration_s))
+
+
+def test_flow_diarizes_beside_asr_and_merges_speakers_into_words():
+    recognizer, speakers, meter = FakeRecognizer(), FakeSpeakers(), FakeMeter()
+    flow = TranscriptionFlow(recognizer, speakers)
+    params = ListenParams.parse({"diarize": True, "num_speakers": 2, "timestamps": True})
+    result = asyncio.run(flow.run(AUDIO, params, request_id="req_1", meter=meter))
+    assert speakers.asked == [2]
+    assert recognizer.calls == [AsrOptions(language=None, word_timestamps=True)]  # diarize needs word times
+    speaker_of = {w["word"]: w["speaker"] for w in result.body["words"]}
+    assert speaker_of["Hello"] == "SPEAKER_00" and speaker_of["there"] == "SPEAKER_01"
+    assert result.body["request_id"] == "req_1" and result.body["text"] == "Hello there."
+    assert meter.log == [("check", 2.0), ("charge", 2.0)]
+
+
+def test_flow_quota_refusal_costs_no_transcription():
+    recognizer, meter = FakeRecognizer(), FakeMeter(refuse=True)
+    with pytest.raises(RateLimited):
+        asyncio.run(TranscriptionFlow(recognizer, FakeSpeakers()).run(AUDIO, ListenParams(), request_id="r", meter=meter))
+    assert recognizer.calls == [] and meter.log == [("check", 2.0)]
+
+
+def test_flow_asks_capabilities_once_and_refuses_before_any_audio():
+    recognizer = FakeRecognizer()
+    flow = TranscriptionFlow(recognizer, FakeSpeakers())
+
+    async def burst():
+        await asyncio.gather(*(flow.check(ListenParams()) for _ in range(20)))
+        with pytest.raises(InvalidParameter) as refused:
+            await flow.check(ListenParams.parse({"language": "fr"}))
+        return refused.value
+
+    err = asyncio.run(burst())
+    assert recognizer.capability_calls == 1
+    assert err.extra["param"] == "language"
+
+
+class FakeAudio:
+    async def from_url(self, url: str) -> Audio:
+        return AUDIO
+
+    async def from_bytes(self, data: bytes) -> Audio:
+        return AUDIO
+
+
+def _run_one(tmp_path, failure: Exception, run_attempts: int = 1):
+    """Claim a job and run it once against an ASR failing with ``failure``; the job after that."""
+    settings = Settings(data_dir=tmp_path)
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    runner = JobRunner(settings, store, FakeAudio(), TranscriptionFlow(FakeRecognizer(failure), FakeSpeakers()),
+                       meter_for=lambda key_id: FakeMeter())
+
+    async def scenario():
+        # Written to the store directly: submit() would also start the runner's own loops.
+        created = store.create("key_a", {"params": {}, "url": "http://media.test/a.wav"}, None)
+        for _ in range(run_attempts):  # earlier runs that ended with the worker dead
+            job = store.claim("w", 30.0)
+            store.requeue(job.job_id, "w", 0.0)
+        job = store.claim(runner._worker, 30.0)
+        await runner._run(job)
+        return store.get(created.job_id)
+
+    return asyncio.run(scenario())
+
+
+def test_runner_requeues_a_busy_job_without_using_up_a_run(tmp_path):
+    job = _run_one(tmp_path, ServiceUnavailable(), run_attempts=0)
+    assert job.api_status == "processing" and job.run_attempts == 0
+
+
+def test_runner_requeues_after_a_dead_worker_until_the_runs_are_used_up(tmp_path):
+    again = _run_one(tmp_path / "a", WorkerLost(), run_attempts=0)
+    assert again.api_status == "processing" and again.run_attempts == 1
+    failed = _run_one(tmp_path / "b", WorkerLost(), run_attempts=MAX_RUN_ATTEMPTS - 1)
+    assert failed.api_status == "failed"
+    assert f"died on this job {MAX_RUN_ATTEMPTS} times" in failed.payload()["error"]["error"]
+
+
+def test_runner_keeps_a_refusal_as_the_jobs_error(tmp_path):
+    job = _run_one(tmp_path, InvalidParameter("no", param="language"), run_attempts=0)
+    assert job.api_status == "failed" and job.payload()["error"]["code"] == "INVALID_PARAMETER"
+
+
+def test_idempotency_key_reused_for_another_request_is_refused(tmp_path):
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    runner = JobRunner(Settings(data_dir=tmp_path), store, FakeAudio(),
+                       TranscriptionFlow(FakeRecognizer(), FakeSpeakers()), meter_for=lambda key_id: FakeMeter())
+
+    async def scenario():
+        first = await runner.submit(JobRequest("key_a", ListenParams(), url="http://a.test/1.wav", idempotency_key="k"))
+        again = await runner.submit(JobRequest("key_a", ListenParams(), url="http://a.test/1.wav", idempotency_key="k"))
+        assert again["job_id"] == first["job_id"]
+        with pytest.raises(InvalidParameter, match="different request"):
+            await runner.submit(JobRequest("key_a", ListenParams(), url="http://a.test/2.wav", idempotency_key="k"))
+        with pytest.raises(InvalidParameter, match="255"):
+            await runner.submit(JobRequest("key_a", ListenParams(), url="http://a.test/1.wav", idempotency_key="k" * 256))
+
+    asyncio.run(scenario())
+
+
+def test_stream_params_are_typed_and_name_the_bad_option():
+    params = StreamParams.parse({"encoding": "Ogg-Opus", "sample_rate": "48000", "channels": "2",
+                                 "endpointing": "false", "interim_results": "false", "language": "EN", "other": "x"})
+    assert (params.encoding, params.sample_rate, params.channels, params.language) == ("ogg-opus", 48000, 2, "en")
+    assert params.session_options().endpointing_ms == ENDPOINTING_OFF_MS
+    assert params.session_options().interim_results is False
+    assert StreamParams.parse({}).session_options().endpointing_ms == 300
+    for query, param, message in (
+        ({"sample_rate": "lots"}, "sample_rate", "must be an integer"),
+        ({"channels": "9"}, "channels", "between 1 and 8"),
+        ({"endpointing": "5"}, "endpointing", "between 10 and 60000"),
+        ({"interim_results": "maybe"}, "interim_results", "true or false"),
+    ):
+        with pytest.raises(InvalidParameter, match=message) as refused:
+            StreamParams.parse(query)
+        assert refused.value.extra["param"] == param
