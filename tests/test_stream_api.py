@@ -10,6 +10,7 @@ import websockets
 
 from conftest import API_KEYS
 from pipeline.audio.decode import decode
+from pipeline.tools.stream_client import linear16, send_pcm
 from textnorm import wer
 
 pytestmark = pytest.mark.serve
@@ -20,8 +21,7 @@ def ws_url(serve_app, query=""):
 
 
 def pcm_of(clip, rate=16000):
-    samples = decode(clip.path, max_duration_s=600).samples
-    return (samples * 32767).astype("<i2").tobytes()
+    return linear16(decode(clip.path, max_duration_s=600).samples)
 
 
 async def stream(url, pcm, *, speed=1.0, headers=None, subprotocols=None, chunk_s=0.1, extra=()):
@@ -30,16 +30,7 @@ async def stream(url, pcm, *, speed=1.0, headers=None, subprotocols=None, chunk_
     if subprotocols:
         kwargs = {"subprotocols": subprotocols}
     async with websockets.connect(url, **kwargs) as ws:
-        async def send():
-            for frame in extra:
-                await ws.send(frame)
-            step = int(32000 * chunk_s)
-            for i in range(0, len(pcm), step):
-                await ws.send(pcm[i : i + step])
-                await asyncio.sleep(chunk_s / speed)
-            await ws.send(json.dumps({"type": "CloseStream"}))
-
-        sender = asyncio.create_task(send())
+        sender = asyncio.create_task(send_pcm(ws, pcm, speed=speed, chunk_s=chunk_s, before=extra))
         messages = await drain(ws)
         await sender
         return messages, ws.close_code

@@ -6,25 +6,37 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Sequence
+
+import numpy as np
 
 from pipeline.audio.decode import decode
+
+
+def linear16(samples: np.ndarray) -> bytes:
+    """16 kHz mono float32 → the bytes of ``encoding=linear16``."""
+    return (samples * 32767).astype("<i2").tobytes()
+
+
+async def send_pcm(ws, pcm: bytes, *, speed: float = 1.0, chunk_s: float = 0.1, before: Sequence = ()) -> None:
+    """Send ``before`` frames, then 16 kHz linear16 ``pcm`` in ``chunk_s`` frames at ``speed`` x
+    real time, then CloseStream."""
+    for frame in before:
+        await ws.send(frame)
+    step = int(32000 * chunk_s)
+    for i in range(0, len(pcm), step):
+        await ws.send(pcm[i : i + step])
+        await asyncio.sleep(chunk_s / speed)
+    await ws.send(json.dumps({"type": "CloseStream"}))
 
 
 async def play(url: str, key: str, path: str, speed: float = 1.0, chunk_s: float = 0.1) -> int:
     import websockets
 
-    samples = decode(path, max_duration_s=7200).samples
-    pcm = (samples * 32767).astype("<i2").tobytes()
+    pcm = linear16(decode(path, max_duration_s=7200).samples)
     started = time.monotonic()
     async with websockets.connect(url, additional_headers={"Authorization": f"Token {key}"}) as ws:
-        async def send() -> None:
-            step = int(32000 * chunk_s)
-            for i in range(0, len(pcm), step):
-                await ws.send(pcm[i : i + step])
-                await asyncio.sleep(chunk_s / speed)
-            await ws.send(json.dumps({"type": "CloseStream"}))
-
-        sender = asyncio.create_task(send())
+        sender = asyncio.create_task(send_pcm(ws, pcm, speed=speed, chunk_s=chunk_s))
         try:
             async for raw in ws:
                 m = json.loads(raw)
