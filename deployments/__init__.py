@@ -17,3 +17,18 @@ def replica_info(settings: Settings, **extra) -> dict:
         "settings_sha256": hashlib.sha256(settings.model_dump_json().encode()).hexdigest(),
         **extra,
     }
+
+
+def adopt_serve_logging() -> None:
+    """Route the core's loggers (``pipeline.*``) to this replica's Serve log handlers, so that
+    what the job runner or the diarizer logs lands in the replica's log like Serve's own lines.
+    Called from a replica's constructor, once Serve has set its handlers up."""
+    import logging
+
+    serve_logger = logging.getLogger("ray.serve")
+    core = logging.getLogger("pipeline")
+    if serve_logger.handlers and not core.handlers:
+        for handler in serve_logger.handlers:
+            core.addHandler(handler)
+        core.setLevel(logging.INFO)
+        core.propagate = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray import serve
 
-from deployments import replica_info
+from deployments import adopt_serve_logging, replica_info
 from pipeline.core.settings import Settings
 from pipeline.core.types import Audio, Diarization
 from pipeline.transcription.flow import LocalSpeakers
@@ -18,6 +18,7 @@ from pipeline.transcription.flow import LocalSpeakers
 )
 class DiarizationDeployment:
     def __init__(self, settings: Settings) -> None:
+        adopt_serve_logging()
         self._settings = settings
         # Built now; without its packages the app still serves transcription and diarize
         # requests get a clear refusal.

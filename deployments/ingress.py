@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments import replica_info
+from deployments import adopt_serve_logging, replica_info
 from deployments.handles import HandleAudio, HandleMeter, HandleRecognizer, HandleSpeakers, call, unwrap
 from pipeline.audio.fetch import UrlGuard
 from pipeline.core.errors import HarkError, InvalidParameter, MissingParameter
@@ -102,6 +102,7 @@ class Ingress:
         accounting: DeploymentHandle,
         jobs: DeploymentHandle,
     ) -> None:
+        adopt_serve_logging()
         self._settings = settings
         self._keys = KeyRing(settings.license_keys)
         if not len(self._keys):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments import replica_info
+from deployments import adopt_serve_logging, replica_info
 from deployments.handles import HandleAudio, HandleMeter, HandleRecognizer, HandleSpeakers
 from pipeline.core.settings import Settings
 from pipeline.service.jobs import SqliteJobStore
@@ -26,6 +26,7 @@ from pipeline.transcription.flow import TranscriptionFlow
 class JobsDeployment:
     def __init__(self, settings: Settings, fetch: DeploymentHandle, asr: DeploymentHandle,
                  diarization: DeploymentHandle, accounting: DeploymentHandle) -> None:
+        adopt_serve_logging()
         self._settings = settings
         retry = settings.retry_after_s
         flow = TranscriptionFlow(HandleRecognizer(asr, retry), HandleSpeakers(diarization, retry))
