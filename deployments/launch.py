@@ -154,7 +154,9 @@ def serve_config(config_path: Path, *, address: str | None, ready_timeout_s: flo
     def on_signal(_signum, _frame) -> None:
         raise KeyboardInterrupt
 
+    # Both, explicitly: a shell starts background jobs with SIGINT ignored, which Python keeps.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     code = 0
     try:
         client = serve_api.serve_start(

@@ -134,7 +134,7 @@ def test_start_command_serves_a_transcription(tmp_path, clips):
         assert r.status_code == 200, r.text
         assert wer(clips["beckett"].text, r.json()["text"]) < 0.2
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # what a service manager sends
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
