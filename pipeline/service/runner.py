@@ -126,13 +126,15 @@ class JobRunner:
         made first; the same key with a different request is refused.
         """
         self.start()
+        # Once, and off the event loop: it hashes the upload (up to max_file_mb).
+        digest = await asyncio.to_thread(lambda: request.digest)
         if request.idempotency_key:
             if len(request.idempotency_key) > 255:
                 raise InvalidParameter("Idempotency-Key is longer than 255 characters", param="Idempotency-Key")
             found = await asyncio.to_thread(self._store.find_idempotent, request.key_id, request.idempotency_key)
             if found is not None:
-                job, digest = found
-                if digest != request.digest:
+                job, stored_digest = found
+                if stored_digest != digest:
                     raise InvalidParameter("This Idempotency-Key was used with a different request",
                                            param="Idempotency-Key")
                 return job.payload()
@@ -145,8 +147,7 @@ class JobRunner:
             stored["url"] = request.url
         try:
             job = await asyncio.to_thread(
-                self._store.create, request.key_id, stored, request.params.callback_url, request.idempotency_key,
-                request.digest,
+                self._store.create, request.key_id, stored, request.params.callback_url, request.idempotency_key, digest,
             )
         except sqlite3.IntegrityError:
             # The same Idempotency-Key raced in twice: the first one's job is the answer.
