@@ -45,16 +45,31 @@ class AccountingDeployment:
             raise
         return lease
 
-    async def check_audio(self, key_id: str, seconds: float) -> None:
+    async def reserve_audio(self, key_id: str, seconds: float) -> str:
         try:
-            self._book.check_audio(key_id, seconds)
+            return self._book.reserve_audio(key_id, seconds)
         except HarkError:
             self._count_refusals()
             raise
 
-    async def charge_audio(self, key_id: str, seconds: float) -> None:
-        self._book.charge_audio(key_id, seconds)
+    async def extend_audio(self, key_id: str, reservation_id: str, seconds: float) -> None:
+        try:
+            self._book.extend_audio(key_id, reservation_id, seconds)
+        except HarkError:
+            self._count_refusals()
+            raise
+
+    async def settle_audio(self, key_id: str, reservation_id: str, seconds: float) -> None:
+        self._book.settle_audio(key_id, reservation_id, seconds)
         self._metrics.audio_seconds.inc(seconds)
+
+    async def charge_audio(self, key_id: str, seconds: float) -> None:
+        """Charge without a reservation."""
+        self._book.settle_audio(key_id, "", seconds)
+        self._metrics.audio_seconds.inc(seconds)
+
+    async def cancel_audio(self, key_id: str, reservation_id: str) -> None:
+        self._book.cancel_audio(key_id, reservation_id)
 
     async def release(self, lease_id: str, key_id: str) -> None:
         self._book.release(lease_id, key_id)

@@ -88,8 +88,14 @@ class HandleMeter:
     def __init__(self, accounting: DeploymentHandle, key_id: str, retry_after_s: int) -> None:
         self._accounting, self._key_id, self._retry = accounting, key_id, retry_after_s
 
-    async def check_audio(self, duration_s: float) -> None:
-        await call(self._accounting.check_audio.remote(self._key_id, duration_s), self._retry)
+    async def reserve(self, duration_s: float) -> str:
+        return await call(self._accounting.reserve_audio.remote(self._key_id, duration_s), self._retry)
 
-    async def charge_audio(self, duration_s: float) -> None:
-        await call(self._accounting.charge_audio.remote(self._key_id, duration_s), self._retry)
+    async def extend(self, reservation: str, duration_s: float) -> None:
+        await call(self._accounting.extend_audio.remote(self._key_id, reservation, duration_s), self._retry)
+
+    async def settle(self, reservation: str, duration_s: float) -> None:
+        await call(self._accounting.settle_audio.remote(self._key_id, reservation, duration_s), self._retry)
+
+    async def cancel(self, reservation: str) -> None:
+        await call(self._accounting.cancel_audio.remote(self._key_id, reservation), self._retry)

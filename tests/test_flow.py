@@ -57,13 +57,20 @@ class FakeMeter:
         self.log: list[tuple[str, float]] = []
         self.refuse = refuse
 
-    async def check_audio(self, duration_s: float) -> None:
-        self.log.append(("check", duration_s))
+    async def reserve(self, duration_s: float) -> str:
+        self.log.append(("reserve", duration_s))
         if self.refuse:
             raise RateLimited("Daily audio quota used up", retry_after=60)
+        return "r1"
 
-    async def charge_audio(self, duration_s: float) -> None:
-        self.log.append(("charge", duration_s))
+    async def extend(self, reservation: str, duration_s: float) -> None:
+        self.log.append(("extend", duration_s))
+
+    async def settle(self, reservation: str, duration_s: float) -> None:
+        self.log.append(("settle", duration_s))
+
+    async def cancel(self, reservation: str) -> None:
+        self.log.append(("cancel", 0.0))
 
 
 def test_flow_diarizes_beside_asr_and_merges_speakers_into_words():
@@ -76,14 +83,38 @@ def test_flow_diarizes_beside_asr_and_merges_speakers_into_words():
     speaker_of = {w["word"]: w["speaker"] for w in result.body["words"]}
     assert speaker_of["Hello"] == "SPEAKER_00" and speaker_of["there"] == "SPEAKER_01"
     assert result.body["request_id"] == "req_1" and result.body["text"] == "Hello there."
-    assert meter.log == [("check", 2.0), ("charge", 2.0)]
+    assert meter.log == [("reserve", 2.0), ("settle", 2.0)]
 
 
 def test_flow_quota_refusal_costs_no_transcription():
     recognizer, meter = FakeRecognizer(), FakeMeter(refuse=True)
     with pytest.raises(RateLimited):
         asyncio.run(TranscriptionFlow(recognizer, FakeSpeakers()).run(AUDIO, ListenParams(), request_id="r", meter=meter))
-    assert recognizer.calls == [] and meter.log == [("check", 2.0)]
+    assert recognizer.calls == [] and meter.log == [("reserve", 2.0)]
+
+
+def test_flow_failed_or_cancelled_transcription_gives_its_reservation_back():
+    meter = FakeMeter()
+    with pytest.raises(ServiceUnavailable):
+        asyncio.run(TranscriptionFlow(FakeRecognizer(fail=ServiceUnavailable("busy")), FakeSpeakers())
+                    .run(AUDIO, ListenParams(), request_id="r", meter=meter))
+    assert meter.log == [("reserve", 2.0), ("cancel", 0.0)]
+
+    class Stuck(FakeRecognizer):
+        async def transcribe(self, audio, options):
+            await asyncio.Event().wait()
+
+    async def cancel_midway():
+        task = asyncio.ensure_future(TranscriptionFlow(Stuck(), FakeSpeakers()).run(AUDIO, ListenParams(), request_id="r", meter=meter))
+        while not meter.log:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    meter.log.clear()
+    asyncio.run(cancel_midway())
+    assert meter.log == [("reserve", 2.0), ("cancel", 0.0)]
 
 
 def test_flow_asks_capabilities_once_and_refuses_before_any_audio():

@@ -137,3 +137,41 @@ def test_deliveries_are_signed_the_standard_webhooks_way(secret):
     assert not refused.delivered and not refused.retry  # the guard refuses: nothing was sent
     unreachable = deliver("http://127.0.0.1:9/hook", {}, "msg_4", webhook_signer(secret), guard, 2)
     assert not unreachable.delivered and unreachable.retry
+
+
+def test_an_expired_idempotency_key_may_be_reused_before_the_sweep(store):
+    store, clock = store
+    first = store.create("key_a", {"params": {}}, None, idempotency_key="abc", request_hash="h1")
+    clock.t += 24 * 3600 + 1
+    # No forget_idempotency() sweep has run yet: the old row still holds the key.
+    again = store.create("key_a", {"params": {}}, None, idempotency_key="abc", request_hash="h2")
+    assert again.job_id != first.job_id
+    assert store.find_idempotent("key_a", "abc") == (store.get(again.job_id), "h2")
+
+
+def test_a_key_may_not_queue_more_than_its_job_limit(store):
+    from pipeline.core.errors import RateLimited
+
+    store, clock = store
+    for _ in range(3):
+        store.create("key_a", {"params": {}}, None, max_active=3)
+    with pytest.raises(RateLimited) as refused:
+        store.create("key_a", {"params": {}}, None, max_active=3)
+    assert refused.value.status == 429 and "3 queued or running jobs" in refused.value.message
+    store.create("key_b", {"params": {}}, None, max_active=3)  # other keys are not affected
+    job = store.claim("w", 10)
+    store.finish(job.job_id, "w", result={})  # a finished job no longer counts
+    store.create("key_a", {"params": {}}, None, max_active=3)
+    store.create("key_a", {"params": {}}, None, max_active=0)  # 0 = unlimited
+
+
+def test_claims_are_fair_across_keys(store):
+    store, clock = store
+    flood = [store.create("key_flood", {"params": {}}, None).job_id for _ in range(50)]
+    clock.t += 1
+    late = [store.create(k, {"params": {}}, None).job_id for k in ("key_b", "key_c")]
+    claimed = [store.claim("w", 60) for _ in range(6)]
+    # A free runner slot goes to the key with the fewest jobs running; within a key, oldest first.
+    assert [j.key_id for j in claimed] == ["key_flood", "key_b", "key_c", "key_flood", "key_flood", "key_flood"]
+    assert [j.job_id for j in claimed if j.key_id == "key_flood"] == flood[:4]
+    assert [j.job_id for j in claimed if j.key_id != "key_flood"] == late

@@ -59,13 +59,11 @@ def test_forgotten_leases_expire():
 def test_daily_audio_quota_counts_transcribed_seconds_and_resets_at_utc_midnight():
     clock = Clock(86_400 * 100 + 3600)  # 01:00 UTC
     book = LimitBook(KeyLimits(audio_hours_per_day=0.01), clock=clock)  # 36 s a day
-    book.check_audio("k", 20)
-    book.charge_audio("k", 20)
+    book.settle_audio("k", book.reserve_audio("k", 20), 20)
     with pytest.raises(RateLimited) as info:
-        book.check_audio("k", 20)  # would end at 40 s > 36 s
+        book.reserve_audio("k", 20)  # would end at 40 s > 36 s
     assert info.value.extra["retry_after"] == 23 * 3600
-    book.check_audio("k", 16)
-    book.charge_audio("k", 16)
+    book.settle_audio("k", book.reserve_audio("k", 16), 16)
     with pytest.raises(RateLimited):
         book.admit("k")  # quota spent: refused before anything is read
     clock.t = 86_400 * 101 + 1
@@ -88,3 +86,37 @@ def test_a_misspelt_per_key_override_is_refused():
     # Typed overrides: a typo used to be silently ignored, leaving the key on the defaults.
     with pytest.raises(ValueError, match="requests_per_minit"):
         Settings(limits={"per_key": {"vip": {"requests_per_minit": 600}}})
+
+
+def test_concurrent_requests_cannot_overshoot_the_audio_quota_together():
+    # Reservations: N requests checked before any is charged used to pass together.
+    book = LimitBook(KeyLimits(audio_hours_per_day=0.01, concurrent_requests=0), clock=Clock())  # 36 s
+    first = book.reserve_audio("k", 20)
+    with pytest.raises(RateLimited):
+        book.reserve_audio("k", 20)  # 20 s already reserved by a request still running
+    second = book.reserve_audio("k", 16)
+    book.settle_audio("k", first, 19.5)  # the decoded duration is what is charged
+    book.cancel_audio("k", second)  # a failed request is not charged
+    assert book.usage("k")["audio_s_today"] == 19.5 and book.usage("k")["audio_s_reserved"] == 0
+    book.reserve_audio("k", 16)
+
+
+def test_a_stream_extends_its_reservation_until_the_quota_runs_out():
+    book = LimitBook(KeyLimits(audio_hours_per_day=0.01, concurrent_requests=0), clock=Clock())  # 36 s
+    other = book.reserve_audio("k", 10)
+    stream = book.reserve_audio("k", 0)
+    for _ in range(5):
+        book.extend_audio("k", stream, 5)  # 10 + 25 = 35 s
+    with pytest.raises(RateLimited):
+        book.extend_audio("k", stream, 5)
+    book.settle_audio("k", stream, 25)
+    book.cancel_audio("k", other)
+    assert book.usage("k")["audio_s_today"] == 25
+
+
+def test_forgotten_reservations_expire():
+    clock = Clock()
+    book = LimitBook(KeyLimits(audio_hours_per_day=0.01), clock=clock, lease_ttl_s=60)
+    book.reserve_audio("k", 30)  # its settle never comes (the replica died)
+    clock.t += 61
+    book.reserve_audio("k", 30)

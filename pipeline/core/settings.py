@@ -95,6 +95,9 @@ class KeyLimits(BaseModel):
     requests_per_minute: int = Field(60, ge=0, description="Requests per key per rolling minute.")
     concurrent_requests: int = Field(10, ge=0, description="Requests per key in flight at once.")
     audio_hours_per_day: float = Field(100.0, ge=0, description="Audio hours per key per UTC day.")
+    active_jobs: int = Field(
+        100, ge=0, description="Async jobs (callback_url) per key queued or running at once; more are refused."
+    )
 
 
 class KeyLimitsOverride(BaseModel):
@@ -105,6 +108,7 @@ class KeyLimitsOverride(BaseModel):
     requests_per_minute: int | None = Field(None, ge=0)
     concurrent_requests: int | None = Field(None, ge=0)
     audio_hours_per_day: float | None = Field(None, ge=0)
+    active_jobs: int | None = Field(None, ge=0)
 
 
 class LimitsSettings(KeyLimits):

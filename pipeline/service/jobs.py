@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pipeline.core.errors import RateLimited
+
 # Internal states; the API shows queued and running as "processing".
 QUEUED, RUNNING, COMPLETED, FAILED = "queued", "running", "completed", "failed"
 # Delivery states.
@@ -63,7 +65,7 @@ class Job:
 
 class JobStore(Protocol):
     def create(self, key_id: str, request: dict, callback_url: str | None,
-               idempotency_key: str | None = None, request_hash: str | None = None) -> Job: ...
+               idempotency_key: str | None = None, request_hash: str | None = None, max_active: int = 0) -> Job: ...
     def get(self, job_id: str) -> Job | None: ...
     def find_idempotent(self, key_id: str, idempotency_key: str) -> tuple[Job, str] | None: ...
     def claim(self, worker: str, lease_s: float) -> Job | None: ...
@@ -100,6 +102,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     request_hash TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_runnable ON jobs (state, not_before, created_at);
+CREATE INDEX IF NOT EXISTS jobs_key_state ON jobs (key_id, state);
 CREATE INDEX IF NOT EXISTS jobs_delivery ON jobs (delivery_state, delivery_next_at);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (key_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
@@ -146,10 +149,28 @@ class SqliteJobStore:
             delivery_last_error=row["delivery_last_error"],
         )
 
-    def create(self, key_id, request, callback_url, idempotency_key=None, request_hash=None) -> Job:
+    def create(self, key_id, request, callback_url, idempotency_key=None, request_hash=None, max_active=0) -> Job:
+        """A queued job; ``RATE_LIMITED`` if ``key_id`` already has ``max_active`` jobs queued or
+        running (0 = no limit). Counted and written in one transaction: concurrent submits of one
+        key cannot overshoot."""
         now = self._clock()
         job_id = f"job_{uuid.uuid4().hex}"
         with self._tx() as db:
+            if max_active:
+                (active,) = db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE key_id=? AND state IN (?,?)", (key_id, QUEUED, RUNNING)
+                ).fetchone()
+                if active >= max_active:
+                    raise RateLimited(
+                        f"Over {max_active} queued or running jobs for this key: wait for some to finish",
+                        retry_after=5,
+                    )
+            if idempotency_key is not None:
+                # Past its window the key is free again, whether or not the sweep has run.
+                db.execute(
+                    "UPDATE jobs SET idempotency_key=NULL WHERE key_id=? AND idempotency_key=? AND created_at<=?",
+                    (key_id, idempotency_key, now - IDEMPOTENCY_WINDOW_S),
+                )
             db.execute(
                 "INSERT INTO jobs (job_id, key_id, state, request_json, callback_url, created_at, updated_at,"
                 " delivery_state, idempotency_key, request_hash) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -175,10 +196,14 @@ class SqliteJobStore:
     def claim(self, worker: str, lease_s: float) -> Job | None:
         now = self._clock()
         with self._tx() as db:
+            # Fair across keys: the runnable job of the key with the fewest jobs running now,
+            # oldest first within a key. One key's thousand queued jobs do not starve the others.
             row = db.execute(
-                "SELECT job_id FROM jobs WHERE ((state=? AND not_before<=?) OR (state=? AND lease_expires_at<?))"
-                " ORDER BY created_at LIMIT 1",
-                (QUEUED, now, RUNNING, now),
+                "SELECT job_id FROM jobs AS j"
+                " WHERE (j.state=? AND j.not_before<=?) OR (j.state=? AND j.lease_expires_at<?)"
+                " ORDER BY (SELECT COUNT(*) FROM jobs AS r WHERE r.key_id=j.key_id AND r.state=?"
+                "           AND r.lease_expires_at>=?), j.created_at, j.rowid LIMIT 1",
+                (QUEUED, now, RUNNING, now, RUNNING, now),
             ).fetchone()
             if row is None:
                 return None

@@ -32,12 +32,17 @@ class Lease:
 class _KeyState:
     recent: deque = field(default_factory=deque)  # admission times within the last WINDOW_S
     leases: dict[str, float] = field(default_factory=dict)  # lease id -> expiry time
+    reserved: dict[str, tuple[float, float]] = field(default_factory=dict)  # reservation id -> (seconds, expiry)
     day: int = -1
     audio_s: float = 0.0
 
+    @property
+    def reserved_s(self) -> float:
+        return sum(seconds for seconds, _ in self.reserved.values())
 
-def book_from_settings(settings, clock: Callable[[], float] | None = None) -> "LimitBook":
-    """A ``LimitBook`` for ``Settings.limits``; per-key overrides may name a key or its id."""
+
+def key_limits(settings) -> tuple[KeyLimits, dict[str, KeyLimits]]:
+    """The default limits and every overridden key's (by key id; overrides may name a key or its id)."""
     from pipeline.service.auth import key_id
 
     cfg = settings.limits
@@ -46,6 +51,12 @@ def book_from_settings(settings, clock: Callable[[], float] | None = None) -> "L
         (name if name.startswith("key_") else key_id(name)): default.model_copy(update=override.model_dump(exclude_none=True))
         for name, override in cfg.per_key.items()
     }
+    return default, per_key
+
+
+def book_from_settings(settings, clock: Callable[[], float] | None = None) -> "LimitBook":
+    """A ``LimitBook`` for ``Settings.limits``."""
+    default, per_key = key_limits(settings)
     return LimitBook(default, per_key, clock)
 
 
@@ -77,6 +88,9 @@ class LimitBook:
         for lease_id, expiry in list(state.leases.items()):
             if expiry <= now:
                 del state.leases[lease_id]
+        for reservation_id, (_, expiry) in list(state.reserved.items()):
+            if expiry <= now:
+                del state.reserved[reservation_id]
         day = int(now // DAY_S)
         if day != state.day:
             state.day, state.audio_s = day, 0.0
@@ -129,7 +143,8 @@ class LimitBook:
         quota_s = limits.audio_hours_per_day * 3600
         if not quota_s:
             return
-        if state.audio_s >= quota_s or (seconds and state.audio_s + seconds > quota_s):
+        committed = state.audio_s + state.reserved_s
+        if committed >= quota_s or (seconds and committed + seconds > quota_s):
             raise self._refuse(
                 "audio_hours_per_day",
                 f"Over {limits.audio_hours_per_day:g} audio hours per day for this key",
@@ -137,15 +152,37 @@ class LimitBook:
                 self._headers(limits, state, now),
             )
 
-    def check_audio(self, key_id: str, seconds: float) -> None:
-        """Before transcribing: refuse if ``seconds`` more would exceed the daily quota."""
-        now = self._clock()
-        self._check_audio(key_id, self.limits_for(key_id), self._state(key_id, now), now, seconds)
+    # The daily audio quota is a reservation: the decoded duration is reserved before any work,
+    # counting every other reservation of the key still running, and settled (charged) after, so
+    # N concurrent requests cannot overshoot it together. A reservation whose settle never came
+    # (its caller died) lapses like a lease.
 
-    def charge_audio(self, key_id: str, seconds: float) -> None:
-        """After transcribing: count the decoded duration against the daily quota."""
+    def reserve_audio(self, key_id: str, seconds: float) -> str:
+        """Reserve ``seconds`` of today's quota, or raise ``RATE_LIMITED``; returns its id."""
         now = self._clock()
-        self._state(key_id, now).audio_s += seconds
+        state = self._state(key_id, now)
+        self._check_audio(key_id, self.limits_for(key_id), state, now, seconds)
+        reservation_id = uuid.uuid4().hex
+        state.reserved[reservation_id] = (seconds, now + self._lease_ttl_s)
+        return reservation_id
+
+    def extend_audio(self, key_id: str, reservation_id: str, seconds: float) -> None:
+        """Grow a reservation (a stream, as its audio arrives), or raise ``RATE_LIMITED``."""
+        now = self._clock()
+        state = self._state(key_id, now)
+        self._check_audio(key_id, self.limits_for(key_id), state, now, seconds)
+        held, _ = state.reserved.get(reservation_id, (0.0, 0.0))
+        state.reserved[reservation_id] = (held + seconds, now + self._lease_ttl_s)
+
+    def settle_audio(self, key_id: str, reservation_id: str, seconds: float) -> None:
+        """The work is done: charge ``seconds`` (the decoded duration) and drop the reservation."""
+        state = self._state(key_id, self._clock())
+        state.reserved.pop(reservation_id, None)
+        state.audio_s += seconds
+
+    def cancel_audio(self, key_id: str, reservation_id: str) -> None:
+        """The work failed: nothing is charged."""
+        self._state(key_id, self._clock()).reserved.pop(reservation_id, None)
 
     def release(self, lease_id: str, key_id: str) -> None:
         state = self._keys.get(key_id)
@@ -160,4 +197,5 @@ class LimitBook:
     def usage(self, key_id: str) -> dict[str, float]:
         now = self._clock()
         state = self._state(key_id, now)
-        return {"requests_last_minute": len(state.recent), "concurrent": len(state.leases), "audio_s_today": state.audio_s}
+        return {"requests_last_minute": len(state.recent), "concurrent": len(state.leases), "audio_s_today": state.audio_s,
+                "audio_s_reserved": state.reserved_s}

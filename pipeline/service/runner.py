@@ -36,6 +36,7 @@ from pipeline.core.errors import (
 from pipeline.core.settings import Settings
 from pipeline.core.types import Audio
 from pipeline.service.jobs import Job, JobStore
+from pipeline.service.limits import key_limits
 from pipeline.service.webhooks import Attempt, backoff_s, deliver, webhook_signer
 from pipeline.transcription.flow import Meter, TranscriptionFlow
 from pipeline.transcription.schemas import ListenParams
@@ -101,6 +102,8 @@ class JobRunner:
         self._meter_for = meter_for
         self._guard = UrlGuard.from_settings(settings.allow_private_urls, settings.url_allowlist)
         self._signer = webhook_signer(settings.webhook_secret) if settings.webhook_secret else None
+        default_limits, per_key_limits = key_limits(settings)
+        self._active_jobs_for = lambda key: per_key_limits.get(key, default_limits).active_jobs
         self._worker = f"runner-{uuid.uuid4().hex[:12]}"
         self._delivering: set[str] = set()
         self._tasks: list[asyncio.Task] = []
@@ -148,7 +151,12 @@ class JobRunner:
         try:
             job = await asyncio.to_thread(
                 self._store.create, request.key_id, stored, request.params.callback_url, request.idempotency_key, digest,
+                self._active_jobs_for(request.key_id),
             )
+        except HarkError:
+            if "audio_path" in stored:
+                Path(stored["audio_path"]).unlink(missing_ok=True)
+            raise
         except sqlite3.IntegrityError:
             # The same Idempotency-Key raced in twice: the first one's job is the answer.
             if "audio_path" in stored:

@@ -42,11 +42,18 @@ class Speakers(Protocol):
 
 
 class Meter(Protocol):
-    """The caller's audio quota: checked on the decoded duration before any work, charged after."""
+    """The caller's daily audio quota, as reservations: ``reserve`` the decoded duration before any
+    work (``RATE_LIMITED`` if it, with every other reservation of the key, would exceed the quota),
+    then ``settle`` (charge) after the work or ``cancel`` when it failed. A stream ``extend``s its
+    reservation as audio arrives."""
 
-    async def check_audio(self, duration_s: float) -> None: ...
+    async def reserve(self, duration_s: float) -> str: ...
 
-    async def charge_audio(self, duration_s: float) -> None: ...
+    async def extend(self, reservation: str, duration_s: float) -> None: ...
+
+    async def settle(self, reservation: str, duration_s: float) -> None: ...
+
+    async def cancel(self, reservation: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -84,20 +91,26 @@ class TranscriptionFlow:
 
     async def run(self, audio: Audio, params: ListenParams, *, request_id: str,
                   meter: Meter | None = None) -> TranscriptionResult:
-        # The quota on the decoded duration, before any work: a refusal costs nothing.
-        if meter is not None:
-            await meter.check_audio(audio.duration_s)
-        # No retry anywhere here: a transcription runs once.
-        asr = self._recognizer.transcribe(audio, params.asr_options())
-        word_speakers = None
-        if params.diarize:
-            # Diarization runs beside ASR on the same decoded samples: no second fetch or decode.
-            transcript, diarization = await asyncio.gather(asr, self._speakers.diarize(audio, params.num_speakers))
-            word_speakers = assign_word_speakers(transcript.words, diarization.turns)
-        else:
-            transcript = await asr
-        if meter is not None:
-            await meter.charge_audio(transcript.duration_s)
+        # The quota on the decoded duration, reserved before any work: a refusal costs nothing.
+        reservation = await meter.reserve(audio.duration_s) if meter is not None else None
+        try:
+            # No retry anywhere here: a transcription runs once.
+            asr = self._recognizer.transcribe(audio, params.asr_options())
+            word_speakers = None
+            if params.diarize:
+                # Diarization runs beside ASR on the same decoded samples: no second fetch or decode.
+                transcript, diarization = await asyncio.gather(asr, self._speakers.diarize(audio, params.num_speakers))
+                word_speakers = await asyncio.to_thread(assign_word_speakers, transcript.words, diarization.turns)
+            else:
+                transcript = await asr
+        except BaseException:
+            if reservation is not None:
+                # Failed or cancelled: nothing is charged. Shielded, so that a cancellation of
+                # this request still gives the reservation back.
+                await asyncio.shield(meter.cancel(reservation))
+            raise
+        if reservation is not None:
+            await meter.settle(reservation, transcript.duration_s)
         body = render(
             transcript,
             request_id=request_id,
