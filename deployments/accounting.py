@@ -74,6 +74,9 @@ class AccountingDeployment:
     async def release(self, lease_id: str, key_id: str) -> None:
         self._book.release(lease_id, key_id)
 
+    async def job_lease_lost(self, when: str) -> None:
+        self._metrics.job_leases_lost.labels(when).inc()
+
     async def record(self, route: str, status: int, code: str, elapsed_s: float, audio_s: float) -> None:
         self._metrics.requests.labels(route, str(status), code).inc()
         self._metrics.request_seconds.labels(route).observe(elapsed_s)

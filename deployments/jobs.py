@@ -33,6 +33,7 @@ class JobsDeployment:
         self._runner = JobRunner(
             settings, SqliteJobStore(settings.data_dir / "jobs.sqlite3"), HandleAudio(fetch, retry), flow,
             meter_for=lambda key_id: HandleMeter(accounting, key_id, retry),
+            on_lease_lost=lambda job_id, when: accounting.job_lease_lost.remote(when),
         )
 
     async def check_health(self) -> None:

@@ -25,6 +25,10 @@ class ServiceMetrics:
             registry=r,
         )
         self.in_flight = Gauge("hark_requests_in_flight", "Admitted requests not yet answered (queue depth)", registry=r)
+        self.job_leases_lost = Counter(
+            "hark_job_leases_lost", "Job runs stopped uncharged because another runner took the job over",
+            ["when"], registry=r,
+        )
         self.rate_limited = Counter("hark_rate_limited", "Requests refused by a per-key limit", ["limit"], registry=r)
 
     def render(self) -> bytes:

@@ -179,6 +179,8 @@ class WebhookReceiver(ThreadingHTTPServer):
         self.attempts: list[tuple[str, dict, str]] = []  # (path, headers, body) of every attempt
         self.deliveries: list[tuple[str, dict, dict]] = []  # accepted: (path, headers, payload)
         self.bad_signatures = 0
+        self.huge_bytes_sent = 0  # how much of /huge's endless answer went out before the client hung up
+        self.hostile_done = threading.Event()  # /drip or /huge saw the client hang up
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 
@@ -218,6 +220,8 @@ class _ReceiverHandler(BaseHTTPRequestHandler):
                 server.fail_first[self.path] = remaining - 1
         if remaining:
             return self._answer(500)
+        if self.path.startswith(("/drip", "/huge")):
+            return self._hostile()
         try:
             payload = server.verifier.verify(body, headers)
         except Exception:
@@ -232,3 +236,31 @@ class _ReceiverHandler(BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+    def _hostile(self) -> None:
+        """/drip: the status line one byte every 0.2 s, for up to 60 s; /huge: 200 with an endless
+        body (up to 2 GB). Both stop when the client hangs up."""
+        import time
+
+        try:
+            if self.path.startswith("/drip"):
+                deadline = time.monotonic() + 60
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0" + b" " * 10_000:
+                    if time.monotonic() > deadline:
+                        break
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", str(2 * 10**9))
+                self.end_headers()
+                chunk = b"x" * 65536
+                while self.server.huge_bytes_sent < 2 * 10**9:
+                    self.wfile.write(chunk)
+                    self.server.huge_bytes_sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            self.server.hostile_done.set()
+            self.close_connection = True

@@ -211,3 +211,129 @@ def test_stream_params_are_typed_and_name_the_bad_option():
         with pytest.raises(InvalidParameter, match=message) as refused:
             StreamParams.parse(query)
         assert refused.value.extra["param"] == param
+
+
+# ---- leases under load, and lost leases -----------------------------------------------------------
+
+def _lease_settings(tmp_path, **extra) -> Settings:
+    return Settings(data_dir=tmp_path, jobs_lease_s=1.0, webhook_secret="s", url_allowlist=["127.0.0.1/32"], **extra)
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    async def poll():
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not (value := predicate()):
+            assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.05)
+        return value
+    return poll()
+
+
+def test_slow_webhook_receivers_cannot_starve_lease_renewals(tmp_path):
+    # Before: deliveries and store calls shared the default thread pool (6 threads on 2 cores);
+    # ten receivers dripping their answer held every thread, the running job's lease was not
+    # renewed, and another runner would take the job over and run (and charge) it again.
+    import sqlite3
+    import threading
+    import time
+
+    from servers import WebhookReceiver
+
+    path = tmp_path / "jobs.sqlite3"
+    store = SqliteJobStore(path)
+    meter = FakeMeter()
+
+    class Slow(FakeRecognizer):
+        async def transcribe(self, audio, options):
+            await asyncio.sleep(3.0)  # three leases long
+            return await super().transcribe(audio, options)
+
+    takeovers: list[str] = []
+    stop = threading.Event()
+
+    def another_runner():  # what any other replica would take over: running jobs with a lapsed lease
+        db = sqlite3.connect(path)
+        while not stop.is_set():
+            rows = db.execute("SELECT job_id FROM jobs WHERE state='running' AND lease_expires_at < ?", (time.time(),))
+            takeovers.extend(r[0] for r in rows)
+            stop.wait(0.05)
+
+    with WebhookReceiver("s") as receiver:
+        for _ in range(10):
+            job = store.create("key_a", {"params": {}, "url": "http://media.test/a.wav"}, receiver.url("/drip"))
+            store.claim("w-old", 30.0)
+            store.finish(job.job_id, "w-old", result={})
+        runner = JobRunner(_lease_settings(tmp_path, webhook_timeout_s=30.0), store, FakeAudio(),
+                           TranscriptionFlow(Slow(), FakeSpeakers()), meter_for=lambda key_id: meter)
+        watcher = threading.Thread(target=another_runner, daemon=True)
+
+        async def scenario():
+            runner.start()
+            await _wait(lambda: len(receiver.attempts) == 10, 10, "ten dripping deliveries")
+            slow = store.create("key_b", {"params": {}, "url": "http://media.test/b.wav"}, None)
+            watcher.start()
+            done = await _wait(lambda: (j := store.get(slow.job_id)).api_status != "processing" and j, 20, "the job")
+            return done
+
+        try:
+            done = asyncio.run(scenario())
+        finally:
+            stop.set()
+    assert takeovers == []
+    assert done.api_status == "completed" and done.run_attempts == 1
+    assert meter.log == [("reserve", 2.0), ("settle", 2.0)]
+
+
+def _lost_lease_run(tmp_path, caplog, recognizer_for):
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    meter, lost = FakeMeter(), []
+
+    def steal():
+        store._connect().execute("UPDATE jobs SET lease_owner='thief'")
+
+    async def report(job_id: str, when: str) -> None:
+        lost.append(when)
+
+    runner = JobRunner(_lease_settings(tmp_path), store, FakeAudio(),
+                       TranscriptionFlow(recognizer_for(steal), FakeSpeakers()),
+                       meter_for=lambda key_id: meter, on_lease_lost=report)
+
+    async def scenario():
+        job = store.create("key_a", {"params": {}, "url": "http://media.test/a.wav"}, None)
+        with caplog.at_level("WARNING", logger="pipeline.service.runner"):
+            runner.start()
+            await _wait(lambda: lost, 10, "the lost lease to be noticed")
+        return store.get(job.job_id)
+
+    return asyncio.run(scenario()), meter, lost
+
+
+def test_a_lease_lost_while_running_stops_the_run_uncharged_and_is_reported(tmp_path, caplog):
+    class StolenWhileRunning(FakeRecognizer):
+        def __init__(self, steal):
+            super().__init__()
+            self.steal = steal
+
+        async def transcribe(self, audio, options):
+            self.steal()
+            await asyncio.Event().wait()  # the heartbeat must notice and stop this run
+
+    job, meter, lost = _lost_lease_run(tmp_path, caplog, StolenWhileRunning)
+    assert lost == ["running"] and job.state == "running"  # left to the runner that holds it now
+    assert meter.log == [("reserve", 2.0), ("cancel", 0.0)]
+    assert any("lease" in r.getMessage() and job.job_id in r.getMessage() for r in caplog.records)
+
+
+def test_a_lease_lost_before_the_charge_is_never_charged_twice(tmp_path, caplog):
+    class StolenBeforeTheEnd(FakeRecognizer):
+        def __init__(self, steal):
+            super().__init__()
+            self.steal = steal
+
+        async def transcribe(self, audio, options):
+            self.steal()  # and answer at once, before any heartbeat
+            return await super().transcribe(audio, options)
+
+    job, meter, lost = _lost_lease_run(tmp_path, caplog, StolenBeforeTheEnd)
+    assert lost == ["charge"] and job.state == "running"
+    assert meter.log == [("reserve", 2.0), ("cancel", 0.0)]

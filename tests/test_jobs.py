@@ -1,6 +1,8 @@
 """The job store and webhook signing, without Ray."""
 
+import asyncio
 import base64
+import time
 import multiprocessing
 import random
 
@@ -120,9 +122,9 @@ def test_deliveries_are_signed_the_standard_webhooks_way(secret):
     guard = UrlGuard.from_settings(False, ["127.0.0.1/32"])
     with WebhookReceiver(secret) as receiver:
         receiver.fail_first["/flaky"] = 1
-        first = deliver(receiver.url("/flaky"), {"job_id": "job_1", "status": "completed"}, "msg_job_1", webhook_signer(secret), guard, 5)
+        first = asyncio.run(deliver(receiver.url("/flaky"), {"job_id": "job_1", "status": "completed"}, "msg_job_1", webhook_signer(secret), guard, 5))
         assert (first.delivered, first.retry, first.status) == (False, True, 500)
-        ok = deliver(receiver.url("/flaky"), {"job_id": "job_1", "status": "completed"}, "msg_job_1", webhook_signer(secret), guard, 5)
+        ok = asyncio.run(deliver(receiver.url("/flaky"), {"job_id": "job_1", "status": "completed"}, "msg_job_1", webhook_signer(secret), guard, 5))
         assert ok.delivered and ok.status == 204
         assert receiver.bad_signatures == 0
         [(_, headers, payload)] = receiver.deliveries
@@ -131,12 +133,29 @@ def test_deliveries_are_signed_the_standard_webhooks_way(secret):
         # Independent check with the library, keyed as the issue says.
         key = secret if secret.startswith("whsec_") else secret.encode()
         Webhook(key).verify(receiver.attempts[-1][2], receiver.attempts[-1][1])
-        wrong = deliver(receiver.url("/x"), {}, "msg_2", webhook_signer("other-secret"), guard, 5)
+        wrong = asyncio.run(deliver(receiver.url("/x"), {}, "msg_2", webhook_signer("other-secret"), guard, 5))
         assert (wrong.delivered, wrong.retry, wrong.status) == (False, False, 400)
-    refused = deliver("http://127.0.0.2:9/hook", {}, "msg_3", webhook_signer(secret), guard, 5)
+    refused = asyncio.run(deliver("http://127.0.0.2:9/hook", {}, "msg_3", webhook_signer(secret), guard, 5))
     assert not refused.delivered and not refused.retry  # the guard refuses: nothing was sent
-    unreachable = deliver("http://127.0.0.1:9/hook", {}, "msg_4", webhook_signer(secret), guard, 2)
+    unreachable = asyncio.run(deliver("http://127.0.0.1:9/hook", {}, "msg_4", webhook_signer(secret), guard, 2))
     assert not unreachable.delivered and unreachable.retry
+
+
+def test_a_dripping_or_endless_receiver_cannot_hold_a_delivery():
+    # Before: a receiver sending one byte every 0.2 s held deliver() (timeout 1 s) for minutes, and
+    # an endless 200 body was read whole into memory (2 GB in 33 s).
+    guard = UrlGuard.from_settings(False, ["127.0.0.1/32"])
+    signer = webhook_signer("s")
+    with WebhookReceiver("s") as receiver:
+        started = time.monotonic()
+        drip = asyncio.run(deliver(receiver.url("/drip"), {}, "msg_1", signer, guard, 1.0))
+        assert time.monotonic() - started < 3
+        assert (drip.delivered, drip.retry, drip.error) == (False, True, "No answer within 1 s")
+        receiver.hostile_done.clear()
+        huge = asyncio.run(deliver(receiver.url("/huge"), {}, "msg_2", signer, guard, 5.0))
+        assert (huge.delivered, huge.status) == (True, 200)
+        assert receiver.hostile_done.wait(10)
+        assert receiver.huge_bytes_sent < 50 * 2**20  # the body was dropped, not read
 
 
 def test_an_expired_idempotency_key_may_be_reused_before_the_sweep(store):

@@ -131,19 +131,23 @@ class _Sink:
         self.out.write(chunk)
 
 
+def pinned_url(url: str, ip: str) -> httpx.URL:
+    """``url`` aimed at the address the guard checked (no second DNS lookup that could differ)."""
+    return httpx.URL(url).copy_with(host=ip)
+
+
+def pinned_parts(url: str, headers: dict[str, str]) -> dict:
+    """The Host header and TLS SNI of ``url``'s name, for a request sent to its pinned address."""
+    parts = urlsplit(url)
+    return {"headers": {**headers, "Host": parts.netloc.rsplit("@", 1)[-1]},
+            "extensions": {"sni_hostname": parts.hostname}}
+
+
 def pinned_request(
     client: httpx.Client, method: str, url: str, guard: UrlGuard, *, headers: dict[str, str], content: bytes | None = None
 ) -> httpx.Request:
     """A request to the address the guard checked, carrying the URL's name in Host and TLS SNI."""
-    ip = guard.resolve(url)
-    parts = urlsplit(url)
-    return client.build_request(
-        method,
-        httpx.URL(url).copy_with(host=ip),
-        headers={**headers, "Host": parts.netloc.rsplit("@", 1)[-1]},
-        content=content,
-        extensions={"sni_hostname": parts.hostname},
-    )
+    return client.build_request(method, pinned_url(url, guard.resolve(url)), content=content, **pinned_parts(url, headers))
 
 
 def fetch_http(url: str, out: BinaryIO, guard: UrlGuard, limits: FetchLimits) -> None:

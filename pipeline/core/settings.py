@@ -159,7 +159,10 @@ class Settings(BaseSettings):
         description="Signs webhook deliveries (Standard Webhooks). A whsec_<base64> secret keys with "
         "its decoded bytes, any other string with its UTF-8 bytes. Needed for callback_url.",
     )
-    webhook_timeout_s: float = Field(10.0, gt=0, description="Timeout of one delivery attempt.")
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, description="Wall-clock deadline of one delivery attempt (DNS, connect, answer)."
+    )
+    webhook_concurrency: int = Field(16, ge=1, description="Deliveries a runner makes at once.")
     webhook_max_attempts: int = Field(8, ge=1, description="Delivery attempts before giving up.")
     webhook_backoff_base_s: float = Field(2.0, gt=0, description="First retry delay; doubles each time.")
     webhook_backoff_max_s: float = Field(900.0, gt=0, description="Longest delay between attempts.")

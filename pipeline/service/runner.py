@@ -11,6 +11,8 @@ The runner is framework-free: audio comes through an ``AudioSource``, transcript
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -18,7 +20,8 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -90,9 +93,37 @@ def refuse_unrunnable(request: JobRequest, guard: UrlGuard, can_sign: bool) -> N
         guard.resolve(request.url)
 
 
+class LeaseLost(Exception):
+    """Another runner holds the job now: this run must stop, and charge nothing."""
+
+
+class _LeasedMeter:
+    """A key's meter that charges a job's run only while the runner still holds its lease, so a
+    job taken over by another runner is never charged twice."""
+
+    def __init__(self, meter: Meter, holds_lease: Callable[[], Awaitable[bool]]) -> None:
+        self._meter, self._holds_lease = meter, holds_lease
+
+    async def reserve(self, duration_s: float) -> str:
+        return await self._meter.reserve(duration_s)
+
+    async def extend(self, reservation: str, duration_s: float) -> None:
+        await self._meter.extend(reservation, duration_s)
+
+    async def settle(self, reservation: str, duration_s: float) -> None:
+        if not await self._holds_lease():
+            await self._meter.cancel(reservation)
+            raise LeaseLost("charge")
+        await self._meter.settle(reservation, duration_s)
+
+    async def cancel(self, reservation: str) -> None:
+        await self._meter.cancel(reservation)
+
+
 class JobRunner:
     def __init__(self, settings: Settings, store: JobStore, audio: AudioSource, flow: TranscriptionFlow,
-                 meter_for: Callable[[str], Meter]) -> None:
+                 meter_for: Callable[[str], Meter],
+                 on_lease_lost: Callable[[str, str], Awaitable[None]] | None = None) -> None:
         self._settings = settings
         self._store = store
         self._audio_dir = settings.data_dir / "audio"
@@ -105,6 +136,11 @@ class JobRunner:
         default_limits, per_key_limits = key_limits(settings)
         self._active_jobs_for = lambda key: per_key_limits.get(key, default_limits).active_jobs
         self._worker = f"runner-{uuid.uuid4().hex[:12]}"
+        self._on_lease_lost = on_lease_lost
+        # Store calls (claims, lease renewals, results) and webhook DNS lookups each have their own
+        # threads: however many receivers are slow, a lease is renewed on time.
+        self._db = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hark-jobs-store")
+        self._dns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hark-webhook-dns")
         self._delivering: set[str] = set()
         self._tasks: list[asyncio.Task] = []
 
@@ -120,6 +156,10 @@ class JobRunner:
             if task.done():
                 raise RuntimeError(f"job loop stopped: {task.exception()!r}")
 
+    async def _call(self, fn: Callable, *args, **kwargs):
+        """A store call on the store's own threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._db, functools.partial(fn, *args, **kwargs))
+
     # ---- API ------------------------------------------------------------------------------------
 
     async def submit(self, request: JobRequest) -> dict:
@@ -134,7 +174,7 @@ class JobRunner:
         if request.idempotency_key:
             if len(request.idempotency_key) > 255:
                 raise InvalidParameter("Idempotency-Key is longer than 255 characters", param="Idempotency-Key")
-            found = await asyncio.to_thread(self._store.find_idempotent, request.key_id, request.idempotency_key)
+            found = await self._call(self._store.find_idempotent, request.key_id, request.idempotency_key)
             if found is not None:
                 job, stored_digest = found
                 if stored_digest != digest:
@@ -149,7 +189,7 @@ class JobRunner:
         else:
             stored["url"] = request.url
         try:
-            job = await asyncio.to_thread(
+            job = await self._call(
                 self._store.create, request.key_id, stored, request.params.callback_url, request.idempotency_key, digest,
                 self._active_jobs_for(request.key_id),
             )
@@ -161,7 +201,7 @@ class JobRunner:
             # The same Idempotency-Key raced in twice: the first one's job is the answer.
             if "audio_path" in stored:
                 Path(stored["audio_path"]).unlink(missing_ok=True)
-            found = await asyncio.to_thread(self._store.find_idempotent, request.key_id, request.idempotency_key)
+            found = await self._call(self._store.find_idempotent, request.key_id, request.idempotency_key)
             if found is None:
                 raise
             job = found[0]
@@ -179,7 +219,7 @@ class JobRunner:
         return payload["result"]
 
     async def get(self, job_id: str, key_id: str) -> dict:
-        job = await asyncio.to_thread(self._store.get, job_id)
+        job = await self._call(self._store.get, job_id)
         if job is None or job.key_id != key_id:  # another key's job does not exist for you
             raise NotFound(f"No job {job_id!r}")
         body = job.payload()
@@ -199,7 +239,7 @@ class JobRunner:
         while True:
             await slots.acquire()
             try:
-                job = await asyncio.to_thread(self._store.claim, self._worker, self._settings.jobs_lease_s)
+                job = await self._call(self._store.claim, self._worker, self._settings.jobs_lease_s)
             except Exception:
                 logger.exception("claiming a job failed")
                 job = None
@@ -211,15 +251,53 @@ class JobRunner:
             task.add_done_callback(lambda _: slots.release())
 
     async def _heartbeat(self, job_id: str) -> None:
+        """Renew the lease until it is lost (then return)."""
         while True:
             await asyncio.sleep(self._settings.jobs_lease_s / 3)
-            if not await asyncio.to_thread(self._store.renew, job_id, self._worker, self._settings.jobs_lease_s):
+            if not await self._renew(job_id):
                 return
 
+    async def _renew(self, job_id: str) -> bool:
+        return await self._call(self._store.renew, job_id, self._worker, self._settings.jobs_lease_s)
+
+    async def _lease_lost(self, job: Job, when: str) -> None:
+        logger.warning("job %s: lease lost %s; another runner holds it now, this run stops uncharged",
+                       job.job_id, {"running": "while running", "charge": "before its charge",
+                                    "finish": "at its finish"}.get(when, when))
+        if self._on_lease_lost is not None:
+            with contextlib.suppress(Exception):
+                await self._on_lease_lost(job.job_id, when)
+
     async def _run(self, job: Job) -> None:
-        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(job.job_id))
-        result: dict | None = None
-        error: dict | None = None
+        work = asyncio.ensure_future(self._transcribe(job))
+        heartbeat = asyncio.ensure_future(self._heartbeat(job.job_id))
+        try:
+            await asyncio.wait({work, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            heartbeat.cancel()
+        if not work.done():  # the heartbeat ended: the lease is gone
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+            await self._lease_lost(job, "running")
+            return
+        try:
+            result, error = work.result()
+        except LeaseLost as lost:
+            await self._lease_lost(job, str(lost))
+            return
+        except _Requeue as requeue:
+            await self._call(self._store.requeue, job.job_id, self._worker, BUSY_RETRY_S,
+                             count_attempt=requeue.count_attempt)
+            return
+        if await self._call(self._store.finish, job.job_id, self._worker, result=result, error=error):
+            if "audio_path" in job.request:
+                Path(job.request["audio_path"]).unlink(missing_ok=True)
+        else:
+            await self._lease_lost(job, "finish")
+
+    async def _transcribe(self, job: Job) -> tuple[dict | None, dict | None]:
+        """(result, error) of one run; raises ``_Requeue`` to give the job back untouched."""
         try:
             params = ListenParams.parse(job.request["params"])
             if "audio_path" in job.request:
@@ -228,51 +306,45 @@ class JobRunner:
             else:
                 audio = await self._audio.from_url(job.request["url"])
             started = time.perf_counter()
-            outcome = await self._flow.run(audio, params, request_id=f"req_{uuid.uuid4().hex}",
-                                           meter=self._meter_for(job.key_id))
-            result = outcome.body
+            meter = _LeasedMeter(self._meter_for(job.key_id), lambda: self._renew(job.job_id))
+            outcome = await self._flow.run(audio, params, request_id=f"req_{uuid.uuid4().hex}", meter=meter)
             logger.info("job %s transcribed %.1f s in %.1f s", job.job_id, outcome.transcript.duration_s,
                         time.perf_counter() - started)
-        except asyncio.CancelledError:
+            return outcome.body, None
+        except (asyncio.CancelledError, LeaseLost):
             raise
         except Exception as err:  # noqa: BLE001 - every failure is the job's outcome
             died = isinstance(err, WorkerLost)
             busy = isinstance(err, ServiceUnavailable) and not died
             if busy or (died and job.run_attempts < MAX_RUN_ATTEMPTS):
                 # Busy, or a worker died: back to the queue, untouched; only deaths use up runs.
-                heartbeat.cancel()
-                await asyncio.to_thread(
-                    self._store.requeue, job.job_id, self._worker, BUSY_RETRY_S, count_attempt=not busy
-                )
-                return
+                raise _Requeue(count_attempt=not busy) from None
             if died:
                 err = ServiceUnavailable(f"The ASR worker died on this job {job.run_attempts} times")
             if not isinstance(err, HarkError):
                 logger.exception("job %s failed unexpectedly", job.job_id, exc_info=err)
                 err = HarkError("Internal error")
-            error = err.to_body()
-        finally:
-            heartbeat.cancel()
-        if await asyncio.to_thread(self._store.finish, job.job_id, self._worker, result=result, error=error):
-            if "audio_path" in job.request:
-                Path(job.request["audio_path"]).unlink(missing_ok=True)
+            return None, err.to_body()
 
     # ---- webhooks -------------------------------------------------------------------------------
 
     async def _delivery_loop(self) -> None:
         last_sweep = 0.0
+        concurrency = self._settings.webhook_concurrency
         while True:
             if time.monotonic() - last_sweep > 600:
                 # Idempotency keys older than 24 h may be used again.
-                await asyncio.to_thread(self._store.forget_idempotency)
+                await self._call(self._store.forget_idempotency)
                 last_sweep = time.monotonic()
+            free = concurrency - len(self._delivering)
             try:
-                due = await asyncio.to_thread(self._store.due_deliveries, 32)
+                # Those in flight are still due: ask for enough to find `free` others.
+                due = await self._call(self._store.due_deliveries, free + len(self._delivering)) if free > 0 else []
             except Exception:
                 logger.exception("reading due deliveries failed")
                 due = []
             for job in due:
-                if job.job_id not in self._delivering:
+                if job.job_id not in self._delivering and len(self._delivering) < concurrency:
                     self._delivering.add(job.job_id)
                     task = asyncio.get_running_loop().create_task(self._deliver(job))
                     task.add_done_callback(lambda _, j=job.job_id: self._delivering.discard(j))
@@ -284,10 +356,8 @@ class JobRunner:
             attempt = Attempt(False, retry=False, error="HARK_WEBHOOK_SECRET is not set: deliveries cannot be signed")
         else:
             try:
-                attempt = await asyncio.to_thread(
-                    deliver, job.callback_url, job.payload(), job.webhook_id, self._signer, self._guard,
-                    s.webhook_timeout_s,
-                )
+                attempt = await deliver(job.callback_url, job.payload(), job.webhook_id, self._signer, self._guard,
+                                        s.webhook_timeout_s, resolver=self._dns)
             except Exception as exc:  # noqa: BLE001 - a bug here must not re-send every 0.25 s
                 logger.exception("webhook delivery for %s raised", job.job_id)
                 attempt = Attempt(False, retry=True, error=f"{type(exc).__name__}: {exc}")
@@ -300,10 +370,16 @@ class JobRunner:
             next_at = time.time() + wait
         if not attempt.delivered:
             logger.info("webhook for %s: attempt %d failed (%s)", job.job_id, attempts_made, attempt.error)
-        await asyncio.to_thread(
+        await self._call(
             self._store.delivery_result, job.job_id, delivered=attempt.delivered, status=attempt.status,
             error=attempt.error, next_at=next_at,
         )
+
+
+class _Requeue(Exception):
+    def __init__(self, count_attempt: bool) -> None:
+        super().__init__()
+        self.count_attempt = count_attempt
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
+from concurrent.futures import Executor
 import random
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -12,7 +14,7 @@ import httpx
 from standardwebhooks import Webhook
 
 from pipeline.core.errors import HarkError
-from pipeline.audio.fetch import UrlGuard, pinned_request
+from pipeline.audio.fetch import UrlGuard, pinned_parts, pinned_url
 
 # Besides 2xx (done) and 5xx (retry), these mean "try again later" too.
 _RETRYABLE_4XX = {408, 429}
@@ -51,8 +53,11 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
-def deliver(url: str, payload: dict, msg_id: str, signer: Webhook, guard: UrlGuard, timeout_s: float) -> Attempt:
-    """One delivery attempt."""
+async def deliver(url: str, payload: dict, msg_id: str, signer: Webhook, guard: UrlGuard, timeout_s: float,
+                  resolver: Executor | None = None) -> Attempt:
+    """One delivery attempt, over within ``timeout_s`` on the wall clock whatever the receiver does
+    (DNS included: it runs on ``resolver``, a bounded pool). The answer's body is never read: only
+    the status line and headers matter, so a receiver that drips or sends gigabytes costs nothing."""
     body = json.dumps(payload, separators=(",", ":"))
     now = datetime.datetime.now(datetime.timezone.utc)
     headers = {
@@ -63,8 +68,15 @@ def deliver(url: str, payload: dict, msg_id: str, signer: Webhook, guard: UrlGua
         "User-Agent": "Hark-Webhooks/1",
     }
     try:
-        with httpx.Client(timeout=timeout_s, follow_redirects=False, trust_env=False) as client:
-            response = client.send(pinned_request(client, "POST", url, guard, headers=headers, content=body.encode()))
+        async with asyncio.timeout(timeout_s):
+            ip = await asyncio.get_running_loop().run_in_executor(resolver, guard.resolve, url, "callback_url")
+            async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, trust_env=False) as client:
+                request = client.build_request("POST", pinned_url(url, ip), content=body.encode(),
+                                               **pinned_parts(url, headers))
+                response = await client.send(request, stream=True)
+                await response.aclose()  # unread: the connection is dropped, not drained
+    except TimeoutError:
+        return Attempt(False, retry=True, error=f"No answer within {timeout_s:g} s")
     except HarkError as exc:  # refused by the guard, or the name does not resolve
         return Attempt(False, retry=exc.code == "FETCH_FAILED", error=exc.message)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
