@@ -5,6 +5,8 @@ and non-loopback addresses appear only in pure checks that open no connection.
 """
 
 import ipaddress
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -116,6 +118,34 @@ def test_timeouts_and_refused_connections(media_server):
         loader(fetch_read_timeout_s=0.5).from_url(media_server.url("/slow"))
     with pytest.raises(FetchFailed):
         loader().from_url("http://127.0.0.1:9/nothing-listens-here.wav")
+
+
+@pytest.mark.parametrize("path", ["/drip", "/drip-headers"])
+def test_slow_drip_ends_at_the_total_deadline(media_server, path):
+    # Regression (review finding 7): the deadline was checked only between 256 KiB chunks, so a
+    # server sending a byte every 0.1 s held a fetch thread for as long as it liked.
+    started = time.monotonic()
+    with pytest.raises(FetchFailed, match="did not finish within 1 s"):
+        loader(fetch_total_timeout_s=1.0, fetch_read_timeout_s=5.0).from_url(media_server.url(f"{path}?seconds=10"))
+    assert time.monotonic() - started < 3.0
+
+
+def test_slow_dns_ends_at_the_total_deadline(media_server):
+    # Regression (review finding 7): name resolution had no timeout at all.
+    answered = threading.Event()
+
+    def silent_dns(host, port):  # a DNS server that does not answer (for 10 s)
+        answered.wait(timeout=10)
+        return ["127.0.0.1"]
+
+    port = media_server.server_address[1]
+    started = time.monotonic()
+    try:
+        with pytest.raises(FetchFailed, match="did not finish within 1 s"):
+            loader(silent_dns, fetch_total_timeout_s=1.0).from_url(f"http://silent-dns.test:{port}/files/tone.wav")
+        assert time.monotonic() - started < 3.0
+    finally:
+        answered.set()
 
 
 def test_huge_bodies_are_cut_off(media_server):

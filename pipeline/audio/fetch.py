@@ -3,7 +3,8 @@
 http(s): the host is resolved once, every address is checked by the SSRF guard, and the
 connection goes to the checked address (the name travels in ``Host`` and TLS SNI), so a DNS
 answer cannot change between the check and the connect. Redirects are followed by hand and each
-hop is checked again. Bodies stream to disk and reading stops past the byte cap.
+hop is checked again. Bodies stream to disk and reading stops past the byte cap. The whole
+fetch, name lookup included, ends at its deadline on the wall clock.
 
 s3: through s3fs, configured by the standard AWS variables (``AWS_ENDPOINT_URL`` included). The
 endpoint is the operator's choice, so it is not subject to the guard.
@@ -11,10 +12,12 @@ endpoint is the operator's choice, so it is not subject to the guard.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 from urllib.parse import SplitResult, urljoin, urlsplit
@@ -31,6 +34,10 @@ SUPPORTED_SCHEMES = ("http", "https", "s3")
 _CHUNK = 256 * 1024
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _REDIRECTS = {301, 302, 303, 307, 308}
+# Name lookups of http(s) fetches, one per fetch in progress (AudioFetch runs 32 at once).
+# Bounded: lookups abandoned at their fetch's deadline (a DNS server that never answers) hold
+# at most these threads until the system resolver gives up on them.
+_LOOKUPS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fetch-dns")
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -135,7 +142,13 @@ def pinned_request(
     client: httpx.Client, method: str, url: str, guard: UrlGuard, *, headers: dict[str, str], content: bytes | None = None
 ) -> httpx.Request:
     """A request to the address the guard checked, carrying the URL's name in Host and TLS SNI."""
-    ip = guard.resolve(url)
+    return _request_to(client, guard.resolve(url), method, url, headers=headers, content=content)
+
+
+def _request_to(
+    client: httpx.Client | httpx.AsyncClient, ip: str, method: str, url: str, *, headers: dict[str, str],
+    content: bytes | None = None,
+) -> httpx.Request:
     parts = urlsplit(url)
     return client.build_request(
         method,
@@ -147,21 +160,41 @@ def pinned_request(
 
 
 def fetch_http(url: str, out: BinaryIO, guard: UrlGuard, limits: FetchLimits) -> None:
-    """Stream an http(s) URL into ``out``; raises HarkErrors for every refusal or failure."""
-    deadline = time.monotonic() + limits.total_timeout_s
+    """Stream an http(s) URL into ``out``; raises HarkErrors for every refusal or failure.
+
+    Blocking, and never for longer than ``limits.total_timeout_s`` on the wall clock. A read
+    timeout cannot promise that (a server sending a byte a second never lets one fire), so the
+    download runs on an event loop of its own, where the deadline cancels whatever it is waiting
+    on: the name's lookup, the connection, headers or body. Call it from a thread, not from
+    inside a running event loop.
+    """
+    asyncio.run(_fetch_http(url, out, guard, limits))
+
+
+async def _fetch_http(url: str, out: BinaryIO, guard: UrlGuard, limits: FetchLimits) -> None:
+    try:
+        async with asyncio.timeout(limits.total_timeout_s):
+            await _download(url, out, guard, limits)
+    except TimeoutError:
+        raise FetchFailed(f"The download did not finish within {limits.total_timeout_s:g} s") from None
+
+
+async def _download(url: str, out: BinaryIO, guard: UrlGuard, limits: FetchLimits) -> None:
     timeout = httpx.Timeout(
         connect=limits.connect_timeout_s, read=limits.read_timeout_s, write=limits.read_timeout_s, pool=limits.connect_timeout_s
     )
+    loop = asyncio.get_running_loop()
     # trust_env=False: a proxy from the environment would connect on our behalf to whatever the
     # name resolves to there, defeating the address check.
-    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
         for _ in range(limits.max_redirects + 1):
             parts = urlsplit(url)
-            request = pinned_request(
-                client, "GET", url, guard, headers={"Accept": "audio/*, */*", "Accept-Encoding": "identity"}
-            )
+            # getaddrinfo cannot be interrupted: it runs on a lookup thread, and one that outlives
+            # the deadline is abandoned there to finish on its own.
+            ip = await loop.run_in_executor(_LOOKUPS, guard.resolve, url)
+            request = _request_to(client, ip, "GET", url, headers={"Accept": "audio/*, */*", "Accept-Encoding": "identity"})
             try:
-                response = client.send(request, stream=True)
+                response = await client.send(request, stream=True)
             except httpx.TimeoutException:
                 raise FetchFailed(f"Timed out waiting for {parts.hostname}") from None
             except httpx.HTTPError as exc:
@@ -188,17 +221,15 @@ def fetch_http(url: str, out: BinaryIO, guard: UrlGuard, limits: FetchLimits) ->
                     raise FileTooLarge(limits.max_mb)
                 sink = _Sink(out, limits)
                 try:
-                    for chunk in response.iter_bytes(_CHUNK):
+                    async for chunk in response.aiter_bytes(_CHUNK):
                         sink.write(chunk)
-                        if time.monotonic() > deadline:
-                            raise FetchFailed(f"Download exceeded {limits.total_timeout_s:.0f} s")
                 except httpx.TimeoutException:
                     raise FetchFailed("Timed out reading from the URL") from None
                 except httpx.HTTPError as exc:
                     raise FetchFailed(f"Download failed: {exc}") from None
                 return
             finally:
-                response.close()
+                await response.aclose()
     raise FetchFailed(f"More than {limits.max_redirects} redirects")
 
 
