@@ -45,6 +45,14 @@ def fake_dns(table):
         ("240.0.0.1", False), ("::1", False), ("fe80::1", False), ("fc00::1", False), ("ff02::1", False),
         ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("::ffff:8.8.8.8", True),
         ("fec0::1", False), ("64:ff9b::a00:1", False), ("64:ff9b::808:808", True),
+        # Regression (review finding 9): 6to4 and Teredo addresses carry an IPv4 address, which is
+        # where their packets go; ipaddress calls every 6to4 address global.
+        ("2002:7f00:1::1", False), ("2002:a00:1::1", False), ("2002:a9fe:a9fe::1", False), ("2002:808:808::1", True),
+        # Teredo: server 65.54.227.120, client (bits inverted) 10.0.0.1 / 8.8.8.8; server 10.0.0.1.
+        ("2001:0:4136:e378:8000:63bf:f5ff:fffe", False), ("2001:0:a00:1:8000:63bf:f7f7:f7f7", False),
+        ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", True),
+        # IPv4-compatible (deprecated), IPv4-translated (SIIT), local-use NAT64: refused whatever they embed.
+        ("::7f00:1", False), ("::808:808", False), ("::ffff:0:a00:1", False), ("64:ff9b:1::a00:1", False),
     ],
 )
 def test_address_classification(address, public):
@@ -62,6 +70,20 @@ def test_guard_checks_every_resolved_address_without_connecting():
     assert UrlGuard.from_settings(False, ["10.0.0.0/8"], fake_dns({})).resolve("http://10.0.0.1/") == "10.0.0.1"
     with pytest.raises(FetchFailed):
         guard.resolve("http://unknown.test/a.wav")
+
+
+def test_guard_refuses_names_resolving_to_embedded_private_ipv4():
+    # Only an injected resolver: no packet is ever sent to these addresses.
+    guard = UrlGuard.from_settings(False, [], fake_dns({
+        "sixtofour.test": ["2002:7f00:1::1"], "teredo.test": ["2001:0:4136:e378:8000:63bf:f5ff:fffe"],
+        "public6to4.test": ["2002:808:808::1"],
+    }))
+    for host in ("sixtofour.test", "teredo.test"):
+        with pytest.raises(ForbiddenUrl):
+            guard.resolve(f"http://{host}/a.wav")
+    with pytest.raises(ForbiddenUrl):
+        guard.resolve("http://[2002:a9fe:a9fe::1]/latest/meta-data/")  # 169.254.169.254 inside
+    assert guard.resolve("http://public6to4.test/a.wav") == "2002:808:808::1"
 
 
 def test_fetch_connects_to_the_checked_address_with_the_original_host(media_server):

@@ -47,12 +47,21 @@ def system_resolver(host: str, port: int) -> list[str]:
 
 def is_public_address(ip: IPAddress) -> bool:
     """True for globally routable unicast addresses; False for loopback, private, link-local,
-    multicast, reserved, unspecified and shared (CGNAT) space, including IPv4 mapped in IPv6."""
+    multicast, reserved, unspecified and shared (CGNAT) space. An IPv6 address that carries an
+    IPv4 address its packets are delivered to (mapped, NAT64, 6to4, Teredo) is public only when
+    that IPv4 address is."""
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return is_public_address(ip.ipv4_mapped)
         if ip in _NAT64:  # 64:ff9b::a.b.c.d reaches a.b.c.d through a NAT64 gateway
             return is_public_address(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        # 2002:a.b.c.d::/48 is reached through the 6to4 router at a.b.c.d, which ipaddress
+        # still calls global.
+        if ip.sixtofour is not None and not is_public_address(ip.sixtofour):
+            return False
+        if ip.teredo is not None:  # 2001::/32: relayed over UDP to the client, via the server
+            server, client = ip.teredo
+            return is_public_address(server) and is_public_address(client)
         if ip.is_site_local:  # deprecated fec0::/10, which is_global does not exclude
             return False
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
