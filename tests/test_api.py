@@ -119,7 +119,10 @@ def test_s3_url(api, s3_server, clips):
     r = api.post("/v1/listen", json={"url": f"s3://{S3_BUCKET}/calls/beckett.wav"})
     assert r.status_code == 200, r.text
     assert r.json()["text"].startswith("Ever tried")
-    assert_error(api.post("/v1/listen", json={"url": f"s3://{S3_BUCKET}/calls/missing.wav"}), 422, "FETCH_FAILED", status=404)
+    missing = assert_error(api.post("/v1/listen", json={"url": f"s3://{S3_BUCKET}/calls/missing.wav"}), 422, "FETCH_FAILED", status=404)
+    # Outside the allowed folder (HARK_S3_ALLOW): answered exactly like a missing object.
+    s3_server.put_object(Bucket=S3_BUCKET, Key="private/beckett.wav", Body=clips["beckett"].path.read_bytes())
+    assert api.post("/v1/listen", json={"url": f"s3://{S3_BUCKET}/private/beckett.wav"}).json() == missing
 
 
 def test_language_detected_and_given(api, clips):

@@ -23,7 +23,7 @@ TONE = wav_bytes(0.1 * np.sin(np.arange(16000) / 10).astype(np.float32))
 
 
 def loader(resolver=None, **overrides) -> AudioLoader:
-    settings = Settings(**{"url_allowlist": ["127.0.0.1/32"], "fetch_read_timeout_s": 1.0, **overrides})
+    settings = Settings(**{"url_allowlist": ["127.0.0.1/32"], "s3_allow": [S3_BUCKET], "fetch_read_timeout_s": 1.0, **overrides})
     return AudioLoader(settings, resolver=resolver) if resolver else AudioLoader(settings)
 
 
@@ -187,9 +187,11 @@ def test_bad_urls():
             loader().from_url(url)
 
 
+FLAC_TONE = encode(np.frombuffer(TONE[44:], dtype="<i2").astype(np.float32) / 32768, "flac")
+
+
 def test_s3_objects(s3_server, clips):
-    data = encode(np.frombuffer(TONE[44:], dtype="<i2").astype(np.float32) / 32768, "flac")
-    s3_server.put_object(Bucket=S3_BUCKET, Key="dir/tone.flac", Body=data)
+    s3_server.put_object(Bucket=S3_BUCKET, Key="dir/tone.flac", Body=FLAC_TONE)
     audio = loader().from_url(f"s3://{S3_BUCKET}/dir/tone.flac")
     assert audio.source_format == "flac" and audio.duration_s == pytest.approx(1.0)
     with pytest.raises(FetchFailed) as info:
@@ -200,3 +202,62 @@ def test_s3_objects(s3_server, clips):
     s3_server.put_object(Bucket=S3_BUCKET, Key="big.wav", Body=b"\x00" * 1_500_000)
     with pytest.raises(FileTooLarge):
         loader(max_file_mb=1).from_url(f"s3://{S3_BUCKET}/big.wav")
+
+
+# Regression (review finding 10): any key holder could read any object the server's credentials
+# reach, and 404, 403 and "not audio" told which objects exist.
+def test_s3_urls_reach_only_allowed_buckets_and_folders(s3_server):
+    for key in ("calls/tone.flac", "callsign/tone.flac", "private/tone.flac"):
+        s3_server.put_object(Bucket=S3_BUCKET, Key=key, Body=FLAC_TONE)
+    scoped = loader(s3_allow=[f"{S3_BUCKET}/calls"])
+    assert scoped.from_url(f"s3://{S3_BUCKET}/calls/tone.flac").duration_s == pytest.approx(1.0)
+    for key in ("private/tone.flac", "callsign/tone.flac", "calls/../private/tone.flac", "calls/./tone.flac"):
+        with pytest.raises(FetchFailed):
+            scoped.from_url(f"s3://{S3_BUCKET}/{key}")
+    for url in (f"s3://{S3_BUCKET.upper()}/calls/tone.flac", f"s3://user@{S3_BUCKET}/calls/tone.flac"):
+        with pytest.raises(FetchFailed):
+            scoped.from_url(url)
+    with pytest.raises(FetchFailed):  # nothing allowed: s3 URLs are refused
+        loader(s3_allow=[]).from_url(f"s3://{S3_BUCKET}/calls/tone.flac")
+
+
+class _DeniedS3:
+    """An S3 filesystem whose credentials may read nothing (moto grants everything)."""
+
+    def info(self, path):
+        raise PermissionError(f"Access Denied: {path}")
+
+    def open(self, path, *args, **kwargs):
+        raise PermissionError(f"Access Denied: {path}")
+
+
+def test_refused_missing_and_denied_s3_objects_answer_alike(s3_server):
+    s3_server.put_object(Bucket=S3_BUCKET, Key="private/notes.txt", Body=b"not audio")
+    s3_server.put_object(Bucket=S3_BUCKET, Key="calls/folder/tone.flac", Body=FLAC_TONE)
+    scoped = loader(s3_allow=[f"{S3_BUCKET}/calls", "hark-no-such-bucket"])
+    bodies = []
+    for url in (
+        f"s3://{S3_BUCKET}/private/notes.txt",  # exists, not audio, outside the allowlist
+        f"s3://{S3_BUCKET}/private/missing.wav",  # outside and missing
+        f"s3://{S3_BUCKET}/calls/missing.wav",  # allowed, missing
+        f"s3://{S3_BUCKET}/calls/folder",  # allowed, a folder rather than an object
+        "s3://hark-no-such-bucket/a.wav",  # allowed bucket that does not exist
+        "s3://other-bucket/a.wav",  # another bucket
+    ):
+        with pytest.raises(FetchFailed) as info:
+            scoped.from_url(url)
+        bodies.append(info.value.to_body())
+    denied = AudioLoader(Settings(s3_allow=["locked"]), s3_filesystem=_DeniedS3())
+    with pytest.raises(FetchFailed) as info:
+        denied.from_url("s3://locked/a.wav")
+    bodies.append(info.value.to_body())
+    assert bodies[0]["code"] == "FETCH_FAILED" and bodies[0]["status"] == 404
+    assert all(body == bodies[0] for body in bodies), bodies
+
+
+def test_operator_batch_jobs_read_any_s3_object(s3_server):
+    from hark.batch import decode_row
+
+    s3_server.put_object(Bucket=S3_BUCKET, Key="private/tone.flac", Body=FLAC_TONE)
+    row = decode_row({"uri": f"s3://{S3_BUCKET}/private/tone.flac", "options": {}}, Settings(s3_allow=[]))
+    assert row["error"] == "" and len(row["pcm"]) == 16000 * 4  # 1 s of float32

@@ -242,11 +242,43 @@ async def _download(url: str, out: BinaryIO, guard: UrlGuard, limits: FetchLimit
     raise FetchFailed(f"More than {limits.max_redirects} redirects")
 
 
-def fetch_s3(url: str, out: BinaryIO, limits: FetchLimits, filesystem=None) -> None:
-    """Stream ``s3://bucket/key`` into ``out`` via s3fs (credentials and endpoint from AWS_*)."""
+@dataclass(frozen=True)
+class S3Allowlist:
+    """Which ``s3://`` objects URLs given by users may read: whole buckets, or the keys under a
+    folder of one (``bucket/calls`` allows ``bucket/calls/a.wav``, not ``bucket/callsign.wav``)."""
+
+    folders: tuple[tuple[str, str], ...] = ()  # (bucket, folder); folder "" = the whole bucket
+
+    @classmethod
+    def from_settings(cls, entries: Sequence[str]) -> "S3Allowlist":
+        return cls(tuple((bucket, folder.strip("/")) for bucket, _, folder in (e.partition("/") for e in entries)))
+
+    def allows(self, bucket: str, key: str) -> bool:
+        # Keys with ".", ".." or empty segments are refused: a server that normalises paths
+        # would read them outside the folder.
+        if {"", ".", ".."} & set(key.split("/")):
+            return False
+        return any(bucket == b and (not folder or key.startswith(f"{folder}/")) for b, folder in self.folders)
+
+
+def _no_such_object() -> FetchFailed:
+    # One answer for every object that is missing, denied to the server's credentials or outside
+    # the allowlist, so that answers never tell which objects exist.
+    return FetchFailed("The object does not exist, or may not be read", status=404)
+
+
+def fetch_s3(url: str, out: BinaryIO, limits: FetchLimits, allowlist: S3Allowlist | None, filesystem=None) -> None:
+    """Stream ``s3://bucket/key`` into ``out`` via s3fs (credentials and endpoint from AWS_*).
+
+    ``allowlist`` limits the objects read; None reads whatever the credentials reach (for the
+    operator's own jobs, never for URLs from API callers).
+    """
     parts = urlsplit(url)
     if not parts.netloc or not parts.path.strip("/"):
         raise InvalidParameter(f"Not a valid s3 URL (s3://bucket/key): {url}", param="url")
+    bucket, key = parts.netloc, parts.path[1:]
+    if allowlist is not None and not allowlist.allows(bucket, key):
+        raise _no_such_object()
     if filesystem is None:
         import s3fs
 
@@ -257,10 +289,13 @@ def fetch_s3(url: str, out: BinaryIO, limits: FetchLimits, filesystem=None) -> N
                 "retries": {"max_attempts": 3},
             }
         )
-    path = f"{parts.netloc}{parts.path}"
+    path = f"{bucket}/{key}"
     deadline = time.monotonic() + limits.total_timeout_s
     try:
-        size = filesystem.info(path).get("size")
+        info = filesystem.info(path)
+        if info.get("type", "file") != "file":  # a folder: no object of that name
+            raise _no_such_object()
+        size = info.get("size")
         if size is not None and size > limits.max_bytes:
             raise FileTooLarge(limits.max_mb)
         sink = _Sink(out, limits)
@@ -268,10 +303,8 @@ def fetch_s3(url: str, out: BinaryIO, limits: FetchLimits, filesystem=None) -> N
             while chunk := remote.read(_CHUNK):
                 sink.write(chunk)
                 if time.monotonic() > deadline:
-                    raise FetchFailed(f"Download exceeded {limits.total_timeout_s:.0f} s")
-    except FileNotFoundError:
-        raise FetchFailed(f"The object does not exist: {url}", status=404) from None
-    except PermissionError:
-        raise FetchFailed(f"Access denied to {url}", status=403) from None
+                    raise FetchFailed(f"The download did not finish within {limits.total_timeout_s:g} s")
+    except (FileNotFoundError, PermissionError):
+        raise _no_such_object() from None
     except (OSError, ValueError) as exc:
         raise FetchFailed(f"Could not read {url}: {exc}") from None
