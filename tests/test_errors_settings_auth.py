@@ -1,3 +1,4 @@
+import logging
 import pickle
 
 import pytest
@@ -96,3 +97,23 @@ def test_keyring_schemes_and_refusals():
             ring.authenticate(header)
     with pytest.raises(errors.Unauthorized):
         KeyRing([]).authenticate("Token anything")
+
+
+def test_replica_logs_user_errors_in_one_line_and_faults_with_their_traceback(caplog):
+    # Regression (review finding 17): Serve logs a replica's exceptions with their traceback.
+    from deployments import BriefUserErrors
+
+    logger = logging.getLogger("test.replica")
+    logger.addFilter(BriefUserErrors())
+    for exc in (errors.ForbiddenUrl("URL host '10.0.0.1' is not allowed"), errors.InvalidAudio("bad\nframe"),
+                RuntimeError("a real fault"), errors.ServiceUnavailable()):
+        try:
+            raise exc
+        except Exception:
+            logger.exception("Request failed.")
+    text = [caplog.handler.format(r) for r in caplog.records]
+    assert "\n" not in text[0] and "FORBIDDEN_URL (403)" in text[0] and "10.0.0.1" in text[0]
+    assert "\n" not in text[1] and "INVALID_AUDIO (400) bad frame" in text[1]
+    assert [r.levelname for r in caplog.records[:2]] == ["WARNING", "WARNING"]
+    assert "Traceback" in text[2] and "RuntimeError: a real fault" in text[2] and caplog.records[2].levelname == "ERROR"
+    assert "Traceback" in text[3]  # 503: the service's fault, not the caller's
