@@ -150,7 +150,9 @@ class Settings(BaseSettings):
     max_duration_s: int = Field(7200, ge=1, description="Longest accepted audio, in seconds.")
     fetch_connect_timeout_s: float = Field(10.0, gt=0, description="Connect timeout for audio URLs.")
     fetch_read_timeout_s: float = Field(30.0, gt=0, description="Idle-read timeout for audio URLs.")
-    fetch_total_timeout_s: float = Field(600.0, gt=0, description="Whole-download deadline.")
+    fetch_total_timeout_s: float = Field(
+        600.0, gt=0, description="Whole-download deadline on the wall clock: name lookup, connect, headers and body."
+    )
     fetch_max_redirects: int = Field(5, ge=0, description="Redirects followed, each re-checked.")
     retry_after_s: int = Field(30, ge=1, description="Retry-After sent with 503 when queues are full.")
     data_dir: Path = Field(
