@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 
+from pipeline.core.errors import HarkError
 from pipeline.core.settings import Settings
 
 
@@ -32,3 +34,26 @@ def adopt_serve_logging() -> None:
             core.addHandler(handler)
         core.setLevel(logging.INFO)
         core.propagate = False
+
+
+class BriefUserErrors(logging.Filter):
+    """Serve logs every exception a replica method raises with its traceback ("Request failed.").
+    A ``HarkError`` below 500 is the caller's (a forbidden URL, audio that does not decode), not a
+    fault: it becomes one warning line with its code. Everything else keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HarkError) and error.status < 500:
+            message = " ".join(error.message.split())  # one line, whatever the message holds
+            record.msg = f"{record.getMessage().rstrip('.')}: {error.code} ({error.status}) {message}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def log_user_errors_briefly() -> None:
+    """Put ``BriefUserErrors`` on this replica's Serve logger (once)."""
+    serve_logger = logging.getLogger("ray.serve")
+    if not any(isinstance(f, BriefUserErrors) for f in serve_logger.filters):
+        serve_logger.addFilter(BriefUserErrors())

@@ -120,7 +120,7 @@ def decode_row(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
     # "" rather than None: a column of nulls would not keep its type through Ray Data.
     out = {"uri": row["uri"], "options": row["options"], "pcm": b"", "error": ""}
     try:
-        loader = AudioLoader(settings)
+        loader = AudioLoader(settings, any_s3_object=True)  # the operator's own job
         uri = row["uri"]
         audio = loader.from_url(uri) if "://" in uri else loader.from_path(uri)
         out["pcm"] = audio.samples.tobytes()  # float32 bytes: one binary column for any length

@@ -65,11 +65,13 @@ def _transcribe(args: argparse.Namespace) -> int:
     settings = Settings()
     params = ListenParams.parse({"language": args.language, "timestamps": args.timestamps, "punctuate": not args.no_punctuate})
     flow = local_flow(build_engine(settings.asr), settings.asr.engine, settings.diarization)
-    loader = AudioLoader(settings)
+    loader = AudioLoader(settings, any_s3_object=True)  # the operator's own command
 
     async def run() -> dict:
         await flow.check(params)
-        audio = loader.from_url(args.source) if "://" in args.source else loader.from_path(args.source)
+        # Off the event loop: fetching and decoding block (and a fetch runs an event loop of its own).
+        load = loader.from_url if "://" in args.source else loader.from_path
+        audio = await asyncio.to_thread(load, args.source)
         return (await flow.run(audio, params, request_id="local")).body
 
     json.dump(asyncio.run(run()), sys.stdout, ensure_ascii=False, indent=2)

@@ -117,6 +117,8 @@ def app_settings_overrides(data_dir) -> dict:
         "allow_private_urls": False,
         # The media server lives on 127.0.0.1; every other private address stays refused.
         "url_allowlist": ["127.0.0.1/32"],
+        # API callers may read the test bucket's calls/ folder only.
+        "s3_allow": [f"{S3_BUCKET}/calls"],
         "fetch_read_timeout_s": 2.0,
         "retry_after_s": 17,
     }

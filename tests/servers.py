@@ -84,6 +84,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._slow_file(parts.path[len("/slowfile/") :], float(query.get("seconds", ["5"])[0]))
         elif parts.path == "/hold":
             self._hold()
+        elif parts.path in ("/drip", "/drip-headers"):
+            self._drip(in_headers=parts.path == "/drip-headers", seconds=float(query.get("seconds", ["10"])[0]))
         elif parts.path in ("/huge-declared", "/huge-chunked"):
             self._huge(declared=parts.path == "/huge-declared")
         else:
@@ -134,6 +136,28 @@ class _Handler(BaseHTTPRequestHandler):
             pass
         finally:
             self.server.holding -= 1
+        self.close_connection = True
+
+    def _drip(self, in_headers: bool, seconds: float) -> None:
+        """A byte every 0.1 s for ``seconds``, in the body or before the headers end, then a
+        hang-up: every read gets a byte long before a read timeout, so only a deadline on the
+        whole download ends it early."""
+        try:
+            if in_headers:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(_WAV_HEADER) + 1_000_000))
+                self.end_headers()
+                self.wfile.write(_WAV_HEADER)
+            self.wfile.flush()
+            for _ in range(int(seconds / 0.1)):
+                if self.server.release.wait(timeout=0.1):
+                    break
+                self.wfile.write(b"a" if in_headers else b"\x00")
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
         self.close_connection = True
 
     def _huge(self, declared: bool) -> None:

@@ -3,6 +3,8 @@
 import concurrent.futures
 import json
 import socket
+import uuid
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -119,7 +121,10 @@ def test_s3_url(api, s3_server, clips):
     r = api.post("/v1/listen", json={"url": f"s3://{S3_BUCKET}/calls/beckett.wav"})
     assert r.status_code == 200, r.text
     assert r.json()["text"].startswith("Ever tried")
-    assert_error(api.post("/v1/listen", json={"url": f"s3://{S3_BUCKET}/calls/missing.wav"}), 422, "FETCH_FAILED", status=404)
+    missing = assert_error(api.post("/v1/listen", json={"url": f"s3://{S3_BUCKET}/calls/missing.wav"}), 422, "FETCH_FAILED", status=404)
+    # Outside the allowed folder (HARK_S3_ALLOW): answered exactly like a missing object.
+    s3_server.put_object(Bucket=S3_BUCKET, Key="private/beckett.wav", Body=clips["beckett"].path.read_bytes())
+    assert api.post("/v1/listen", json={"url": f"s3://{S3_BUCKET}/private/beckett.wav"}).json() == missing
 
 
 def test_language_detected_and_given(api, clips):
@@ -203,6 +208,29 @@ def test_forbidden_urls(api, media_server, beckett_bytes):
     assert_error(api.post("/v1/listen", json={"url": f"http://[::1]:{port}/files/beckett.wav"}), 403, "FORBIDDEN_URL")
     redirect = media_server.url(f"/redirect?to=http://127.0.0.2:{port}/files/beckett.wav")
     assert_error(api.post("/v1/listen", json={"url": redirect}), 403, "FORBIDDEN_URL")
+
+
+def fetch_log_entry(request_id: str) -> tuple[str, str] | None:
+    """The AudioFetch replica log's "Request failed." line for a request, and the line after it."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    for path in logs.glob("replica_hark_AudioFetch_*.log"):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if request_id in line and "Request failed" in line:
+                return line, lines[i + 1] if i + 1 < len(lines) else ""
+    return None
+
+
+def test_fetch_logs_user_errors_in_one_line(api):
+    # Regression (review finding 17): AudioFetch logged every refused URL with a full traceback.
+    request_id = str(uuid.uuid4())
+    r = api.post("/v1/listen", json={"url": "http://127.0.0.2/a.wav"}, headers={"X-Request-Id": request_id})
+    assert_error(r, 403, "FORBIDDEN_URL")
+    line, after = wait_until(lambda: fetch_log_entry(request_id), 30, what="the AudioFetch log entry")
+    assert "FORBIDDEN_URL" in line, line
+    assert not after.startswith("Traceback"), after
 
 
 def test_fetch_failures(api, media_server):

@@ -1,5 +1,7 @@
 """The bundled diarizer on real and synthetic speech, and the pure word/speaker merge."""
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -114,6 +116,32 @@ def test_word_speaker_accuracy_on_the_sample(diarizer, sample, clips):
     accuracy = word_speaker_accuracy(transcript.words, labels, assets.CACHE / "pyannote/audio/sample/sample.stm")
     # Measured 0.986 (one miss: the first lone "Hello?"); 0.905 with the windows alone.
     assert accuracy >= 0.95, accuracy
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # creates the marker file if the loader unpickles code
+
+
+def test_speaker_encoder_loads_plain_weights_only(tmp_path):
+    # Regression (review finding 12): Resemblyzer's checkpoint was loaded with weights_only=False,
+    # which runs whatever a (replaced) checkpoint file pickles.
+    import torch
+
+    from pipeline.diarization.clustering import SpeakerEncoder
+
+    encoder = SpeakerEncoder()  # the packaged pretrained.pt loads as plain tensors
+    embeddings = encoder.embed(np.random.default_rng(0).random((2, 160, 40), dtype=np.float32))
+    assert embeddings.shape == (2, 256) and np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "pretrained.pt"
+    torch.save({"model_state": _RunsCodeWhenUnpickled(marker)}, evil)
+    with pytest.raises(pickle.UnpicklingError):
+        SpeakerEncoder(weights=evil)
+    assert not marker.exists()
 
 
 # ---- pure merge --------------------------------------------------------------------------------

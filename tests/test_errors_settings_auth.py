@@ -1,3 +1,4 @@
+import logging
 import pickle
 
 import pytest
@@ -50,6 +51,7 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("HARK_ASR__COMPUTE_TYPE", "float32")
     monkeypatch.setenv("HARK_ASR__DEVICE", "cpu")
     monkeypatch.setenv("HARK_URL_ALLOWLIST", "10.1.0.0/16,127.0.0.1")
+    monkeypatch.setenv("HARK_S3_ALLOW", "hark-audio, team.recordings/calls/2024/")
     s = Settings()
     assert s.license_keys == ["env-key-a", "env-key-b", "file-key-1", "file-key-2"]
     assert s.allow_private_urls is True
@@ -57,6 +59,7 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     assert s.max_duration_s == 600
     assert (s.asr.model, s.asr.compute_type, s.asr.device) == ("whisper-tiny.en", "float32", "cpu")
     assert s.url_allowlist == ["10.1.0.0/16", "127.0.0.1"]
+    assert s.s3_allow == ["hark-audio", "team.recordings/calls/2024/"]
     assert "env-key-a" not in repr(s) and "file-key-1" not in str(s)  # keys stay out of logs
 
 
@@ -66,6 +69,7 @@ def test_settings_defaults_and_overrides(monkeypatch):
     monkeypatch.setenv("HARK_ASR__BEAM_SIZE", "2")
     s = Settings(max_file_mb=7, asr={"compute_type": "float32"})
     assert s.allow_private_urls is False and s.max_duration_s == 7200 and s.license_keys == []
+    assert s.s3_allow == []  # s3:// URLs from API callers are refused unless allowed
     assert s.max_file_mb == 7
     # Overrides merge with the environment, field by field, also in nested settings.
     assert s.asr.compute_type == "float32" and s.asr.beam_size == 2 and s.asr.model == "whisper-base"
@@ -76,6 +80,10 @@ def test_settings_reject_bad_values(monkeypatch):
     monkeypatch.setenv("HARK_URL_ALLOWLIST", "not-a-network")
     with pytest.raises(ValueError):
         Settings()
+    monkeypatch.delenv("HARK_URL_ALLOWLIST")
+    for entry in ("s3://hark-audio", "Hark-Audio", "hark-audio/calls/../private", "hark-audio/a//b", "/calls"):
+        with pytest.raises(ValueError):
+            Settings(s3_allow=entry)
 
 
 def test_keyring_schemes_and_refusals():
@@ -89,3 +97,23 @@ def test_keyring_schemes_and_refusals():
             ring.authenticate(header)
     with pytest.raises(errors.Unauthorized):
         KeyRing([]).authenticate("Token anything")
+
+
+def test_replica_logs_user_errors_in_one_line_and_faults_with_their_traceback(caplog):
+    # Regression (review finding 17): Serve logs a replica's exceptions with their traceback.
+    from deployments import BriefUserErrors
+
+    logger = logging.getLogger("test.replica")
+    logger.addFilter(BriefUserErrors())
+    for exc in (errors.ForbiddenUrl("URL host '10.0.0.1' is not allowed"), errors.InvalidAudio("bad\nframe"),
+                RuntimeError("a real fault"), errors.ServiceUnavailable()):
+        try:
+            raise exc
+        except Exception:
+            logger.exception("Request failed.")
+    text = [caplog.handler.format(r) for r in caplog.records]
+    assert "\n" not in text[0] and "FORBIDDEN_URL (403)" in text[0] and "10.0.0.1" in text[0]
+    assert "\n" not in text[1] and "INVALID_AUDIO (400) bad frame" in text[1]
+    assert [r.levelname for r in caplog.records[:2]] == ["WARNING", "WARNING"]
+    assert "Traceback" in text[2] and "RuntimeError: a real fault" in text[2] and caplog.records[2].levelname == "ERROR"
+    assert "Traceback" in text[3]  # 503: the service's fault, not the caller's

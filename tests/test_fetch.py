@@ -5,6 +5,8 @@ and non-loopback addresses appear only in pure checks that open no connection.
 """
 
 import ipaddress
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ TONE = wav_bytes(0.1 * np.sin(np.arange(16000) / 10).astype(np.float32))
 
 
 def loader(resolver=None, **overrides) -> AudioLoader:
-    settings = Settings(**{"url_allowlist": ["127.0.0.1/32"], "fetch_read_timeout_s": 1.0, **overrides})
+    settings = Settings(**{"url_allowlist": ["127.0.0.1/32"], "s3_allow": [S3_BUCKET], "fetch_read_timeout_s": 1.0, **overrides})
     return AudioLoader(settings, resolver=resolver) if resolver else AudioLoader(settings)
 
 
@@ -43,6 +45,14 @@ def fake_dns(table):
         ("240.0.0.1", False), ("::1", False), ("fe80::1", False), ("fc00::1", False), ("ff02::1", False),
         ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("::ffff:8.8.8.8", True),
         ("fec0::1", False), ("64:ff9b::a00:1", False), ("64:ff9b::808:808", True),
+        # Regression (review finding 9): 6to4 and Teredo addresses carry an IPv4 address, which is
+        # where their packets go; ipaddress calls every 6to4 address global.
+        ("2002:7f00:1::1", False), ("2002:a00:1::1", False), ("2002:a9fe:a9fe::1", False), ("2002:808:808::1", True),
+        # Teredo: server 65.54.227.120, client (bits inverted) 10.0.0.1 / 8.8.8.8; server 10.0.0.1.
+        ("2001:0:4136:e378:8000:63bf:f5ff:fffe", False), ("2001:0:a00:1:8000:63bf:f7f7:f7f7", False),
+        ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", True),
+        # IPv4-compatible (deprecated), IPv4-translated (SIIT), local-use NAT64: refused whatever they embed.
+        ("::7f00:1", False), ("::808:808", False), ("::ffff:0:a00:1", False), ("64:ff9b:1::a00:1", False),
     ],
 )
 def test_address_classification(address, public):
@@ -60,6 +70,20 @@ def test_guard_checks_every_resolved_address_without_connecting():
     assert UrlGuard.from_settings(False, ["10.0.0.0/8"], fake_dns({})).resolve("http://10.0.0.1/") == "10.0.0.1"
     with pytest.raises(FetchFailed):
         guard.resolve("http://unknown.test/a.wav")
+
+
+def test_guard_refuses_names_resolving_to_embedded_private_ipv4():
+    # Only an injected resolver: no packet is ever sent to these addresses.
+    guard = UrlGuard.from_settings(False, [], fake_dns({
+        "sixtofour.test": ["2002:7f00:1::1"], "teredo.test": ["2001:0:4136:e378:8000:63bf:f5ff:fffe"],
+        "public6to4.test": ["2002:808:808::1"],
+    }))
+    for host in ("sixtofour.test", "teredo.test"):
+        with pytest.raises(ForbiddenUrl):
+            guard.resolve(f"http://{host}/a.wav")
+    with pytest.raises(ForbiddenUrl):
+        guard.resolve("http://[2002:a9fe:a9fe::1]/latest/meta-data/")  # 169.254.169.254 inside
+    assert guard.resolve("http://public6to4.test/a.wav") == "2002:808:808::1"
 
 
 def test_fetch_connects_to_the_checked_address_with_the_original_host(media_server):
@@ -118,6 +142,34 @@ def test_timeouts_and_refused_connections(media_server):
         loader().from_url("http://127.0.0.1:9/nothing-listens-here.wav")
 
 
+@pytest.mark.parametrize("path", ["/drip", "/drip-headers"])
+def test_slow_drip_ends_at_the_total_deadline(media_server, path):
+    # Regression (review finding 7): the deadline was checked only between 256 KiB chunks, so a
+    # server sending a byte every 0.1 s held a fetch thread for as long as it liked.
+    started = time.monotonic()
+    with pytest.raises(FetchFailed, match="did not finish within 1 s"):
+        loader(fetch_total_timeout_s=1.0, fetch_read_timeout_s=5.0).from_url(media_server.url(f"{path}?seconds=10"))
+    assert time.monotonic() - started < 3.0
+
+
+def test_slow_dns_ends_at_the_total_deadline(media_server):
+    # Regression (review finding 7): name resolution had no timeout at all.
+    answered = threading.Event()
+
+    def silent_dns(host, port):  # a DNS server that does not answer (for 10 s)
+        answered.wait(timeout=10)
+        return ["127.0.0.1"]
+
+    port = media_server.server_address[1]
+    started = time.monotonic()
+    try:
+        with pytest.raises(FetchFailed, match="did not finish within 1 s"):
+            loader(silent_dns, fetch_total_timeout_s=1.0).from_url(f"http://silent-dns.test:{port}/files/tone.wav")
+        assert time.monotonic() - started < 3.0
+    finally:
+        answered.set()
+
+
 def test_huge_bodies_are_cut_off(media_server):
     with pytest.raises(FileTooLarge) as info:
         loader().from_url(media_server.url("/huge-declared"))
@@ -135,9 +187,11 @@ def test_bad_urls():
             loader().from_url(url)
 
 
+FLAC_TONE = encode(np.frombuffer(TONE[44:], dtype="<i2").astype(np.float32) / 32768, "flac")
+
+
 def test_s3_objects(s3_server, clips):
-    data = encode(np.frombuffer(TONE[44:], dtype="<i2").astype(np.float32) / 32768, "flac")
-    s3_server.put_object(Bucket=S3_BUCKET, Key="dir/tone.flac", Body=data)
+    s3_server.put_object(Bucket=S3_BUCKET, Key="dir/tone.flac", Body=FLAC_TONE)
     audio = loader().from_url(f"s3://{S3_BUCKET}/dir/tone.flac")
     assert audio.source_format == "flac" and audio.duration_s == pytest.approx(1.0)
     with pytest.raises(FetchFailed) as info:
@@ -148,3 +202,62 @@ def test_s3_objects(s3_server, clips):
     s3_server.put_object(Bucket=S3_BUCKET, Key="big.wav", Body=b"\x00" * 1_500_000)
     with pytest.raises(FileTooLarge):
         loader(max_file_mb=1).from_url(f"s3://{S3_BUCKET}/big.wav")
+
+
+# Regression (review finding 10): any key holder could read any object the server's credentials
+# reach, and 404, 403 and "not audio" told which objects exist.
+def test_s3_urls_reach_only_allowed_buckets_and_folders(s3_server):
+    for key in ("calls/tone.flac", "callsign/tone.flac", "private/tone.flac"):
+        s3_server.put_object(Bucket=S3_BUCKET, Key=key, Body=FLAC_TONE)
+    scoped = loader(s3_allow=[f"{S3_BUCKET}/calls"])
+    assert scoped.from_url(f"s3://{S3_BUCKET}/calls/tone.flac").duration_s == pytest.approx(1.0)
+    for key in ("private/tone.flac", "callsign/tone.flac", "calls/../private/tone.flac", "calls/./tone.flac"):
+        with pytest.raises(FetchFailed):
+            scoped.from_url(f"s3://{S3_BUCKET}/{key}")
+    for url in (f"s3://{S3_BUCKET.upper()}/calls/tone.flac", f"s3://user@{S3_BUCKET}/calls/tone.flac"):
+        with pytest.raises(FetchFailed):
+            scoped.from_url(url)
+    with pytest.raises(FetchFailed):  # nothing allowed: s3 URLs are refused
+        loader(s3_allow=[]).from_url(f"s3://{S3_BUCKET}/calls/tone.flac")
+
+
+class _DeniedS3:
+    """An S3 filesystem whose credentials may read nothing (moto grants everything)."""
+
+    def info(self, path):
+        raise PermissionError(f"Access Denied: {path}")
+
+    def open(self, path, *args, **kwargs):
+        raise PermissionError(f"Access Denied: {path}")
+
+
+def test_refused_missing_and_denied_s3_objects_answer_alike(s3_server):
+    s3_server.put_object(Bucket=S3_BUCKET, Key="private/notes.txt", Body=b"not audio")
+    s3_server.put_object(Bucket=S3_BUCKET, Key="calls/folder/tone.flac", Body=FLAC_TONE)
+    scoped = loader(s3_allow=[f"{S3_BUCKET}/calls", "hark-no-such-bucket"])
+    bodies = []
+    for url in (
+        f"s3://{S3_BUCKET}/private/notes.txt",  # exists, not audio, outside the allowlist
+        f"s3://{S3_BUCKET}/private/missing.wav",  # outside and missing
+        f"s3://{S3_BUCKET}/calls/missing.wav",  # allowed, missing
+        f"s3://{S3_BUCKET}/calls/folder",  # allowed, a folder rather than an object
+        "s3://hark-no-such-bucket/a.wav",  # allowed bucket that does not exist
+        "s3://other-bucket/a.wav",  # another bucket
+    ):
+        with pytest.raises(FetchFailed) as info:
+            scoped.from_url(url)
+        bodies.append(info.value.to_body())
+    denied = AudioLoader(Settings(s3_allow=["locked"]), s3_filesystem=_DeniedS3())
+    with pytest.raises(FetchFailed) as info:
+        denied.from_url("s3://locked/a.wav")
+    bodies.append(info.value.to_body())
+    assert bodies[0]["code"] == "FETCH_FAILED" and bodies[0]["status"] == 404
+    assert all(body == bodies[0] for body in bodies), bodies
+
+
+def test_operator_batch_jobs_read_any_s3_object(s3_server):
+    from hark.batch import decode_row
+
+    s3_server.put_object(Bucket=S3_BUCKET, Key="private/tone.flac", Body=FLAC_TONE)
+    row = decode_row({"uri": f"s3://{S3_BUCKET}/private/tone.flac", "options": {}}, Settings(s3_allow=[]))
+    assert row["error"] == "" and len(row["pcm"]) == 16000 * 4  # 1 s of float32

@@ -3,7 +3,8 @@
 http(s): the host is resolved once, every address is checked by the SSRF guard, and the
 connection goes to the checked address (the name travels in ``Host`` and TLS SNI), so a DNS
 answer cannot change between the check and the connect. Redirects are followed by hand and each
-hop is checked again. Bodies stream to disk and reading stops past the byte cap.
+hop is checked again. Bodies stream to disk and reading stops past the byte cap. The whole
+fetch, name lookup included, ends at its deadline on the wall clock.
 
 s3: through s3fs, configured by the standard AWS variables (``AWS_ENDPOINT_URL`` included). The
 endpoint is the operator's choice, so it is not subject to the guard.
@@ -11,10 +12,12 @@ endpoint is the operator's choice, so it is not subject to the guard.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 from urllib.parse import SplitResult, urljoin, urlsplit
@@ -31,6 +34,10 @@ SUPPORTED_SCHEMES = ("http", "https", "s3")
 _CHUNK = 256 * 1024
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _REDIRECTS = {301, 302, 303, 307, 308}
+# Name lookups of http(s) fetches, one per fetch in progress (AudioFetch runs 32 at once).
+# Bounded: lookups abandoned at their fetch's deadline (a DNS server that never answers) hold
+# at most these threads until the system resolver gives up on them.
+_LOOKUPS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fetch-dns")
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -40,12 +47,21 @@ def system_resolver(host: str, port: int) -> list[str]:
 
 def is_public_address(ip: IPAddress) -> bool:
     """True for globally routable unicast addresses; False for loopback, private, link-local,
-    multicast, reserved, unspecified and shared (CGNAT) space, including IPv4 mapped in IPv6."""
+    multicast, reserved, unspecified and shared (CGNAT) space. An IPv6 address that carries an
+    IPv4 address its packets are delivered to (mapped, NAT64, 6to4, Teredo) is public only when
+    that IPv4 address is."""
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return is_public_address(ip.ipv4_mapped)
         if ip in _NAT64:  # 64:ff9b::a.b.c.d reaches a.b.c.d through a NAT64 gateway
             return is_public_address(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        # 2002:a.b.c.d::/48 is reached through the 6to4 router at a.b.c.d, which ipaddress
+        # still calls global.
+        if ip.sixtofour is not None and not is_public_address(ip.sixtofour):
+            return False
+        if ip.teredo is not None:  # 2001::/32: relayed over UDP to the client, via the server
+            server, client = ip.teredo
+            return is_public_address(server) and is_public_address(client)
         if ip.is_site_local:  # deprecated fec0::/10, which is_global does not exclude
             return False
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
@@ -131,41 +147,58 @@ class _Sink:
         self.out.write(chunk)
 
 
-def pinned_url(url: str, ip: str) -> httpx.URL:
-    """``url`` aimed at the address the guard checked (no second DNS lookup that could differ)."""
-    return httpx.URL(url).copy_with(host=ip)
-
-
-def pinned_parts(url: str, headers: dict[str, str]) -> dict:
-    """The Host header and TLS SNI of ``url``'s name, for a request sent to its pinned address."""
-    parts = urlsplit(url)
-    return {"headers": {**headers, "Host": parts.netloc.rsplit("@", 1)[-1]},
-            "extensions": {"sni_hostname": parts.hostname}}
-
-
-def pinned_request(
-    client: httpx.Client, method: str, url: str, guard: UrlGuard, *, headers: dict[str, str], content: bytes | None = None
+def request_to(
+    client: httpx.Client | httpx.AsyncClient, ip: str, method: str, url: str, *, headers: dict[str, str],
+    content: bytes | None = None,
 ) -> httpx.Request:
-    """A request to the address the guard checked, carrying the URL's name in Host and TLS SNI."""
-    return client.build_request(method, pinned_url(url, guard.resolve(url)), content=content, **pinned_parts(url, headers))
+    """A request to ``ip`` (the address the guard checked: no second lookup that could differ),
+    carrying the URL's name in Host and TLS SNI."""
+    parts = urlsplit(url)
+    return client.build_request(
+        method,
+        httpx.URL(url).copy_with(host=ip),
+        headers={**headers, "Host": parts.netloc.rsplit("@", 1)[-1]},
+        content=content,
+        extensions={"sni_hostname": parts.hostname},
+    )
 
 
 def fetch_http(url: str, out: BinaryIO, guard: UrlGuard, limits: FetchLimits) -> None:
-    """Stream an http(s) URL into ``out``; raises HarkErrors for every refusal or failure."""
-    deadline = time.monotonic() + limits.total_timeout_s
+    """Stream an http(s) URL into ``out``; raises HarkErrors for every refusal or failure.
+
+    Blocking, and never for longer than ``limits.total_timeout_s`` on the wall clock. A read
+    timeout cannot promise that (a server sending a byte a second never lets one fire), so the
+    download runs on an event loop of its own, where the deadline cancels whatever it is waiting
+    on: the name's lookup, the connection, headers or body. Call it from a thread, not from
+    inside a running event loop.
+    """
+    asyncio.run(_fetch_http(url, out, guard, limits))
+
+
+async def _fetch_http(url: str, out: BinaryIO, guard: UrlGuard, limits: FetchLimits) -> None:
+    try:
+        async with asyncio.timeout(limits.total_timeout_s):
+            await _download(url, out, guard, limits)
+    except TimeoutError:
+        raise FetchFailed(f"The download did not finish within {limits.total_timeout_s:g} s") from None
+
+
+async def _download(url: str, out: BinaryIO, guard: UrlGuard, limits: FetchLimits) -> None:
     timeout = httpx.Timeout(
         connect=limits.connect_timeout_s, read=limits.read_timeout_s, write=limits.read_timeout_s, pool=limits.connect_timeout_s
     )
+    loop = asyncio.get_running_loop()
     # trust_env=False: a proxy from the environment would connect on our behalf to whatever the
     # name resolves to there, defeating the address check.
-    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
         for _ in range(limits.max_redirects + 1):
             parts = urlsplit(url)
-            request = pinned_request(
-                client, "GET", url, guard, headers={"Accept": "audio/*, */*", "Accept-Encoding": "identity"}
-            )
+            # getaddrinfo cannot be interrupted: it runs on a lookup thread, and one that outlives
+            # the deadline is abandoned there to finish on its own.
+            ip = await loop.run_in_executor(_LOOKUPS, guard.resolve, url)
+            request = request_to(client, ip, "GET", url, headers={"Accept": "audio/*, */*", "Accept-Encoding": "identity"})
             try:
-                response = client.send(request, stream=True)
+                response = await client.send(request, stream=True)
             except httpx.TimeoutException:
                 raise FetchFailed(f"Timed out waiting for {parts.hostname}") from None
             except httpx.HTTPError as exc:
@@ -192,25 +225,55 @@ def fetch_http(url: str, out: BinaryIO, guard: UrlGuard, limits: FetchLimits) ->
                     raise FileTooLarge(limits.max_mb)
                 sink = _Sink(out, limits)
                 try:
-                    for chunk in response.iter_bytes(_CHUNK):
+                    async for chunk in response.aiter_bytes(_CHUNK):
                         sink.write(chunk)
-                        if time.monotonic() > deadline:
-                            raise FetchFailed(f"Download exceeded {limits.total_timeout_s:.0f} s")
                 except httpx.TimeoutException:
                     raise FetchFailed("Timed out reading from the URL") from None
                 except httpx.HTTPError as exc:
                     raise FetchFailed(f"Download failed: {exc}") from None
                 return
             finally:
-                response.close()
+                await response.aclose()
     raise FetchFailed(f"More than {limits.max_redirects} redirects")
 
 
-def fetch_s3(url: str, out: BinaryIO, limits: FetchLimits, filesystem=None) -> None:
-    """Stream ``s3://bucket/key`` into ``out`` via s3fs (credentials and endpoint from AWS_*)."""
+@dataclass(frozen=True)
+class S3Allowlist:
+    """Which ``s3://`` objects URLs given by users may read: whole buckets, or the keys under a
+    folder of one (``bucket/calls`` allows ``bucket/calls/a.wav``, not ``bucket/callsign.wav``)."""
+
+    folders: tuple[tuple[str, str], ...] = ()  # (bucket, folder); folder "" = the whole bucket
+
+    @classmethod
+    def from_settings(cls, entries: Sequence[str]) -> "S3Allowlist":
+        return cls(tuple((bucket, folder.strip("/")) for bucket, _, folder in (e.partition("/") for e in entries)))
+
+    def allows(self, bucket: str, key: str) -> bool:
+        # Keys with ".", ".." or empty segments are refused: a server that normalises paths
+        # would read them outside the folder.
+        if {"", ".", ".."} & set(key.split("/")):
+            return False
+        return any(bucket == b and (not folder or key.startswith(f"{folder}/")) for b, folder in self.folders)
+
+
+def _no_such_object() -> FetchFailed:
+    # One answer for every object that is missing, denied to the server's credentials or outside
+    # the allowlist, so that answers never tell which objects exist.
+    return FetchFailed("The object does not exist, or may not be read", status=404)
+
+
+def fetch_s3(url: str, out: BinaryIO, limits: FetchLimits, allowlist: S3Allowlist | None, filesystem=None) -> None:
+    """Stream ``s3://bucket/key`` into ``out`` via s3fs (credentials and endpoint from AWS_*).
+
+    ``allowlist`` limits the objects read; None reads whatever the credentials reach (for the
+    operator's own jobs, never for URLs from API callers).
+    """
     parts = urlsplit(url)
     if not parts.netloc or not parts.path.strip("/"):
         raise InvalidParameter(f"Not a valid s3 URL (s3://bucket/key): {url}", param="url")
+    bucket, key = parts.netloc, parts.path[1:]
+    if allowlist is not None and not allowlist.allows(bucket, key):
+        raise _no_such_object()
     if filesystem is None:
         import s3fs
 
@@ -221,10 +284,13 @@ def fetch_s3(url: str, out: BinaryIO, limits: FetchLimits, filesystem=None) -> N
                 "retries": {"max_attempts": 3},
             }
         )
-    path = f"{parts.netloc}{parts.path}"
+    path = f"{bucket}/{key}"
     deadline = time.monotonic() + limits.total_timeout_s
     try:
-        size = filesystem.info(path).get("size")
+        info = filesystem.info(path)
+        if info.get("type", "file") != "file":  # a folder: no object of that name
+            raise _no_such_object()
+        size = info.get("size")
         if size is not None and size > limits.max_bytes:
             raise FileTooLarge(limits.max_mb)
         sink = _Sink(out, limits)
@@ -232,10 +298,8 @@ def fetch_s3(url: str, out: BinaryIO, limits: FetchLimits, filesystem=None) -> N
             while chunk := remote.read(_CHUNK):
                 sink.write(chunk)
                 if time.monotonic() > deadline:
-                    raise FetchFailed(f"Download exceeded {limits.total_timeout_s:.0f} s")
-    except FileNotFoundError:
-        raise FetchFailed(f"The object does not exist: {url}", status=404) from None
-    except PermissionError:
-        raise FetchFailed(f"Access denied to {url}", status=403) from None
+                    raise FetchFailed(f"The download did not finish within {limits.total_timeout_s:g} s")
+    except (FileNotFoundError, PermissionError):
+        raise _no_such_object() from None
     except (OSError, ValueError) as exc:
         raise FetchFailed(f"Could not read {url}: {exc}") from None

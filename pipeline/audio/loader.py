@@ -7,15 +7,21 @@ from pathlib import Path
 
 from pipeline.audio import decode as audio
 from pipeline.core.errors import FileTooLarge
-from pipeline.audio.fetch import FetchLimits, Resolver, UrlGuard, fetch_http, fetch_s3, system_resolver
+from pipeline.audio.fetch import FetchLimits, Resolver, S3Allowlist, UrlGuard, fetch_http, fetch_s3, system_resolver
 from pipeline.core.settings import Settings
 from pipeline.core.types import Audio
 
 class AudioLoader:
     """Turns what a request names into ``Audio``. Usable from a deployment, Ray Data or a CLI."""
 
-    def __init__(self, settings: Settings, resolver: Resolver = system_resolver, s3_filesystem=None) -> None:
+    def __init__(
+        self, settings: Settings, resolver: Resolver = system_resolver, s3_filesystem=None, *, any_s3_object: bool = False
+    ) -> None:
+        """``any_s3_object``: for the operator's own work (batch jobs, ``hark transcribe``), whose
+        s3:// URLs may read whatever the server's credentials reach; URLs from API callers are
+        limited to ``settings.s3_allow``."""
         self.guard = UrlGuard.from_settings(settings.allow_private_urls, settings.url_allowlist, resolver)
+        self.s3_allowlist = None if any_s3_object else S3Allowlist.from_settings(settings.s3_allow)
         self.limits = FetchLimits(
             max_bytes=settings.max_file_bytes,
             max_mb=settings.max_file_mb,
@@ -31,7 +37,7 @@ class AudioLoader:
         scheme = self.guard.check_form(url).scheme.lower()
         with tempfile.TemporaryFile() as spool:
             if scheme == "s3":
-                fetch_s3(url, spool, self.limits, self._s3)
+                fetch_s3(url, spool, self.limits, self.s3_allowlist, self._s3)
             else:
                 fetch_http(url, spool, self.guard, self.limits)
             spool.seek(0)

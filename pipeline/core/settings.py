@@ -7,6 +7,7 @@ exactly the settings of the process that deployed the app, wherever in the clust
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _CACHE_HOME = Path.home() / ".cache" / "hark"
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's rules for bucket names
 
 
 def _split_commas(value: object) -> object:
@@ -142,11 +144,19 @@ class Settings(BaseSettings):
         default_factory=list,
         description="CIDR networks that URLs may reach even though they are private, comma-separated.",
     )
+    s3_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="What s3:// URLs from API callers may read, comma-separated: `bucket` (all of it) "
+        "or `bucket/folder` (the keys under that folder). Empty: s3:// URLs are refused. Batch jobs "
+        "and `hark transcribe` read whatever the server's AWS credentials reach.",
+    )
     max_file_mb: int = Field(100, ge=1, description="Largest accepted file, in MB (10^6 bytes).")
     max_duration_s: int = Field(7200, ge=1, description="Longest accepted audio, in seconds.")
     fetch_connect_timeout_s: float = Field(10.0, gt=0, description="Connect timeout for audio URLs.")
     fetch_read_timeout_s: float = Field(30.0, gt=0, description="Idle-read timeout for audio URLs.")
-    fetch_total_timeout_s: float = Field(600.0, gt=0, description="Whole-download deadline.")
+    fetch_total_timeout_s: float = Field(
+        600.0, gt=0, description="Whole-download deadline on the wall clock: name lookup, connect, headers and body."
+    )
     fetch_max_redirects: int = Field(5, ge=0, description="Redirects followed, each re-checked.")
     retry_after_s: int = Field(30, ge=1, description="Retry-After sent with 503 when queues are full.")
     data_dir: Path = Field(
@@ -173,7 +183,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     diarization: DiarizationSettings = Field(default_factory=DiarizationSettings)
 
-    @field_validator("license_keys", "url_allowlist", mode="before")
+    @field_validator("license_keys", "url_allowlist", "s3_allow", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
@@ -183,6 +193,16 @@ class Settings(BaseSettings):
     def _valid_networks(cls, value: list[str]) -> list[str]:
         for network in value:
             ipaddress.ip_network(network, strict=False)
+        return value
+
+    @field_validator("s3_allow")
+    @classmethod
+    def _valid_s3_entries(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            bucket, _, folder = entry.partition("/")
+            folder = folder.strip("/")
+            if not _S3_BUCKET.fullmatch(bucket) or (folder and {"", ".", ".."} & set(folder.split("/"))):
+                raise ValueError(f"Not an S3 bucket or bucket/folder: {entry!r}")
         return value
 
     @model_validator(mode="after")

@@ -76,7 +76,9 @@ class SpeakerEncoder:
         self._torch = torch
         self.lstm = nn.LSTM(40, 256, 3, batch_first=True)
         self.linear = nn.Linear(256, 256)
-        state = torch.load(weights or resemblyzer_weights(), map_location="cpu", weights_only=False)["model_state"]
+        # weights_only: tensors and plain containers, never code (pretrained.pt also holds the
+        # step and optimizer state, all plain).
+        state = torch.load(weights or resemblyzer_weights(), map_location="cpu", weights_only=True)["model_state"]
         self.lstm.load_state_dict({k[len("lstm."):]: v for k, v in state.items() if k.startswith("lstm.")})
         self.linear.load_state_dict({k[len("linear."):]: v for k, v in state.items() if k.startswith("linear.")})
         self.device = device

@@ -14,7 +14,7 @@ import httpx
 from standardwebhooks import Webhook
 
 from pipeline.core.errors import HarkError
-from pipeline.audio.fetch import UrlGuard, pinned_parts, pinned_url
+from pipeline.audio.fetch import UrlGuard, request_to
 
 # Besides 2xx (done) and 5xx (retry), these mean "try again later" too.
 _RETRYABLE_4XX = {408, 429}
@@ -71,8 +71,7 @@ async def deliver(url: str, payload: dict, msg_id: str, signer: Webhook, guard: 
         async with asyncio.timeout(timeout_s):
             ip = await asyncio.get_running_loop().run_in_executor(resolver, guard.resolve, url, "callback_url")
             async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, trust_env=False) as client:
-                request = client.build_request("POST", pinned_url(url, ip), content=body.encode(),
-                                               **pinned_parts(url, headers))
+                request = request_to(client, ip, "POST", url, headers=headers, content=body.encode())
                 response = await client.send(request, stream=True)
                 await response.aclose()  # unread: the connection is dropped, not drained
     except TimeoutError:
