@@ -223,7 +223,7 @@ class Ingress:
         """A job: answered 202 at once with a callback_url; else (an Idempotency-Key alone)
         awaited here, so that a repeat of the same request gets the same result."""
         # getaddrinfo blocks: off the event loop.
-        await asyncio.to_thread(refuse_unrunnable, job, self._guard, self._settings.webhook_secret is not None)
+        await asyncio.to_thread(refuse_unrunnable, job, self._guard, self._settings.webhook_secret_for(job.key_id) is not None)
         payload = await call(self._jobs.submit.remote(job), self._retry)
         if job.params.callback_url is not None:
             # A replay answers as the first request was answered; GET /v1/jobs/{id} has the rest.

@@ -30,6 +30,8 @@ LIMITED_KEYS = {
 }
 S3_BUCKET = "hark-audio"
 WEBHOOK_SECRET = "whsec_" + __import__("base64").b64encode(b"hark-test-webhook-secret").decode()
+# API_KEYS[1] signs its deliveries with its own secret.
+KEY_WEBHOOK_SECRET = "whsec_" + __import__("base64").b64encode(b"the-second-keys-own-secret").decode()
 
 
 def free_port() -> int:
@@ -107,6 +109,7 @@ def app_settings_overrides(data_dir) -> dict:
     return {
         "data_dir": str(data_dir),
         "webhook_secret": WEBHOOK_SECRET,
+        "webhook_secrets": {API_KEYS[1]: KEY_WEBHOOK_SECRET},
         "webhook_backoff_base_s": 0.2,
         "webhook_backoff_max_s": 1.0,
         "webhook_max_attempts": 4,

@@ -53,7 +53,7 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("HARK_URL_ALLOWLIST", "10.1.0.0/16,127.0.0.1")
     monkeypatch.setenv("HARK_S3_ALLOW", "hark-audio, team.recordings/calls/2024/")
     s = Settings()
-    assert s.license_keys == ["env-key-a", "env-key-b", "file-key-1", "file-key-2"]
+    assert [k.get_secret_value() for k in s.license_keys] == ["env-key-a", "env-key-b", "file-key-1", "file-key-2"]
     assert s.allow_private_urls is True
     assert s.max_file_mb == 50 and s.max_file_bytes == 50_000_000
     assert s.max_duration_s == 600
@@ -69,6 +69,7 @@ def test_settings_defaults_and_overrides(monkeypatch):
     monkeypatch.setenv("HARK_ASR__BEAM_SIZE", "2")
     s = Settings(max_file_mb=7, asr={"compute_type": "float32"})
     assert s.allow_private_urls is False and s.max_duration_s == 7200 and s.license_keys == []
+    assert s.webhook_secret is None and s.webhook_secrets == {}
     assert s.s3_allow == []  # s3:// URLs from API callers are refused unless allowed
     assert s.max_file_mb == 7
     # Overrides merge with the environment, field by field, also in nested settings.
@@ -117,3 +118,23 @@ def test_replica_logs_user_errors_in_one_line_and_faults_with_their_traceback(ca
     assert [r.levelname for r in caplog.records[:2]] == ["WARNING", "WARNING"]
     assert "Traceback" in text[2] and "RuntimeError: a real fault" in text[2] and caplog.records[2].levelname == "ERROR"
     assert "Traceback" in text[3]  # 503: the service's fault, not the caller's
+
+
+def test_per_key_webhook_secrets_from_the_keys_file_and_json(monkeypatch, tmp_path):
+    from pipeline.service.auth import key_id
+
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("# acme signs with its own secret\nacme-key webhook_secret=whsec_QUNNRQ==\nplain-key\n")
+    monkeypatch.setenv("HARK_LICENSE_KEYS_FILE", str(keys_file))
+    monkeypatch.setenv("HARK_WEBHOOK_SECRET", "global-secret")
+    monkeypatch.setenv("HARK_WEBHOOK_SECRETS", '{"json-key": "json-secret"}')
+    s = Settings()
+    assert [k.get_secret_value() for k in s.license_keys][-2:] == ["acme-key", "plain-key"]
+    assert s.webhook_secret_for(key_id("acme-key")).get_secret_value() == "whsec_QUNNRQ=="
+    assert s.webhook_secret_for(key_id("json-key")).get_secret_value() == "json-secret"
+    assert s.webhook_secret_for(key_id("plain-key")).get_secret_value() == "global-secret"
+    for secret in ("whsec_QUNNRQ==", "json-secret", "global-secret", "acme-key"):
+        assert secret not in repr(s) and secret not in str(s) and secret not in s.model_dump_json()
+    keys_file.write_text("acme-key webhook-secret=oops\n")
+    with pytest.raises(ValueError, match="line 1: expected 'KEY' or 'KEY webhook_secret=SECRET'"):
+        Settings()

@@ -5,7 +5,7 @@ import concurrent.futures
 import httpx
 import pytest
 
-from conftest import API_KEYS, app_args, wait_until
+from conftest import API_KEYS, KEY_WEBHOOK_SECRET, WEBHOOK_SECRET, app_args, wait_until
 
 pytestmark = pytest.mark.serve
 
@@ -37,6 +37,45 @@ def test_job_is_delivered_signed_and_visible_to_its_owner_only(api, receiver, cl
     assert other.status_code == 404 and other.json()["code"] == "NOT_FOUND"
     assert api.get("/v1/jobs/job_doesnotexist").status_code == 404
     assert httpx.get(f"{api.base_url}/v1/jobs/{job_id}").status_code == 401
+
+
+def test_a_key_with_its_own_secret_signs_with_it_and_no_secret_leaks(api, serve_app, clips):
+    import base64
+    import json
+    from pathlib import Path
+
+    import ray
+    from ray import serve
+    from standardwebhooks import WebhookVerificationError
+
+    from pipeline.service.webhooks import webhook_signer
+    from servers import WebhookReceiver
+
+    second = {"Authorization": f"Token {API_KEYS[1]}"}
+    with WebhookReceiver(KEY_WEBHOOK_SECRET) as own:
+        r = api.post("/v1/listen", files={"audio": clips["fox"].path.read_bytes()},
+                     params={"callback_url": own.url("/own")}, headers=second)
+        assert r.status_code == 202, r.text
+        wait_until(lambda: own.delivered("/own"), 120, what="the webhook")
+        assert own.bad_signatures == 0
+        _, headers, body = own.attempts[-1]
+    with pytest.raises(WebhookVerificationError):  # the global secret cannot forge key 2's deliveries
+        webhook_signer(WEBHOOK_SECRET).verify(body, headers)
+
+    # No secret anywhere the service shows or writes: error bodies, metrics, describe(), logs.
+    secrets = [WEBHOOK_SECRET, KEY_WEBHOOK_SECRET, *API_KEYS]
+    secrets += [base64.b64decode(s.removeprefix("whsec_")).decode() for s in (WEBHOOK_SECRET, KEY_WEBHOOK_SECRET)]
+    seen = [api.post("/v1/listen", json={"url": "http://127.0.0.2/a.wav"}, params={"callback_url": "ftp://x/"}).text,
+            api.post("/v1/listen", content=b"not audio", headers={**second, "Content-Type": "audio/wav"}).text,
+            httpx.get(f"{serve_app}/metrics").text]
+    for name in ("Ingress", "AudioFetch", "ASR", "Diarization", "Accounting", "Jobs"):
+        seen.append(json.dumps(serve.get_deployment_handle(name, app_name="hark").describe.remote().result(timeout_s=30)))
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert any("Jobs" in p.name for p in files)  # the replicas' logs are there to be read
+    seen += [p.read_text(errors="replace") for p in files]
+    leaked = [(s, i) for s in secrets for i, text in enumerate(seen) if s in text]
+    assert leaked == []
 
 
 def test_receiver_failing_twice_gets_it_once_with_one_webhook_id(api, receiver, clips):

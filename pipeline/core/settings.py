@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from pipeline.core.keys import key_id
+
 _CACHE_HOME = Path.home() / ".cache" / "hark"
 _S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's rules for bucket names
 
@@ -131,11 +133,13 @@ class Settings(BaseSettings):
         env_prefix="HARK_", env_nested_delimiter="__", extra="ignore", frozen=True
     )
 
-    license_keys: Annotated[list[str], NoDecode] = Field(
+    license_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Accepted license keys, comma-separated.", repr=False
     )
     license_keys_file: Path | None = Field(
-        None, description="A file with one license key a line (blank lines and # comments skipped)."
+        None,
+        description="A file with one license key a line, optionally followed by that key's webhook "
+        "secret: `KEY webhook_secret=SECRET` (blank lines and # comments skipped).",
     )
     allow_private_urls: bool = Field(
         False, description="Let audio and callback URLs reach private, loopback and link-local hosts."
@@ -163,11 +167,18 @@ class Settings(BaseSettings):
         Path.home() / ".local" / "share" / "hark",
         description="Durable state: the job store (jobs.sqlite3) and audio kept for unfinished jobs.",
     )
-    webhook_secret: str | None = Field(
+    webhook_secret: SecretStr | None = Field(
         None,
         repr=False,
-        description="Signs webhook deliveries (Standard Webhooks). A whsec_<base64> secret keys with "
-        "its decoded bytes, any other string with its UTF-8 bytes. Needed for callback_url.",
+        description="Signs webhook deliveries (Standard Webhooks) of keys without their own secret. "
+        "A whsec_<base64> secret keys with its decoded bytes, any other string with its UTF-8 bytes. "
+        "callback_url needs a secret for the caller's key.",
+    )
+    webhook_secrets: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        repr=False,
+        description="Per-key webhook secrets (JSON), by key or key id: a customer verifying its "
+        "deliveries cannot forge another's. The keys file's webhook_secret= entries add to these.",
     )
     webhook_timeout_s: float = Field(
         10.0, gt=0, description="Wall-clock deadline of one delivery attempt (DNS, connect, answer)."
@@ -208,13 +219,30 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _merge_key_file(self) -> "Settings":
         # Keys from the file are folded in here, once, so that replicas on other machines need
-        # no access to the file.
+        # no access to the file. Secrets are held by key id, never by key.
+        keys = [k.get_secret_value() for k in self.license_keys]
+        secrets = dict(self.webhook_secrets)
         if self.license_keys_file is not None:
-            lines = self.license_keys_file.read_text(encoding="utf-8").splitlines()
-            from_file = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-            merged = list(dict.fromkeys([*self.license_keys, *from_file]))
-            object.__setattr__(self, "license_keys", merged)
+            for number, line in enumerate(self.license_keys_file.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                key, *options = line.split()
+                keys.append(key)
+                for option in options:
+                    name, sep, value = option.partition("=")
+                    if name != "webhook_secret" or not sep or not value:
+                        raise ValueError(
+                            f"{self.license_keys_file}, line {number}: expected 'KEY' or 'KEY webhook_secret=SECRET'"
+                        )
+                    secrets[key] = SecretStr(value)
+        object.__setattr__(self, "license_keys", [SecretStr(k) for k in dict.fromkeys(keys)])
+        by_id = {(name if name.startswith("key_") else key_id(name)): secret for name, secret in secrets.items()}
+        object.__setattr__(self, "webhook_secrets", by_id)
         return self
+
+    def webhook_secret_for(self, key: str) -> SecretStr | None:
+        """The secret that signs deliveries of jobs of ``key`` (a key id): its own, else the global."""
+        return self.webhook_secrets.get(key, self.webhook_secret)
 
     @property
     def max_file_bytes(self) -> int:

@@ -6,20 +6,21 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 
+from pydantic import SecretStr
+
 from pipeline.core.errors import Unauthorized
+from pipeline.core.keys import key_id
+
+__all__ = ["KeyRing", "key_id"]
 
 _SCHEMES = ("token", "bearer")
 
 
-def key_id(key: str) -> str:
-    """A stable, non-reversible name for a key (for job ownership, limits and logs)."""
-    return "key_" + hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
 class KeyRing:
-    def __init__(self, keys: Iterable[str]) -> None:
+    def __init__(self, keys: Iterable[str | SecretStr]) -> None:
         # Digests have one length, so compare_digest's time does not depend on the key's length.
-        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+        plain = (k.get_secret_value() if isinstance(k, SecretStr) else k for k in keys)
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in plain]
 
     def __len__(self) -> int:
         return len(self._digests)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.core.errors import HarkError, RateLimited
+from pipeline.core.keys import key_id
 from pipeline.core.settings import KeyLimits
 
 WINDOW_S = 60.0
@@ -43,8 +44,6 @@ class _KeyState:
 
 def key_limits(settings) -> tuple[KeyLimits, dict[str, KeyLimits]]:
     """The default limits and every overridden key's (by key id; overrides may name a key or its id)."""
-    from pipeline.service.auth import key_id
-
     cfg = settings.limits
     default = KeyLimits(**cfg.model_dump(exclude={"per_key"}))
     per_key = {

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from standardwebhooks import Webhook
+
 from pipeline.audio.fetch import UrlGuard
 from pipeline.core.errors import (
     FetchFailed,
@@ -83,7 +85,7 @@ def refuse_unrunnable(request: JobRequest, guard: UrlGuard, can_sign: bool) -> N
     if callback is not None:
         if not can_sign:
             raise InvalidParameter(
-                "callback_url needs a webhook signing secret on the server (HARK_WEBHOOK_SECRET)", param="callback_url"
+                "callback_url needs a webhook signing secret for this key on the server (HARK_WEBHOOK_SECRET)", param="callback_url"
             )
         try:
             guard.resolve(callback, param="callback_url")  # FORBIDDEN_URL now, not at delivery
@@ -132,7 +134,7 @@ class JobRunner:
         self._flow = flow
         self._meter_for = meter_for
         self._guard = UrlGuard.from_settings(settings.allow_private_urls, settings.url_allowlist)
-        self._signer = webhook_signer(settings.webhook_secret) if settings.webhook_secret else None
+        self._signers: dict[str, Webhook | None] = {}
         default_limits, per_key_limits = key_limits(settings)
         self._active_jobs_for = lambda key: per_key_limits.get(key, default_limits).active_jobs
         self._worker = f"runner-{uuid.uuid4().hex[:12]}"
@@ -155,6 +157,13 @@ class JobRunner:
         for task in self._tasks:
             if task.done():
                 raise RuntimeError(f"job loop stopped: {task.exception()!r}")
+
+    def _signer_for(self, key_id: str) -> Webhook | None:
+        """Each key's deliveries are signed with its own secret (else the global one)."""
+        if key_id not in self._signers:
+            secret = self._settings.webhook_secret_for(key_id)
+            self._signers[key_id] = webhook_signer(secret.get_secret_value()) if secret is not None else None
+        return self._signers[key_id]
 
     async def _call(self, fn: Callable, *args, **kwargs):
         """A store call on the store's own threads."""
@@ -352,11 +361,12 @@ class JobRunner:
 
     async def _deliver(self, job: Job) -> None:
         s = self._settings
-        if self._signer is None:
-            attempt = Attempt(False, retry=False, error="HARK_WEBHOOK_SECRET is not set: deliveries cannot be signed")
+        signer = self._signer_for(job.key_id)
+        if signer is None:
+            attempt = Attempt(False, retry=False, error="No webhook secret for this key: deliveries cannot be signed")
         else:
             try:
-                attempt = await deliver(job.callback_url, job.payload(), job.webhook_id, self._signer, self._guard,
+                attempt = await deliver(job.callback_url, job.payload(), job.webhook_id, signer, self._guard,
                                         s.webhook_timeout_s, resolver=self._dns)
             except Exception as exc:  # noqa: BLE001 - a bug here must not re-send every 0.25 s
                 logger.exception("webhook delivery for %s raised", job.job_id)
