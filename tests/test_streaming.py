@@ -128,3 +128,46 @@ def test_container_decoder_decodes_as_bytes_arrive(clips):
     broken.decode(b"this is not an audio stream at all" * 100)
     with pytest.raises(InvalidAudio):
         broken.close()
+
+
+def recording_session(**options):
+    """A session with the real Silero VAD and a recogniser that records what it is given (absolute
+    start sample, samples) and hears one word over the whole of it."""
+    heard = []
+
+    async def transcribe(audio, opts):
+        heard.append((int(round(session.offset_s * SAMPLE_RATE)), audio.samples))
+        word = Word(" heard", 0.0, audio.duration_s, 0.9)
+        return Transcript((Segment(word.text, 0.0, audio.duration_s, -0.1, 1, (word,)),), "en", 0.99, audio.duration_s)
+
+    session = StreamingSession(transcribe, StreamOptions(**options))
+    return session, heard
+
+
+@pytest.mark.parametrize("lead_s, frame_s", [(0.0, None), (3.0, None), (0.0, 2.5), (0.0, 1.0)])
+def test_speech_in_frames_longer_than_the_vad_window_is_transcribed(clips, lead_s, frame_s):
+    """Regression (review finding 1): VAD looked only at the last second, and while no speech was
+    seen the buffer was trimmed to 0.5 s, so one 3 s frame (speech, then 1 s of silence) lost every
+    word. Browsers send 1 s slices; container decoders emit bursts (None: the whole in one frame)."""
+    from pipeline.audio.decode import decode
+    from pipeline.streaming.session import silero_vad
+
+    speech = decode(clips["fox"].path, max_duration_s=60).samples
+    audio = np.concatenate([np.zeros(int(lead_s * SAMPLE_RATE), np.float32), speech, np.zeros(SAMPLE_RATE, np.float32)])
+    step = len(audio) if frame_s is None else int(frame_s * SAMPLE_RATE)
+    session, heard = recording_session()
+
+    async def go():
+        events = []
+        for i in range(0, len(audio), step):
+            events += await session.feed(audio[i : i + step])
+        return events + await session.finish()
+
+    events = asyncio.run(go())
+    finals = [e for e in events if e["is_final"]]
+    assert [w["word"] for e in finals for w in e["words"]] == ["heard"]
+    # The recogniser got a true slice of the stream holding all that the VAD calls speech.
+    spans = silero_vad(audio)
+    start, samples = heard[-1]
+    assert start <= spans[0][0] and start + len(samples) >= spans[-1][1]
+    np.testing.assert_array_equal(samples, audio[start : start + len(samples)])

@@ -27,6 +27,9 @@ Vad = Callable[[np.ndarray], list[tuple[int, int]]]
 
 # Short silences and little padding: an utterance must end within endpointing_ms of silence.
 silero_vad = silero_speech(min_silence_duration_ms=100, speech_pad_ms=30, min_speech_duration_ms=100)
+VAD_WINDOW = SAMPLE_RATE  # samples the VAD sees at least: a pause of up to 1 s shows in it
+VAD_CONTEXT = SAMPLE_RATE // 2  # samples already checked that go with new ones, to settle the VAD
+PRE_ROLL = SAMPLE_RATE // 2  # silence kept before speech
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class StreamingSession:
     trailing_silence_s: float = 0.0
     _since_vad: int = 0
     _decoded_len: int = 0
+    _vad_checked: int = 0  # buffer[:_vad_checked] has been through the VAD
+    _speech_end: int = 0  # buffer index where the last speech seen ends
     language: str | None = None
 
     def __post_init__(self) -> None:
@@ -73,12 +78,10 @@ class StreamingSession:
         self._since_vad = 0
         self._update_vad()
         if not self.speech_seen:
-            # Nothing said yet: keep only the last half second, so silence costs no memory.
-            keep = int(0.5 * SAMPLE_RATE)
-            if len(self.buffer) > 2 * keep:
-                drop = len(self.buffer) - keep
-                self.buffer = self.buffer[drop:]
-                self.offset_s += drop / SAMPLE_RATE
+            # Nothing said yet (and all of it checked): keep only the last half second, so
+            # silence costs no memory.
+            if len(self.buffer) > 2 * PRE_ROLL:
+                self._drop_front(len(self.buffer) - PRE_ROLL)
             return []
         duration = len(self.buffer) / SAMPLE_RATE
         if self.trailing_silence_s * 1000 >= self.options.endpointing_ms:
@@ -96,14 +99,32 @@ class StreamingSession:
         return []
 
     def _update_vad(self) -> None:
-        # Only the last second: enough to see a pause of up to 1 s, and cheap to run every 0.1 s.
-        tail_n = min(len(self.buffer), int(1.0 * SAMPLE_RATE))
-        regions = self.vad(self.buffer[-tail_n:]) if tail_n >= 512 else []
+        # Everything new since the last check, with VAD_CONTEXT before it (a window of at least
+        # a second, as a 0.1 s frame gets): a frame may hold seconds of audio, and none of it may
+        # go unchecked.
+        start = max(0, min(len(self.buffer) - VAD_WINDOW, self._vad_checked - VAD_CONTEXT))
+        window = self.buffer[start:]
+        self._vad_checked = len(self.buffer)
+        regions = self.vad(window) if len(window) >= 512 else []
         if regions:
+            if not self.speech_seen:
+                # The utterance starts with its speech: drop what silence came before it.
+                drop = max(0, start + regions[0][0] - PRE_ROLL)
+                self._drop_front(drop)
+                start -= drop
             self.speech_seen = True
-            self.trailing_silence_s = (tail_n - regions[-1][1]) / SAMPLE_RATE
-        elif self.speech_seen:
-            self.trailing_silence_s = tail_n / SAMPLE_RATE
+            self._speech_end = start + regions[-1][1]
+        if self.speech_seen:
+            self.trailing_silence_s = (len(self.buffer) - self._speech_end) / SAMPLE_RATE
+
+    def _drop_front(self, n: int, offset_s: float | None = None) -> None:
+        """Forget the first ``n`` samples of the buffer; ``offset_s`` is the new buffer start when
+        the caller knows it better than by counting samples."""
+        self.buffer = self.buffer[n:]
+        self.offset_s = self.offset_s + n / SAMPLE_RATE if offset_s is None else offset_s
+        self._decoded_len = max(0, self._decoded_len - n)
+        self._vad_checked = max(0, self._vad_checked - n)
+        self._speech_end -= n
 
     # ---- decoding -------------------------------------------------------------------------------
 
@@ -152,10 +173,7 @@ class StreamingSession:
             if cut_at is None and len(self.buffer) / SAMPLE_RATE > self.options.max_utterance_s / 2:
                 cut_at = agreed[-1]
             if cut_at is not None:
-                cut = int(round((cut_at.end - self.offset_s) * SAMPLE_RATE))
-                self.buffer = self.buffer[cut:]
-                self.offset_s = cut_at.end
-                self._decoded_len = max(0, self._decoded_len - cut)
+                self._drop_front(int(round((cut_at.end - self.offset_s) * SAMPLE_RATE)), offset_s=cut_at.end)
         rest = hypothesis[len(agreed):]
         self.previous = rest
         if rest and self.options.interim_results:
@@ -170,6 +188,7 @@ class StreamingSession:
         self.buffer = np.zeros(0, np.float32)
         self.committed, self.previous = [], None
         self.speech_seen, self.trailing_silence_s, self._decoded_len = False, 0.0, 0
+        self._vad_checked = self._speech_end = 0
         return events
 
     def _results(self, words: list[Word], *, is_final: bool, speech_final: bool, end: float | None = None) -> dict[str, Any]:
