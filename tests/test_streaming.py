@@ -171,3 +171,26 @@ def test_speech_in_frames_longer_than_the_vad_window_is_transcribed(clips, lead_
     start, samples = heard[-1]
     assert start <= spans[0][0] and start + len(samples) >= spans[-1][1]
     np.testing.assert_array_equal(samples, audio[start : start + len(samples)])
+
+
+def test_vad_runs_off_the_event_loop():
+    """Review finding 13: the ingress loop has 0.1 CPU, and Silero ran on it every 100 ms per stream."""
+    import threading
+
+    released = threading.Event()
+
+    def vad(samples):
+        # Released by a callback of the event loop: run on the loop itself, it would wait in vain.
+        assert released.wait(timeout=5), "the VAD blocked the event loop"
+        return [(0, len(samples))]
+
+    async def transcribe(audio, opts):
+        return Transcript((), "en", 1.0, audio.duration_s)
+
+    session = StreamingSession(transcribe, vad=vad)
+
+    async def go():
+        asyncio.get_running_loop().call_soon(released.set)
+        return await session.feed(np.full(SAMPLE_RATE // 10, 0.1, np.float32))
+
+    assert asyncio.run(go()) == [] and session.speech_seen

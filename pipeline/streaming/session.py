@@ -6,11 +6,15 @@ that are not in the last ``unstable_tail_s`` of audio, become final and never ch
 speaker pauses for ``endpointing_ms`` (Silero VAD), the whole utterance is decoded once more and
 what was not yet final is finalised with ``speech_final``. Decoding goes through an injected
 coroutine, so the service uses the same ASR deployment as batch requests and tests can fake it.
+The VAD runs in a worker thread (``executor``; the loop's default one when None), never on the
+event loop that serves every stream of the process.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +54,7 @@ class StreamingSession:
     transcribe: Transcribe
     options: StreamOptions = field(default_factory=StreamOptions)
     vad: Vad = silero_vad
+    executor: Executor | None = None  # where the VAD runs; None: the event loop's default executor
     buffer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # the utterance so far
     offset_s: float = 0.0  # absolute time of buffer[0]
     received_s: float = 0.0
@@ -62,6 +67,8 @@ class StreamingSession:
     _vad_checked: int = 0  # buffer[:_vad_checked] has been through the VAD
     _speech_end: int = 0  # buffer index where the last speech seen ends
     language: str | None = None
+    # feed and finish run one at a time, in call order: each awaits the VAD and the recogniser.
+    _turn: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         self.language = self.options.language
@@ -70,13 +77,24 @@ class StreamingSession:
 
     async def feed(self, samples: np.ndarray) -> list[dict[str, Any]]:
         """Add 16 kHz mono audio; returns the Results messages it produced."""
+        async with self._turn:
+            return await self._feed(samples)
+
+    async def finish(self) -> list[dict[str, Any]]:
+        """The stream ended: finalise whatever is pending."""
+        async with self._turn:
+            if self.speech_seen:
+                return await self._finalise(speech_final=True)
+            return []
+
+    async def _feed(self, samples: np.ndarray) -> list[dict[str, Any]]:
         self.buffer = np.concatenate([self.buffer, samples.astype(np.float32, copy=False)])
         self.received_s += len(samples) / SAMPLE_RATE
         self._since_vad += len(samples)
         if self._since_vad < self.options.vad_every_s * SAMPLE_RATE:
             return []
         self._since_vad = 0
-        self._update_vad()
+        await self._update_vad()
         if not self.speech_seen:
             # Nothing said yet (and all of it checked): keep only the last half second, so
             # silence costs no memory.
@@ -92,20 +110,17 @@ class StreamingSession:
             return await self._interim()
         return []
 
-    async def finish(self) -> list[dict[str, Any]]:
-        """The stream ended: finalise whatever is pending."""
-        if self.speech_seen:
-            return await self._finalise(speech_final=True)
-        return []
-
-    def _update_vad(self) -> None:
+    async def _update_vad(self) -> None:
         # Everything new since the last check, with VAD_CONTEXT before it (a window of at least
         # a second, as a 0.1 s frame gets): a frame may hold seconds of audio, and none of it may
         # go unchecked.
         start = max(0, min(len(self.buffer) - VAD_WINDOW, self._vad_checked - VAD_CONTEXT))
         window = self.buffer[start:]
         self._vad_checked = len(self.buffer)
-        regions = self.vad(window) if len(window) >= 512 else []
+        regions = []
+        if len(window) >= 512:
+            # The window is a view of this buffer, which is replaced, never written, as audio comes.
+            regions = await asyncio.get_running_loop().run_in_executor(self.executor, self.vad, window)
         if regions:
             if not self.speech_seen:
                 # The utterance starts with its speech: drop what silence came before it.
