@@ -194,3 +194,37 @@ def test_vad_runs_off_the_event_loop():
         return await session.feed(np.full(SAMPLE_RATE // 10, 0.1, np.float32))
 
     assert asyncio.run(go()) == [] and session.speech_seen
+
+
+def opus_of(clip):
+    from media import encode
+    from pipeline.audio.decode import decode
+
+    samples = decode(clip.path, max_duration_s=60).samples
+    return samples, encode(samples, "ogg-opus")
+
+
+def test_container_decoder_holds_bounded_audio_and_bytes(clips):
+    """The decoder's queue was unbounded and its pipe joined every frame into one growing buffer."""
+    from conftest import wait_until
+    from pipeline.core.errors import RateLimited
+    from pipeline.streaming.decoders import ContainerDecoder
+
+    samples, data = opus_of(clips["beckett"])  # 10 s
+    # Decoded audio waits to be taken, at most max_ready_s (and one decoded frame) of it.
+    decoder = ContainerDecoder(max_backlog_bytes=len(data), max_ready_s=1.0)
+    assert len(decoder.decode(data)) == 0  # nothing decoded yet
+    wait_until(lambda: decoder._ready_n >= SAMPLE_RATE, 10, interval_s=0.01, what="a second decoded")
+    first = decoder.decode(b"")
+    assert SAMPLE_RATE <= len(first) <= 1.1 * SAMPLE_RATE
+    # Closing with a limit stops the decoder there; without one it returns the rest.
+    rest = decoder.close(max_s=2.0)
+    assert 2 * SAMPLE_RATE < len(rest) <= 3.2 * SAMPLE_RATE and not decoder._thread.is_alive()
+    whole = ContainerDecoder(max_backlog_bytes=len(data), max_ready_s=1.0)
+    whole.decode(data)
+    assert len(whole.close()) == pytest.approx(len(samples), abs=SAMPLE_RATE * 0.05)
+    # Encoded bytes beyond the backlog are refused, not queued.
+    small = ContainerDecoder(max_backlog_bytes=len(data) - 1)
+    with pytest.raises(RateLimited):
+        small.decode(data)
+    assert len(small.close(max_s=0)) == 0 and not small._thread.is_alive()
