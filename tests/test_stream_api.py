@@ -114,14 +114,19 @@ def test_keepalive_holds_a_silent_stream_and_silence_closes_it(serve_app):
 
 
 @pytest.mark.parametrize("headers, subprotocols", [({}, None), ({"Authorization": "Token nope"}, None), (None, ["token", "nope"])])
-def test_bad_auth_is_refused(serve_app, headers, subprotocols):
+def test_bad_auth_is_refused_before_the_handshake(serve_app, headers, subprotocols):
+    """Review finding 8: the socket was accepted before the key was checked. Now the upgrade is
+    refused with the API's 401, as Deepgram refuses it."""
+
     async def go():
         kwargs = {"subprotocols": subprotocols} if subprotocols else {"additional_headers": headers}
-        async with websockets.connect(ws_url(serve_app), **kwargs) as ws:
-            return await drain(ws), ws.close_code
+        async with websockets.connect(ws_url(serve_app), **kwargs):
+            pass
 
-    messages, code = asyncio.run(go())
-    assert messages[0]["type"] == "Error" and messages[0]["code"] == "UNAUTHORIZED" and code == 1008
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        asyncio.run(go())
+    response = refused.value.response
+    assert response.status_code == 401 and json.loads(response.body)["code"] == "UNAUTHORIZED"
 
 
 def test_malformed_frames_get_an_error_not_a_crash(serve_app, clips):
