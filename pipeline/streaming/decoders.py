@@ -42,6 +42,9 @@ class Linear16Decoder:
     def close(self, max_s: float | None = None) -> np.ndarray:
         return np.zeros(0, np.float32)
 
+    def abort(self) -> None:
+        pass
+
 
 class ContainerDecoder:
     """An encoded stream (Ogg/Opus, WebM, MP3, FLAC, ...) decoded as its bytes arrive.
@@ -125,33 +128,38 @@ class ContainerDecoder:
     def close(self, max_s: float | None = None) -> np.ndarray:
         """End of stream: wait for the decoder to finish and return the rest (once). With
         ``max_s``, stop decoding once more than that is decoded, for a caller that would refuse
-        more anyway; 0 stops it at once (a stream that ended in error)."""
+        more anyway."""
         if self._closed:
             return np.zeros(0, np.float32)
         self._closed = True
+        self._pipe.end()
+        limit = math.inf if max_s is None else max_s * SAMPLE_RATE
+        deadline = time.monotonic() + 30
         parts: list[np.ndarray] = []
+        taken = 0
         ended = False  # the decoder reached the end of the stream by itself
-        if max_s != 0:
-            self._pipe.end()
-            limit = math.inf if max_s is None else max_s * SAMPLE_RATE
-            deadline = time.monotonic() + 30
-            taken = 0
-            while taken <= limit and time.monotonic() < deadline:
-                with self._cond:
-                    self._cond.wait_for(lambda: self._ready or self._done, timeout=deadline - time.monotonic())
-                    ended = self._done
-                parts.append(self._take())
-                taken += len(parts[-1])
-                if ended:
-                    break
+        while taken <= limit and not ended and time.monotonic() < deadline:
+            with self._cond:
+                self._cond.wait_for(lambda: self._ready or self._done, timeout=deadline - time.monotonic())
+                ended = self._done
+            parts.append(self._take())
+            taken += len(parts[-1])
+        self._halt()
+        if ended:
+            self._check()
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def abort(self) -> None:
+        """Stop decoding at once, dropping what is pending (a stream that ended early)."""
+        self._closed = True
+        self._halt()
+
+    def _halt(self) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         self._pipe.end(discard=True)
         self._thread.join(timeout=5)
-        if ended:
-            self._check()
-        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 class _Stopped(Exception):
