@@ -28,6 +28,7 @@ from pipeline.core.settings import Settings
 from pipeline.service.auth import KeyRing
 from pipeline.service.runner import JobRequest, refuse_unrunnable
 from pipeline.service.upload import read_listen_input
+from pipeline.streaming.limits import StreamLimits
 from pipeline.streaming.server import ChannelClosed, StreamServer
 from pipeline.transcription.flow import TranscriptionFlow
 from pipeline.transcription.schemas import ListenParams
@@ -112,7 +113,7 @@ class Ingress:
         self._audio = HandleAudio(fetch, retry)
         self._asr = asr
         self._flow = TranscriptionFlow(HandleRecognizer(asr, retry), HandleSpeakers(diarization, retry))
-        self._streams = StreamServer(self._flow, settings.stream_idle_timeout_s)
+        self._streams = StreamServer(self._flow, StreamLimits.from_settings(settings))
         self._accounting = accounting
         self._jobs = jobs
         self._background: set[asyncio.Task] = set()
