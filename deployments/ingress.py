@@ -28,7 +28,8 @@ from pipeline.core.settings import Settings
 from pipeline.service.auth import KeyRing
 from pipeline.service.runner import JobRequest, refuse_unrunnable
 from pipeline.service.upload import read_listen_input
-from pipeline.streaming.server import ChannelClosed, StreamServer, send_error
+from pipeline.streaming.limits import StreamLimits
+from pipeline.streaming.server import ChannelClosed, StreamServer
 from pipeline.transcription.flow import TranscriptionFlow
 from pipeline.transcription.schemas import ListenParams
 
@@ -112,7 +113,7 @@ class Ingress:
         self._audio = HandleAudio(fetch, retry)
         self._asr = asr
         self._flow = TranscriptionFlow(HandleRecognizer(asr, retry), HandleSpeakers(diarization, retry))
-        self._streams = StreamServer(self._flow, settings.stream_idle_timeout_s)
+        self._streams = StreamServer(self._flow, StreamLimits.from_settings(settings))
         self._accounting = accounting
         self._jobs = jobs
         self._background: set[asyncio.Task] = set()
@@ -236,19 +237,20 @@ class Ingress:
         subprotocols = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
         # Browsers cannot set headers: they send the pair ("token", KEY) as subprotocols.
         via_protocol = len(subprotocols) == 2 and subprotocols[0].lower() == "token"
-        await ws.accept(subprotocol="token" if via_protocol else None)
-        channel = _WebSocketChannel(ws)
         try:
             header = ws.headers.get("authorization") or (f"Token {subprotocols[1]}" if via_protocol else None)
             key_id = self._keys.authenticate(header)
             lease = await call(self._accounting.admit.remote(key_id), self._retry)
         except HarkError as err:
-            await send_error(channel, err, close_code=1008 if err.status == 401 else 1013)
+            # Refused before the upgrade, with the API's status and body, as Deepgram refuses it:
+            # no socket is opened for a client that may not use it.
+            await ws.send_denial_response(_error_response(err))
             return
         try:
+            await ws.accept(subprotocol="token" if via_protocol else None)
             # Audio received counts against the daily quota however the stream ends.
             await self._streams.serve(
-                channel, ws.query_params,
+                _WebSocketChannel(ws), ws.query_params,
                 on_end=lambda received_s: self._detached(self._accounting.charge_audio.remote, key_id, received_s),
             )
         finally:

@@ -114,14 +114,48 @@ def test_keepalive_holds_a_silent_stream_and_silence_closes_it(serve_app):
 
 
 @pytest.mark.parametrize("headers, subprotocols", [({}, None), ({"Authorization": "Token nope"}, None), (None, ["token", "nope"])])
-def test_bad_auth_is_refused(serve_app, headers, subprotocols):
+def test_bad_auth_is_refused_before_the_handshake(serve_app, headers, subprotocols):
+    """Review finding 8: the socket was accepted before the key was checked. Now the upgrade is
+    refused with the API's 401, as Deepgram refuses it."""
+
     async def go():
         kwargs = {"subprotocols": subprotocols} if subprotocols else {"additional_headers": headers}
-        async with websockets.connect(ws_url(serve_app), **kwargs) as ws:
-            return await drain(ws), ws.close_code
+        async with websockets.connect(ws_url(serve_app), **kwargs):
+            pass
 
-    messages, code = asyncio.run(go())
-    assert messages[0]["type"] == "Error" and messages[0]["code"] == "UNAUTHORIZED" and code == 1008
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        asyncio.run(go())
+    response = refused.value.response
+    assert response.status_code == 401 and json.loads(response.body)["code"] == "UNAUTHORIZED"
+
+
+def test_floods_and_huge_frames_are_refused(serve_app):
+    """Review finding 8: frames up to 16 MiB were taken, at any pace, for any length."""
+
+    async def send(frames, interval_s=0.0):
+        async with websockets.connect(ws_url(serve_app), additional_headers={"Authorization": f"Token {API_KEYS[0]}"}) as ws:
+
+            async def sender():
+                try:
+                    for frame in frames:
+                        await ws.send(frame)
+                        await asyncio.sleep(interval_s)
+                    await ws.send(json.dumps({"type": "CloseStream"}))
+                except websockets.ConnectionClosed:
+                    pass  # the server ended the stream first
+
+            sending = asyncio.create_task(sender())
+            messages = await drain(ws)
+            await sending
+            return messages, ws.close_code
+
+    # 60 s of audio as fast as it goes: far beyond 4x real time once the 10 s burst is spent.
+    messages, code = asyncio.run(send([bytes(16000)] * 120))
+    assert messages[-1]["code"] == "RATE_LIMITED" and messages[-1]["retry_after"] >= 1 and code == 1008
+    # One frame of 2 MiB (65 s of audio).
+    messages, code = asyncio.run(send([bytes(2 << 20)]))
+    assert messages == [{"type": "Error", "code": "INVALID_PARAMETER", "param": "message", "error": messages[0]["error"]}]
+    assert code == 1009
 
 
 def test_malformed_frames_get_an_error_not_a_crash(serve_app, clips):

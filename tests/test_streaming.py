@@ -128,3 +128,228 @@ def test_container_decoder_decodes_as_bytes_arrive(clips):
     broken.decode(b"this is not an audio stream at all" * 100)
     with pytest.raises(InvalidAudio):
         broken.close()
+
+
+def recording_session(**options):
+    """A session with the real Silero VAD and a recogniser that records what it is given (absolute
+    start sample, samples) and hears one word over the whole of it."""
+    heard = []
+
+    async def transcribe(audio, opts):
+        heard.append((int(round(session.offset_s * SAMPLE_RATE)), audio.samples))
+        word = Word(" heard", 0.0, audio.duration_s, 0.9)
+        return Transcript((Segment(word.text, 0.0, audio.duration_s, -0.1, 1, (word,)),), "en", 0.99, audio.duration_s)
+
+    session = StreamingSession(transcribe, StreamOptions(**options))
+    return session, heard
+
+
+@pytest.mark.parametrize("lead_s, frame_s", [(0.0, None), (3.0, None), (0.0, 2.5), (0.0, 1.0)])
+def test_speech_in_frames_longer_than_the_vad_window_is_transcribed(clips, lead_s, frame_s):
+    """Regression (review finding 1): VAD looked only at the last second, and while no speech was
+    seen the buffer was trimmed to 0.5 s, so one 3 s frame (speech, then 1 s of silence) lost every
+    word. Browsers send 1 s slices; container decoders emit bursts (None: the whole in one frame)."""
+    from pipeline.audio.decode import decode
+    from pipeline.streaming.session import silero_vad
+
+    speech = decode(clips["fox"].path, max_duration_s=60).samples
+    audio = np.concatenate([np.zeros(int(lead_s * SAMPLE_RATE), np.float32), speech, np.zeros(SAMPLE_RATE, np.float32)])
+    step = len(audio) if frame_s is None else int(frame_s * SAMPLE_RATE)
+    session, heard = recording_session()
+
+    async def go():
+        events = []
+        for i in range(0, len(audio), step):
+            events += await session.feed(audio[i : i + step])
+        return events + await session.finish()
+
+    events = asyncio.run(go())
+    finals = [e for e in events if e["is_final"]]
+    assert [w["word"] for e in finals for w in e["words"]] == ["heard"]
+    # The recogniser got a true slice of the stream holding all that the VAD calls speech.
+    spans = silero_vad(audio)
+    start, samples = heard[-1]
+    assert start <= spans[0][0] and start + len(samples) >= spans[-1][1]
+    np.testing.assert_array_equal(samples, audio[start : start + len(samples)])
+
+
+def test_vad_runs_off_the_event_loop():
+    """Review finding 13: the ingress loop has 0.1 CPU, and Silero ran on it every 100 ms per stream."""
+    import threading
+
+    released = threading.Event()
+
+    def vad(samples):
+        # Released by a callback of the event loop: run on the loop itself, it would wait in vain.
+        assert released.wait(timeout=5), "the VAD blocked the event loop"
+        return [(0, len(samples))]
+
+    async def transcribe(audio, opts):
+        return Transcript((), "en", 1.0, audio.duration_s)
+
+    session = StreamingSession(transcribe, vad=vad)
+
+    async def go():
+        asyncio.get_running_loop().call_soon(released.set)
+        return await session.feed(np.full(SAMPLE_RATE // 10, 0.1, np.float32))
+
+    assert asyncio.run(go()) == [] and session.speech_seen
+
+
+# ---- limits (review finding 8) ---------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_budget_allows_a_burst_and_4x_real_time_but_not_more():
+    from pipeline.core.errors import RateLimited
+    from pipeline.streaming.limits import StreamBudget, StreamLimits
+
+    clock = Clock()
+    budget = StreamBudget(StreamLimits(max_speed_x=4.0, burst_s=10.0), clock=clock)
+    budget.take(10.0)  # a late start: 10 s buffered, sent at once
+    for _ in range(5):  # then real time, which refills the burst
+        clock.now += 1.0
+        budget.take(1.0)
+    for _ in range(600):  # then 10 minutes of audio in 1 s slices at 4x real time
+        clock.now += 0.25
+        budget.take(1.0)
+    assert budget.received_s == pytest.approx(615.0)
+    # At 5x the bucket drains by 0.2 s a slice: refused once the burst is spent, with the wait.
+    with pytest.raises(RateLimited) as refused:
+        for _ in range(100):
+            clock.now += 0.2
+            budget.take(1.0)
+    assert refused.value.code == "RATE_LIMITED" and refused.value.extra["retry_after"] == 1
+    assert 40 <= budget.received_s - 615.0 <= 50  # about burst_s / 0.2 s slices
+    # A pause refills the burst, and no more.
+    clock.now += 3600
+    assert budget.allowance_s() == pytest.approx(10.0)
+
+
+def test_budget_caps_length_and_frame_size():
+    from pipeline.core.errors import AudioTooLong
+    from pipeline.streaming.limits import FrameTooLarge, StreamBudget, StreamLimits
+
+    clock = Clock()
+    budget = StreamBudget(StreamLimits(max_duration_s=30.0, max_frame_kib=64), clock=clock)
+    for _ in range(29):
+        clock.now += 1.0
+        budget.take(1.0)
+    assert budget.allowance_s() == pytest.approx(1.0)
+    with pytest.raises(AudioTooLong) as too_long:
+        budget.take(1.5)
+    assert too_long.value.to_body()["max_duration_s"] == 30
+    budget.check_frame(64 * 1024)
+    with pytest.raises(FrameTooLarge) as too_large:
+        budget.check_frame(64 * 1024 + 1)
+    assert too_large.value.to_body() == {"error": too_large.value.message, "code": "INVALID_PARAMETER", "param": "message"}
+
+
+def opus_of(clip):
+    from media import encode
+    from pipeline.audio.decode import decode
+
+    samples = decode(clip.path, max_duration_s=60).samples
+    return samples, encode(samples, "ogg-opus")
+
+
+def test_container_decoder_holds_bounded_audio_and_bytes(clips):
+    """The decoder's queue was unbounded and its pipe joined every frame into one growing buffer."""
+    from conftest import wait_until
+    from pipeline.core.errors import RateLimited
+    from pipeline.streaming.decoders import ContainerDecoder
+
+    samples, data = opus_of(clips["beckett"])  # 10 s
+    # Decoded audio waits to be taken, at most max_ready_s (and one decoded frame) of it.
+    decoder = ContainerDecoder(max_backlog_bytes=len(data), max_ready_s=1.0)
+    assert len(decoder.decode(data)) == 0  # nothing decoded yet
+    wait_until(lambda: decoder._ready_n >= SAMPLE_RATE, 10, interval_s=0.01, what="a second decoded")
+    first = decoder.decode(b"")
+    assert SAMPLE_RATE <= len(first) <= 1.1 * SAMPLE_RATE
+    # Closing with a limit stops the decoder there; without one it returns the rest.
+    rest = decoder.close(max_s=2.0)
+    assert 2 * SAMPLE_RATE < len(rest) <= 3.2 * SAMPLE_RATE and not decoder._thread.is_alive()
+    whole = ContainerDecoder(max_backlog_bytes=len(data), max_ready_s=1.0)
+    whole.decode(data)
+    assert len(whole.close()) == pytest.approx(len(samples), abs=SAMPLE_RATE * 0.05)
+    # Encoded bytes beyond the backlog are refused, not queued.
+    small = ContainerDecoder(max_backlog_bytes=len(data) - 1)
+    with pytest.raises(RateLimited):
+        small.decode(data)
+    small.abort()
+    assert not small._thread.is_alive()
+
+
+class FakeRecognizer:
+    """The Recognizer seam: an engine that hears nothing."""
+
+    async def capabilities(self):
+        from pipeline.asr.base import Capabilities
+
+        return Capabilities("fake", word_timestamps=True, language_detection=True, languages=frozenset({"en"}))
+
+    async def transcribe(self, audio, options):
+        return Transcript((), "en", 1.0, audio.duration_s)
+
+
+class FakeChannel:
+    """The client: sends ``inbox`` in order, each message ``advance_s`` after the one before."""
+
+    def __init__(self, inbox, clock, advance_s):
+        self.inbox, self.clock, self.advance_s = list(inbox), clock, advance_s
+        self.sent, self.close_code = [], None
+
+    async def receive(self):
+        from pipeline.streaming.server import ChannelClosed
+
+        if not self.inbox or self.close_code is not None:
+            raise ChannelClosed
+        self.clock.now += self.advance_s
+        return self.inbox.pop(0)
+
+    async def send_json(self, message):
+        self.sent.append(message)
+
+    async def close(self, code, reason=""):
+        self.close_code = code
+
+
+def serve_stream(frames, limits, advance_s):
+    """Serve ``frames`` then CloseStream; returns (messages sent, close code, seconds charged)."""
+    import json
+
+    from pipeline.streaming.server import StreamServer
+    from pipeline.transcription.flow import TranscriptionFlow
+
+    clock = Clock()
+    server = StreamServer(TranscriptionFlow(FakeRecognizer(), speakers=None), limits, clock=clock)
+    channel = FakeChannel([*({"bytes": f} for f in frames), {"text": json.dumps({"type": "CloseStream"})}], clock, advance_s)
+    charged = []
+    asyncio.run(server.serve(channel, {}, on_end=charged.append))
+    return channel.sent, channel.close_code, charged[0]
+
+
+SECOND = bytes(2 * SAMPLE_RATE)  # 1 s of linear16 silence
+
+
+@pytest.mark.parametrize("advance_s, frame, n, expected", [
+    (0.25, SECOND, 120, ("Metadata", 1000, 120.0)),  # 4x real time, for two minutes
+    (0.0, SECOND, 60, ("RATE_LIMITED", 1008, 10.0)),  # a minute at once: the burst, then refused
+    (1.0, SECOND, 40, ("AUDIO_TOO_LONG", 1008, 30.0)),  # real time, past the length cap
+    (1.0, SECOND * 3, 1, ("INVALID_PARAMETER", 1009, 0.0)),  # one frame over the size cap
+])
+def test_stream_server_holds_streams_to_their_limits(advance_s, frame, n, expected):
+    """Review finding 8: any pace, any length and frames up to 16 MiB were taken."""
+    from pipeline.streaming.limits import StreamLimits
+
+    limits = StreamLimits(max_speed_x=4.0, burst_s=10.0, max_duration_s=30.0 if n == 40 else 7200.0, max_frame_kib=64)
+    sent, code, charged = serve_stream([frame] * n, limits, advance_s)
+    last = sent[-1]
+    assert (last.get("code", last["type"]), code, charged) == pytest.approx(expected)

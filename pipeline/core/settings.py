@@ -190,6 +190,24 @@ class Settings(BaseSettings):
     jobs_lease_s: float = Field(30.0, gt=0, description="A running job is taken over if its runner is silent this long.")
     jobs_concurrency: int = Field(4, ge=1, description="Jobs a runner works on at once.")
     stream_idle_timeout_s: float = Field(10.0, gt=0, description="A stream with no audio and no KeepAlive this long is closed.")
+    stream_max_frame_kib: int = Field(
+        1024, ge=1, description="Largest binary frame of a live stream, in KiB; a larger one ends it (close 1009)."
+    )
+    stream_max_speed_x: float = Field(
+        4.0,
+        ge=1.0,
+        description="Sustained pace at which a live stream may send audio, as a multiple of real time; "
+        "faster (beyond stream_burst_s) ends it with RATE_LIMITED.",
+    )
+    stream_burst_s: float = Field(
+        10.0,
+        ge=1.0,
+        description="Seconds of audio a live stream may send at once beyond its pace (a client that starts "
+        "late or catches up after a stall).",
+    )
+    stream_max_duration_s: int = Field(
+        7200, ge=1, description="Longest live stream, in seconds of audio; longer ends it with AUDIO_TOO_LONG."
+    )
     asr: AsrSettings = Field(default_factory=AsrSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     diarization: DiarizationSettings = Field(default_factory=DiarizationSettings)

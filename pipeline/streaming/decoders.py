@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import math
+import time
+from collections import deque
+
 import numpy as np
 
 from pipeline.core.types import SAMPLE_RATE
@@ -35,23 +39,34 @@ class Linear16Decoder:
         out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
-    def close(self) -> np.ndarray:
+    def close(self, max_s: float | None = None) -> np.ndarray:
         return np.zeros(0, np.float32)
+
+    def abort(self) -> None:
+        pass
 
 
 class ContainerDecoder:
     """An encoded stream (Ogg/Opus, WebM, MP3, FLAC, ...) decoded as its bytes arrive.
 
     PyAV reads from a pipe that blocks until the next frame of bytes comes, in a thread of its
-    own; ``decode`` hands over the bytes and returns whatever audio is ready so far.
+    own; ``decode`` hands over the bytes and returns whatever audio is ready so far. Both sides are
+    bounded: the pipe holds at most ``max_backlog_bytes`` not yet read (more means the stream comes
+    faster than it decodes: ``RATE_LIMITED``), and the thread stops decoding while
+    ``max_ready_s`` of audio waits to be taken.
     """
 
-    def __init__(self) -> None:
-        import queue
+    def __init__(self, max_backlog_bytes: int = 4 << 20, max_ready_s: float = 10.0) -> None:
         import threading
 
-        self._in: "queue.Queue[bytes | None]" = queue.Queue()
-        self._out: "queue.Queue[np.ndarray]" = queue.Queue()
+        self._pipe = _BlockingPipe()
+        self._max_backlog_bytes = max_backlog_bytes
+        self._max_ready = int(max_ready_s * SAMPLE_RATE)
+        self._ready: list[np.ndarray] = []  # decoded, not yet taken
+        self._ready_n = 0  # samples in _ready
+        self._cond = threading.Condition()  # guards _ready, _ready_n, _stop, _done
+        self._stop = False  # the reader wants no more audio
+        self._done = False  # the decoder thread has ended
         self._error: Exception | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="stream-decoder", daemon=True)
@@ -60,26 +75,38 @@ class ContainerDecoder:
     def _run(self) -> None:
         import av
 
-        pipe = _BlockingPipe(self._in)
         try:
-            with av.open(pipe, mode="r") as container:
+            with av.open(self._pipe, mode="r") as container:
                 if not container.streams.audio:
                     raise ValueError("the stream has no audio track")
                 resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
                 for frame in container.decode(container.streams.audio[0]):
                     for out in resampler.resample(frame):
-                        self._out.put(out.to_ndarray().reshape(-1).copy())
+                        self._emit(out.to_ndarray().reshape(-1).copy())
                 for out in resampler.resample(None):
-                    self._out.put(out.to_ndarray().reshape(-1).copy())
+                    self._emit(out.to_ndarray().reshape(-1).copy())
+        except _Stopped:
+            pass
         except Exception as exc:  # noqa: BLE001 - reported to the stream by decode()
             self._error = exc
         finally:
-            pipe.closed_by_reader = True
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
 
-    def _drain(self) -> np.ndarray:
-        parts = []
-        while not self._out.empty():
-            parts.append(self._out.get_nowait())
+    def _emit(self, samples: np.ndarray) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._stop or self._ready_n < self._max_ready)
+            if self._stop:
+                raise _Stopped
+            self._ready.append(samples)
+            self._ready_n += len(samples)
+            self._cond.notify_all()
+
+    def _take(self) -> np.ndarray:
+        with self._cond:
+            parts, self._ready, self._ready_n = self._ready, [], 0
+            self._cond.notify_all()
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def _check(self) -> None:
@@ -90,49 +117,109 @@ class ContainerDecoder:
 
     def decode(self, data: bytes) -> np.ndarray:
         self._check()
-        self._in.put(data)
-        return self._drain()
+        if self._pipe.backlog + len(data) > self._max_backlog_bytes:
+            from pipeline.core.errors import RateLimited
 
-    def close(self) -> np.ndarray:
-        """End of stream: wait for the decoder to finish and return the rest (once)."""
+            raise RateLimited("The stream arrives faster than it can be decoded: send it at the pace it is spoken",
+                              retry_after=1)
+        self._pipe.write(data)
+        return self._take()
+
+    def close(self, max_s: float | None = None) -> np.ndarray:
+        """End of stream: wait for the decoder to finish and return the rest (once). With
+        ``max_s``, stop decoding once more than that is decoded, for a caller that would refuse
+        more anyway."""
         if self._closed:
             return np.zeros(0, np.float32)
         self._closed = True
-        self._in.put(None)
-        self._thread.join(timeout=30)
-        self._check()
-        return self._drain()
+        self._pipe.end()
+        limit = math.inf if max_s is None else max_s * SAMPLE_RATE
+        deadline = time.monotonic() + 30
+        parts: list[np.ndarray] = []
+        taken = 0
+        ended = False  # the decoder reached the end of the stream by itself
+        while taken <= limit and not ended and time.monotonic() < deadline:
+            with self._cond:
+                self._cond.wait_for(lambda: self._ready or self._done, timeout=deadline - time.monotonic())
+                ended = self._done
+            parts.append(self._take())
+            taken += len(parts[-1])
+        self._halt()
+        if ended:
+            self._check()
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def abort(self) -> None:
+        """Stop decoding at once, dropping what is pending (a stream that ended early)."""
+        self._closed = True
+        self._halt()
+
+    def _halt(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._pipe.end(discard=True)
+        self._thread.join(timeout=5)
+
+
+class _Stopped(Exception):
+    """The reader stopped the decoder."""
 
 
 class _BlockingPipe:
-    """A read-only file whose ``read`` waits for the next chunk; None in the queue is EOF."""
+    """A read-only file whose ``read`` waits for the next chunk of bytes, or the end.
 
-    def __init__(self, chunks) -> None:
-        self._chunks, self._buffer, self._eof = chunks, b"", False
-        self.closed_by_reader = False
+    Chunks are handed on as they came (a read returns at most one), never joined into a growing
+    buffer; ``backlog`` is the bytes written and not yet read.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._chunks: deque[memoryview] = deque()
+        self._cond = threading.Condition()
+        self._eof = False
+        self.backlog = 0
+
+    def write(self, data: bytes) -> None:
+        with self._cond:
+            self._chunks.append(memoryview(data))
+            self.backlog += len(data)
+            self._cond.notify_all()
+
+    def end(self, discard: bool = False) -> None:
+        """No more bytes will come; ``discard`` also drops those not read yet."""
+        with self._cond:
+            self._eof = True
+            if discard:
+                self._chunks.clear()
+                self.backlog = 0
+            self._cond.notify_all()
 
     def read(self, n: int = -1) -> bytes:
-        while not self._eof and (n < 0 or len(self._buffer) < n):
-            chunk = self._chunks.get()
-            if chunk is None:
-                self._eof = True
-            else:
-                self._buffer += chunk
-        if n < 0:
-            n = len(self._buffer)
-        out, self._buffer = self._buffer[:n], self._buffer[n:]
-        return out
+        with self._cond:
+            self._cond.wait_for(lambda: self._chunks or self._eof)
+            if not self._chunks:
+                return b""
+            head = self._chunks.popleft()
+            if 0 <= n < len(head):
+                self._chunks.appendleft(head[n:])
+                head = head[:n]
+            self.backlog -= len(head)
+        return bytes(head)
 
 
 CONTAINER_ENCODINGS = frozenset({"opus", "ogg-opus", "ogg", "webm", "mp3", "flac", "aac", "m4a", "wav", "container"})
 
 
-def stream_decoder(encoding: str, sample_rate: int, channels: int):
-    """The decoder for a stream's ``encoding``: raw ``linear16``, or any container we decode."""
+def stream_decoder(encoding: str, sample_rate: int, channels: int, *, max_backlog_bytes: int = 4 << 20,
+                   max_ready_s: float = 10.0):
+    """The decoder for a stream's ``encoding``: raw ``linear16``, or any container we decode
+    (with its bounds, see ``ContainerDecoder``)."""
     if encoding == "linear16":
         return Linear16Decoder(sample_rate, channels)
     if encoding in CONTAINER_ENCODINGS:
-        return ContainerDecoder()
+        return ContainerDecoder(max_backlog_bytes, max_ready_s)
     from pipeline.core.errors import InvalidParameter
 
     raise InvalidParameter(

@@ -2,7 +2,9 @@
 
 Framework-free: it talks to the client through a ``Channel`` (the ingress adapts Starlette's
 WebSocket to it) and to ASR through the ``TranscriptionFlow``'s recognizer. Authentication,
-admission and the audio charge stay with the caller, which knows the key.
+admission and the audio charge stay with the caller, which knows the key. Each stream is held to
+its ``StreamLimits`` (frame size, pace, length), and its CPU work (decoding, VAD) runs in a small
+thread pool, off the event loop that serves every stream.
 """
 
 from __future__ import annotations
@@ -10,14 +12,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.core.errors import HarkError, InvalidParameter, StreamTimeout
+from pipeline.core.errors import AudioTooLong, HarkError, InvalidAudio, InvalidParameter, RateLimited, StreamTimeout
+from pipeline.core.types import SAMPLE_RATE
 from pipeline.streaming.decoders import stream_decoder
+from pipeline.streaming.limits import FrameTooLarge, StreamBudget, StreamLimits
 from pipeline.streaming.session import StreamingSession, StreamOptions
 from pipeline.transcription.flow import TranscriptionFlow
 from pipeline.transcription.schemas import ListenParams
@@ -114,11 +120,26 @@ def _as_hark_error(exc: BaseException) -> HarkError:
     return HarkError("Internal error")
 
 
-class StreamServer:
-    """Serves streams over a flow."""
+def _close_code(err: HarkError) -> int:
+    """The WebSocket close code (RFC 6455) that goes with an error that ends a stream."""
+    if isinstance(err, FrameTooLarge):
+        return 1009  # message too big
+    if isinstance(err, (RateLimited, AudioTooLong)):
+        return 1008  # policy violation
+    if isinstance(err, InvalidAudio):
+        return 1003  # data it cannot accept
+    return 1011
 
-    def __init__(self, flow: TranscriptionFlow, idle_timeout_s: float) -> None:
-        self._flow, self._idle_timeout_s = flow, idle_timeout_s
+
+class StreamServer:
+    """Serves streams over a flow, each held to ``limits``."""
+
+    def __init__(self, flow: TranscriptionFlow, limits: StreamLimits, *, cpu_threads: int = 4,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._flow, self._limits, self._clock = flow, limits, clock
+        # VAD and decoding take milliseconds a call; a few threads keep the loop free without
+        # letting many streams crowd the cores.
+        self._cpu = ThreadPoolExecutor(max_workers=cpu_threads, thread_name_prefix="stream-cpu")
 
     async def serve(self, channel: Channel, query: Mapping[str, str], on_end: Callable[[float], None]) -> None:
         """Run one stream to its end; ``on_end(seconds of audio received)`` is called however the
@@ -132,21 +153,27 @@ class StreamServer:
                 await send_error(channel, err, close_code=1013)
                 return
             caps.refuse_unsupported(language=params.language, streaming=True)
-            decoder = stream_decoder(params.encoding, params.sample_rate, params.channels)
+            decoder = stream_decoder(params.encoding, params.sample_rate, params.channels,
+                                     max_backlog_bytes=self._limits.decoder_backlog_bytes,
+                                     max_ready_s=self._limits.burst_s)
         except HarkError as err:
             await send_error(channel, err, close_code=1008)
             return
-        session = StreamingSession(transcribe=self._flow.recognizer.transcribe, options=params.session_options())
+        session = StreamingSession(transcribe=self._flow.recognizer.transcribe, options=params.session_options(),
+                                   executor=self._cpu)
+        budget = StreamBudget(self._limits, clock=self._clock)
         try:
-            await self._loop(channel, session, decoder, request_id, params.channels)
+            await self._loop(channel, session, decoder, budget, request_id, params.channels)
         finally:
             try:
-                await asyncio.to_thread(decoder.close)  # ends a container decoder's thread
+                await asyncio.to_thread(decoder.abort)  # stops a container decoder's thread
             finally:
                 on_end(session.received_s)
 
-    async def _loop(self, channel: Channel, session: StreamingSession, decoder, request_id: str, channels: int) -> None:
-        idle = self._idle_timeout_s
+    async def _loop(self, channel: Channel, session: StreamingSession, decoder, budget: StreamBudget,
+                    request_id: str, channels: int) -> None:
+        idle = self._limits.idle_timeout_s
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 try:
@@ -155,7 +182,10 @@ class StreamServer:
                     await send_error(channel, StreamTimeout(f"No audio or KeepAlive for {idle:g} s"), close_code=1011)
                     return
                 if message.get("bytes") is not None:
-                    for event in await session.feed(decoder.decode(message["bytes"])):
+                    budget.check_frame(len(message["bytes"]))
+                    samples = await loop.run_in_executor(self._cpu, decoder.decode, message["bytes"])
+                    budget.take(len(samples) / SAMPLE_RATE)
+                    for event in await session.feed(samples):
                         await channel.send_json(event)
                     continue
                 control = _control(message.get("text"))
@@ -164,17 +194,16 @@ class StreamServer:
                                              "error": 'Text frames must be {"type": "KeepAlive"} or {"type": "CloseStream"}'})
                 elif control == "CloseStream":
                     break
+            # The rest of a container, no more of it than the budget would take.
+            tail = await asyncio.to_thread(decoder.close, budget.allowance_s())
+            budget.take(len(tail) / SAMPLE_RATE)
         except ChannelClosed:
             return
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is answered on the stream
-            await send_error(channel, _as_hark_error(exc), close_code=1011)
-            return
-        try:
-            tail = await asyncio.to_thread(decoder.close)
-        except HarkError as err:
-            await send_error(channel, err, close_code=1003)
+            err = _as_hark_error(exc)
+            await send_error(channel, err, close_code=_close_code(err))
             return
         for event in [*await session.feed(tail), *await session.finish()]:
             await channel.send_json(event)

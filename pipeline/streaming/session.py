@@ -6,11 +6,15 @@ that are not in the last ``unstable_tail_s`` of audio, become final and never ch
 speaker pauses for ``endpointing_ms`` (Silero VAD), the whole utterance is decoded once more and
 what was not yet final is finalised with ``speech_final``. Decoding goes through an injected
 coroutine, so the service uses the same ASR deployment as batch requests and tests can fake it.
+The VAD runs in a worker thread (``executor``; the loop's default one when None), never on the
+event loop that serves every stream of the process.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +31,9 @@ Vad = Callable[[np.ndarray], list[tuple[int, int]]]
 
 # Short silences and little padding: an utterance must end within endpointing_ms of silence.
 silero_vad = silero_speech(min_silence_duration_ms=100, speech_pad_ms=30, min_speech_duration_ms=100)
+VAD_WINDOW = SAMPLE_RATE  # samples the VAD sees at least: a pause of up to 1 s shows in it
+VAD_CONTEXT = SAMPLE_RATE // 2  # samples already checked that go with new ones, to settle the VAD
+PRE_ROLL = SAMPLE_RATE // 2  # silence kept before speech
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,7 @@ class StreamingSession:
     transcribe: Transcribe
     options: StreamOptions = field(default_factory=StreamOptions)
     vad: Vad = silero_vad
+    executor: Executor | None = None  # where the VAD runs; None: the event loop's default executor
     buffer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # the utterance so far
     offset_s: float = 0.0  # absolute time of buffer[0]
     received_s: float = 0.0
@@ -56,7 +64,11 @@ class StreamingSession:
     trailing_silence_s: float = 0.0
     _since_vad: int = 0
     _decoded_len: int = 0
+    _vad_checked: int = 0  # buffer[:_vad_checked] has been through the VAD
+    _speech_end: int = 0  # buffer index where the last speech seen ends
     language: str | None = None
+    # feed and finish run one at a time, in call order: each awaits the VAD and the recogniser.
+    _turn: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         self.language = self.options.language
@@ -65,20 +77,29 @@ class StreamingSession:
 
     async def feed(self, samples: np.ndarray) -> list[dict[str, Any]]:
         """Add 16 kHz mono audio; returns the Results messages it produced."""
+        async with self._turn:
+            return await self._feed(samples)
+
+    async def finish(self) -> list[dict[str, Any]]:
+        """The stream ended: finalise whatever is pending."""
+        async with self._turn:
+            if self.speech_seen:
+                return await self._finalise(speech_final=True)
+            return []
+
+    async def _feed(self, samples: np.ndarray) -> list[dict[str, Any]]:
         self.buffer = np.concatenate([self.buffer, samples.astype(np.float32, copy=False)])
         self.received_s += len(samples) / SAMPLE_RATE
         self._since_vad += len(samples)
         if self._since_vad < self.options.vad_every_s * SAMPLE_RATE:
             return []
         self._since_vad = 0
-        self._update_vad()
+        await self._update_vad()
         if not self.speech_seen:
-            # Nothing said yet: keep only the last half second, so silence costs no memory.
-            keep = int(0.5 * SAMPLE_RATE)
-            if len(self.buffer) > 2 * keep:
-                drop = len(self.buffer) - keep
-                self.buffer = self.buffer[drop:]
-                self.offset_s += drop / SAMPLE_RATE
+            # Nothing said yet (and all of it checked): keep only the last half second, so
+            # silence costs no memory.
+            if len(self.buffer) > 2 * PRE_ROLL:
+                self._drop_front(len(self.buffer) - PRE_ROLL)
             return []
         duration = len(self.buffer) / SAMPLE_RATE
         if self.trailing_silence_s * 1000 >= self.options.endpointing_ms:
@@ -89,21 +110,36 @@ class StreamingSession:
             return await self._interim()
         return []
 
-    async def finish(self) -> list[dict[str, Any]]:
-        """The stream ended: finalise whatever is pending."""
-        if self.speech_seen:
-            return await self._finalise(speech_final=True)
-        return []
-
-    def _update_vad(self) -> None:
-        # Only the last second: enough to see a pause of up to 1 s, and cheap to run every 0.1 s.
-        tail_n = min(len(self.buffer), int(1.0 * SAMPLE_RATE))
-        regions = self.vad(self.buffer[-tail_n:]) if tail_n >= 512 else []
+    async def _update_vad(self) -> None:
+        # Everything new since the last check, with VAD_CONTEXT before it (a window of at least
+        # a second, as a 0.1 s frame gets): a frame may hold seconds of audio, and none of it may
+        # go unchecked.
+        start = max(0, min(len(self.buffer) - VAD_WINDOW, self._vad_checked - VAD_CONTEXT))
+        window = self.buffer[start:]
+        self._vad_checked = len(self.buffer)
+        regions = []
+        if len(window) >= 512:
+            # The window is a view of this buffer, which is replaced, never written, as audio comes.
+            regions = await asyncio.get_running_loop().run_in_executor(self.executor, self.vad, window)
         if regions:
+            if not self.speech_seen:
+                # The utterance starts with its speech: drop what silence came before it.
+                drop = max(0, start + regions[0][0] - PRE_ROLL)
+                self._drop_front(drop)
+                start -= drop
             self.speech_seen = True
-            self.trailing_silence_s = (tail_n - regions[-1][1]) / SAMPLE_RATE
-        elif self.speech_seen:
-            self.trailing_silence_s = tail_n / SAMPLE_RATE
+            self._speech_end = start + regions[-1][1]
+        if self.speech_seen:
+            self.trailing_silence_s = (len(self.buffer) - self._speech_end) / SAMPLE_RATE
+
+    def _drop_front(self, n: int, offset_s: float | None = None) -> None:
+        """Forget the first ``n`` samples of the buffer; ``offset_s`` is the new buffer start when
+        the caller knows it better than by counting samples."""
+        self.buffer = self.buffer[n:]
+        self.offset_s = self.offset_s + n / SAMPLE_RATE if offset_s is None else offset_s
+        self._decoded_len = max(0, self._decoded_len - n)
+        self._vad_checked = max(0, self._vad_checked - n)
+        self._speech_end -= n
 
     # ---- decoding -------------------------------------------------------------------------------
 
@@ -152,10 +188,7 @@ class StreamingSession:
             if cut_at is None and len(self.buffer) / SAMPLE_RATE > self.options.max_utterance_s / 2:
                 cut_at = agreed[-1]
             if cut_at is not None:
-                cut = int(round((cut_at.end - self.offset_s) * SAMPLE_RATE))
-                self.buffer = self.buffer[cut:]
-                self.offset_s = cut_at.end
-                self._decoded_len = max(0, self._decoded_len - cut)
+                self._drop_front(int(round((cut_at.end - self.offset_s) * SAMPLE_RATE)), offset_s=cut_at.end)
         rest = hypothesis[len(agreed):]
         self.previous = rest
         if rest and self.options.interim_results:
@@ -170,6 +203,7 @@ class StreamingSession:
         self.buffer = np.zeros(0, np.float32)
         self.committed, self.previous = [], None
         self.speech_seen, self.trailing_silence_s, self._decoded_len = False, 0.0, 0
+        self._vad_checked = self._speech_end = 0
         return events
 
     def _results(self, words: list[Word], *, is_final: bool, speech_final: bool, end: float | None = None) -> dict[str, Any]:
