@@ -63,11 +63,6 @@ class AccountingDeployment:
         self._book.settle_audio(key_id, reservation_id, seconds)
         self._metrics.audio_seconds.inc(seconds)
 
-    async def charge_audio(self, key_id: str, seconds: float) -> None:
-        """Charge without a reservation."""
-        self._book.settle_audio(key_id, "", seconds)
-        self._metrics.audio_seconds.inc(seconds)
-
     async def cancel_audio(self, key_id: str, reservation_id: str) -> None:
         self._book.cancel_audio(key_id, reservation_id)
 

@@ -248,11 +248,10 @@ class Ingress:
             return
         try:
             await ws.accept(subprotocol="token" if via_protocol else None)
-            # Audio received counts against the daily quota however the stream ends.
-            await self._streams.serve(
-                _WebSocketChannel(ws), ws.query_params,
-                on_end=lambda received_s: self._detached(self._accounting.charge_audio.remote, key_id, received_s),
-            )
+            # Audio received is reserved on the daily quota as it arrives, charged however the
+            # stream ends.
+            await self._streams.serve(_WebSocketChannel(ws), ws.query_params,
+                                      meter=HandleMeter(self._accounting, key_id, self._retry))
         finally:
             self._detached(self._accounting.release.remote, lease.lease_id, key_id)
 

@@ -321,7 +321,33 @@ class FakeChannel:
         self.close_code = code
 
 
-def serve_stream(frames, limits, advance_s):
+class BookMeter:
+    """The Meter seam over a real ``LimitBook`` (the Accounting deployment's logic)."""
+
+    def __init__(self, audio_hours_per_day: float = 0.0) -> None:
+        from pipeline.core.settings import KeyLimits
+        from pipeline.service.limits import LimitBook
+
+        self.book = LimitBook(KeyLimits(audio_hours_per_day=audio_hours_per_day, concurrent_requests=0))
+
+    async def reserve(self, duration_s):
+        return self.book.reserve_audio("k", duration_s)
+
+    async def extend(self, reservation, duration_s):
+        self.book.extend_audio("k", reservation, duration_s)
+
+    async def settle(self, reservation, duration_s):
+        self.book.settle_audio("k", reservation, duration_s)
+
+    async def cancel(self, reservation):
+        self.book.cancel_audio("k", reservation)
+
+    @property
+    def charged_s(self) -> float:
+        return self.book.usage("k")["audio_s_today"]
+
+
+def serve_stream(frames, limits, advance_s, meter=None):
     """Serve ``frames`` then CloseStream; returns (messages sent, close code, seconds charged)."""
     import json
 
@@ -331,9 +357,10 @@ def serve_stream(frames, limits, advance_s):
     clock = Clock()
     server = StreamServer(TranscriptionFlow(FakeRecognizer(), speakers=None), limits, clock=clock)
     channel = FakeChannel([*({"bytes": f} for f in frames), {"text": json.dumps({"type": "CloseStream"})}], clock, advance_s)
-    charged = []
-    asyncio.run(server.serve(channel, {}, on_end=charged.append))
-    return channel.sent, channel.close_code, charged[0]
+    meter = meter or BookMeter()
+    asyncio.run(server.serve(channel, {}, meter=meter))
+    assert meter.book.usage("k")["audio_s_reserved"] == 0  # nothing left reserved
+    return channel.sent, channel.close_code, meter.charged_s
 
 
 SECOND = bytes(2 * SAMPLE_RATE)  # 1 s of linear16 silence
@@ -353,3 +380,15 @@ def test_stream_server_holds_streams_to_their_limits(advance_s, frame, n, expect
     sent, code, charged = serve_stream([frame] * n, limits, advance_s)
     last = sent[-1]
     assert (last.get("code", last["type"]), code, charged) == pytest.approx(expected)
+
+
+def test_a_stream_is_cut_off_when_its_keys_audio_quota_runs_out():
+    """Review finding 5: streams were charged only at their end and never checked while running."""
+    from pipeline.streaming.limits import StreamLimits
+
+    meter = BookMeter(audio_hours_per_day=60 / 3600)  # one minute a day
+    sent, code, charged = serve_stream([SECOND] * 120, StreamLimits(), 1.0, meter=meter)
+    assert (sent[-1].get("code"), code) == ("RATE_LIMITED", 1008)
+    assert 55 <= charged <= 60  # cut within one reservation step of the quota, charged what was received
+    sent, code, _ = serve_stream([SECOND], StreamLimits(), 1.0, meter=meter)  # spent: refused at once
+    assert (sent[-1].get("code"), code) == ("RATE_LIMITED", 1008)

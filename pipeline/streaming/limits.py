@@ -30,6 +30,7 @@ class StreamLimits:
     max_speed_x: float = 4.0  # sustained pace, as a multiple of real time
     burst_s: float = 10.0  # audio that may come at once, beyond the pace
     max_duration_s: float = 7200.0  # longest stream, in seconds of audio
+    quota_step_s: float = 5.0  # the daily audio quota is reserved ahead in steps this long
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "StreamLimits":

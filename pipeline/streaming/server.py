@@ -25,7 +25,7 @@ from pipeline.core.types import SAMPLE_RATE
 from pipeline.streaming.decoders import stream_decoder
 from pipeline.streaming.limits import FrameTooLarge, StreamBudget, StreamLimits
 from pipeline.streaming.session import StreamingSession, StreamOptions
-from pipeline.transcription.flow import TranscriptionFlow
+from pipeline.transcription.flow import Meter, TranscriptionFlow
 from pipeline.transcription.schemas import ListenParams
 
 logger = logging.getLogger(__name__)
@@ -131,6 +131,31 @@ def _close_code(err: HarkError) -> int:
     return 1011
 
 
+class _QuotaTab:
+    """A stream's running tab on its key's daily audio quota: reserved ahead in steps of
+    ``step_s`` as audio arrives (a refusal ends the stream), settled on what was received."""
+
+    def __init__(self, meter: Meter, step_s: float) -> None:
+        self._meter, self._step_s = meter, step_s
+        self._reservation: str | None = None
+        self._covered_s = 0.0
+
+    async def open(self) -> None:
+        self._reservation = await self._meter.reserve(0.0)  # refused if the quota is spent already
+
+    async def cover(self, received_s: float) -> None:
+        while received_s > self._covered_s:
+            await self._meter.extend(self._reservation, self._step_s)
+            self._covered_s += self._step_s
+
+    async def close(self, received_s: float) -> None:
+        if self._reservation is not None:
+            try:
+                await self._meter.settle(self._reservation, received_s)
+            except Exception:  # noqa: BLE001 - the stream is over; the reservation lapses on its own
+                logger.exception("charging a stream's audio failed")
+
+
 class StreamServer:
     """Serves streams over a flow, each held to ``limits``."""
 
@@ -141,12 +166,15 @@ class StreamServer:
         # letting many streams crowd the cores.
         self._cpu = ThreadPoolExecutor(max_workers=cpu_threads, thread_name_prefix="stream-cpu")
 
-    async def serve(self, channel: Channel, query: Mapping[str, str], on_end: Callable[[float], None]) -> None:
-        """Run one stream to its end; ``on_end(seconds of audio received)`` is called however the
-        stream ends, a cancelled one included (the caller charges it)."""
+    async def serve(self, channel: Channel, query: Mapping[str, str], meter: Meter) -> None:
+        """Run one stream to its end, on the caller's audio quota: the audio received is reserved
+        as it arrives (``RATE_LIMITED`` ends the stream when the quota runs out) and charged
+        however the stream ends, a cancelled one included."""
         request_id = f"req_{uuid.uuid4().hex}"
+        tab = _QuotaTab(meter, self._limits.quota_step_s)
         try:
             params = StreamParams.parse(query)
+            await tab.open()
             try:
                 caps = await self._flow.capabilities()
             except HarkError as err:  # ASR unreachable or its queue full: say so
@@ -163,15 +191,15 @@ class StreamServer:
                                    executor=self._cpu)
         budget = StreamBudget(self._limits, clock=self._clock)
         try:
-            await self._loop(channel, session, decoder, budget, request_id, params.channels)
+            await self._loop(channel, session, decoder, budget, tab, request_id, params.channels)
         finally:
             try:
                 await asyncio.to_thread(decoder.abort)  # stops a container decoder's thread
             finally:
-                on_end(session.received_s)
+                await asyncio.shield(tab.close(session.received_s))
 
     async def _loop(self, channel: Channel, session: StreamingSession, decoder, budget: StreamBudget,
-                    request_id: str, channels: int) -> None:
+                    tab: "_QuotaTab", request_id: str, channels: int) -> None:
         idle = self._limits.idle_timeout_s
         loop = asyncio.get_running_loop()
         try:
@@ -185,6 +213,7 @@ class StreamServer:
                     budget.check_frame(len(message["bytes"]))
                     samples = await loop.run_in_executor(self._cpu, decoder.decode, message["bytes"])
                     budget.take(len(samples) / SAMPLE_RATE)
+                    await tab.cover(session.received_s + len(samples) / SAMPLE_RATE)
                     for event in await session.feed(samples):
                         await channel.send_json(event)
                     continue
@@ -197,6 +226,7 @@ class StreamServer:
             # The rest of a container, no more of it than the budget would take.
             tail = await asyncio.to_thread(decoder.close, budget.allowance_s())
             budget.take(len(tail) / SAMPLE_RATE)
+            await tab.cover(session.received_s + len(tail) / SAMPLE_RATE)
         except ChannelClosed:
             return
         except asyncio.CancelledError:
