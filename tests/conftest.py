@@ -25,6 +25,7 @@ LIMITED_KEYS = {
     "rpm-key": {"requests_per_minute": 60, "concurrent_requests": 0},
     "conc-key": {"requests_per_minute": 0, "concurrent_requests": 10},
     "quota-key": {"requests_per_minute": 0, "audio_hours_per_day": 15 / 3600},
+    "quota2-key": {"requests_per_minute": 0, "audio_hours_per_day": 15 / 3600},
     "retry-key": {"requests_per_minute": 0, "concurrent_requests": 1},
     "disc-key": {"requests_per_minute": 0, "concurrent_requests": 1},
 }

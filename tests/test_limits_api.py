@@ -116,6 +116,15 @@ def test_daily_audio_quota(serve_app, clips):
     assert post(serve_app, "quota-key", json=None, files={"audio": five_s}).status_code == 429
 
 
+def test_concurrent_requests_cannot_overshoot_the_daily_audio_quota(serve_app, clips):
+    # Review finding 5: the quota was checked before ASR and charged after it, so three 10 s
+    # files sent at once by a key with 15 s left all passed.
+    beckett = clips["beckett"].path.read_bytes()
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: post(serve_app, "quota2-key", json=None, files={"audio": beckett}), range(3)))
+    assert sorted(r.status_code for r in answers) == [200, 429, 429]
+
+
 def test_retry_after_is_honoured_by_the_readme_client_recipe(serve_app, media_server):
     media_server.hold_release.clear()
     pool, futures = _hold(serve_app, media_server, "retry-key", 1)
