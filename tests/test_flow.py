@@ -337,3 +337,78 @@ def test_a_lease_lost_before_the_charge_is_never_charged_twice(tmp_path, caplog)
     job, meter, lost = _lost_lease_run(tmp_path, caplog, StolenBeforeTheEnd)
     assert lost == ["charge"] and job.state == "running"
     assert meter.log == [("reserve", 2.0), ("cancel", 0.0)]
+
+
+# ---- CPU work stays off the event loop ----------------------------------------------------------
+
+def _meeting(hours: float):
+    """A long meeting's worth of words (~2.8 words/s) and speaker turns (~every 4 s)."""
+    n_words, n_turns = int(hours * 3600 * 2.8), int(hours * 3600 / 4)
+    words = tuple(Word(f" w{i}", i / 2.8, i / 2.8 + 0.3, 0.9) for i in range(n_words))
+    turns = tuple(SpeakerTurn(f"S{i % 4}", i * 4.0, i * 4.0 + 3.8) for i in range(n_turns))
+    return words, turns
+
+
+def _merge_reference(words, turns):
+    """The word-by-turn loop the vectorised merge replaced (WhisperX's rule, nearest turn in gaps)."""
+    raw = []
+    for w in words:
+        best, best_overlap = None, 0.0
+        for t in turns:
+            overlap = min(w.end, t.end) - max(w.start, t.start)
+            if overlap > best_overlap:
+                best, best_overlap = t, overlap
+        if best is None:
+            middle = (w.start + w.end) / 2
+            best = min(turns, key=lambda t: 0.0 if t.start <= middle <= t.end else min(abs(middle - t.start), abs(middle - t.end)))
+        raw.append(best.speaker)
+    names = {}
+    return tuple(names.setdefault(label, f"SPEAKER_{len(names):02d}") for label in raw)
+
+
+def test_vectorised_merge_matches_the_reference_rule():
+    from pipeline.transcription.merge import assign_word_speakers
+
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        starts = np.sort(rng.uniform(0, 60, rng.integers(1, 40)))
+        words = [Word(" w", float(s), float(s + rng.uniform(0.05, 1.0)), 0.9) for s in starts]
+        turn_starts = rng.uniform(0, 60, rng.integers(1, 12))  # overlapping, unsorted, with gaps
+        turns = [SpeakerTurn(f"S{rng.integers(0, 3)}", float(s), float(s + rng.uniform(0.2, 8))) for s in turn_starts]
+        assert assign_word_speakers(words, turns) == _merge_reference(words, turns)
+
+
+def test_a_two_hour_diarized_result_never_blocks_the_event_loop():
+    # Review finding 13: the merge (O(words x turns), seconds for a 2 h meeting) and the render ran
+    # on the ingress's event loop, so /health and every stream stalled behind them.
+    words, turns = _meeting(2.0)
+
+    class Long(FakeRecognizer):
+        async def transcribe(self, audio, options):
+            return Transcript((Segment("long", 0.0, 7200.0, -0.1, 4, words),), "en", 1.0, 7200.0)
+
+    class ManyTurns(FakeSpeakers):
+        async def diarize(self, audio, num_speakers):
+            return Diarization(turns)
+
+    async def scenario():
+        lags, done = [], asyncio.Event()
+
+        async def ticker():
+            loop = asyncio.get_running_loop()
+            while not done.is_set():
+                before = loop.time()
+                await asyncio.sleep(0.01)
+                lags.append(loop.time() - before - 0.01)
+
+        tick = asyncio.ensure_future(ticker())
+        result = await TranscriptionFlow(Long(), ManyTurns()).run(
+            Audio(np.zeros(16000, np.float32)), ListenParams.parse({"diarize": True, "timestamps": True}), request_id="r")
+        done.set()
+        await tick
+        return result, lags
+
+    result, lags = asyncio.run(scenario())
+    assert len(result.body["words"]) == len(words) and {w["speaker"] for w in result.body["words"]} == {
+        "SPEAKER_00", "SPEAKER_01", "SPEAKER_02", "SPEAKER_03"}
+    assert max(lags) < 0.1, f"the event loop stalled for {max(lags):.2f} s"

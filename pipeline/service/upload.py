@@ -6,6 +6,7 @@ as the bytes arrive and stops at the cap instead of buffering a huge body first.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ MAX_JSON_BYTES = 1_000_000
 # Room for the multipart boundaries and the option fields around the file.
 FORM_OVERHEAD_BYTES = 1_000_000
 AUDIO_FIELD = "audio"
+PARSE_STEP_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -102,22 +104,24 @@ async def _from_form(
             # Files above 1 MiB spool to a temporary file, not memory.
             config={"MAX_MEMORY_FILE_SIZE": 1024 * 1024, "MAX_BODY_SIZE": cap},
         )
-        total = 0
+        # Parsing and spooling are CPU and disk work: off the event loop, a megabyte at a time.
+        total, pending = 0, []
         async for chunk in body:
             total += len(chunk)
             if total > cap:
                 raise FileTooLarge(max_mb)
-            parser.write(chunk)
-        parser.finalize()
+            pending.append(chunk)
+            if sum(map(len, pending)) >= PARSE_STEP_BYTES:
+                await asyncio.to_thread(parser.write, b"".join(pending))
+                pending = []
+        await asyncio.to_thread(_finish, parser, b"".join(pending))
     except (FormParserError, ValueError) as exc:
         raise InvalidParameter(f"Malformed form body: {exc}", param="body") from None
     try:
         # A part without a filename arrives as a plain field: take its bytes as the audio too.
         audio = raw_fields.pop(AUDIO_FIELD, None)
         if AUDIO_FIELD in files:
-            upload = files[AUDIO_FIELD]
-            upload.file_object.seek(0)
-            audio = upload.file_object.read()
+            audio = await asyncio.to_thread(_read_spooled, files[AUDIO_FIELD])
     finally:
         for upload in files.values():
             upload.close()
@@ -126,3 +130,14 @@ async def _from_form(
     fields = {name: value.decode("utf-8", "replace") for name, value in raw_fields.items()}
     url = fields.pop("url", None) or None
     return ListenInput(fields=fields, url=url, audio=audio)
+
+
+def _finish(parser, rest: bytes) -> None:
+    if rest:
+        parser.write(rest)
+    parser.finalize()
+
+
+def _read_spooled(upload) -> bytes:
+    upload.file_object.seek(0)
+    return upload.file_object.read()

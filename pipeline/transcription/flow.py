@@ -111,13 +111,14 @@ class TranscriptionFlow:
             raise
         if reservation is not None:
             await meter.settle(reservation, transcript.duration_s)
-        body = render(
+        # Rendering a long transcript is CPU work: off the event loop (the ingress's is shared).
+        body = await asyncio.to_thread(lambda: render(
             transcript,
             request_id=request_id,
             punctuate=params.punctuate,
             timestamps=params.timestamps,
             word_speakers=word_speakers,
-        ).to_json()
+        ).to_json())
         return TranscriptionResult(transcript, body)
 
 

@@ -9,29 +9,41 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from pipeline.core.types import SpeakerTurn
 from pipeline.core.types import Word
 
 
 def assign_word_speakers(words: Sequence[Word], turns: Sequence[SpeakerTurn]) -> tuple[str, ...]:
-    """One label per word, ``SPEAKER_00``… in order of first appearance among the words."""
+    """One label per word, ``SPEAKER_00``… in order of first appearance among the words.
+
+    Vectorised over blocks of words: a 2 h meeting (~20 000 words, ~2 000 turns) takes a fraction
+    of a second, where the word-by-turn loop took tens of seconds."""
     if not words:
         return ()
     if not turns:
         return ("SPEAKER_00",) * len(words)
-    raw = []
-    for w in words:
-        best, best_overlap = None, 0.0
-        for t in turns:
-            overlap = min(w.end, t.end) - max(w.start, t.start)
-            if overlap > best_overlap:
-                best, best_overlap = t, overlap
-        if best is None:
-            middle = (w.start + w.end) / 2
-            best = min(turns, key=lambda t: 0.0 if t.start <= middle <= t.end else min(abs(middle - t.start), abs(middle - t.end)))
-        raw.append(best.speaker)
+    word_start = np.fromiter((w.start for w in words), float, len(words))
+    word_end = np.fromiter((w.end for w in words), float, len(words))
+    turn_start = np.fromiter((t.start for t in turns), float, len(turns))[None, :]
+    turn_end = np.fromiter((t.end for t in turns), float, len(turns))[None, :]
+    chosen = np.empty(len(words), dtype=np.int64)
+    for lo in range(0, len(words), _BLOCK):
+        start, end = word_start[lo:lo + _BLOCK, None], word_end[lo:lo + _BLOCK, None]
+        overlap = np.minimum(end, turn_end) - np.maximum(start, turn_start)
+        most = overlap.argmax(axis=1)  # the first turn of largest overlap, as the loop chose
+        overlaps = overlap[np.arange(len(most)), most] > 0
+        # A word in a gap: the nearest turn (0 for a turn around its middle).
+        middle = (start + end) / 2
+        inside = (turn_start <= middle) & (middle <= turn_end)
+        distance = np.where(inside, 0.0, np.minimum(np.abs(middle - turn_start), np.abs(middle - turn_end)))
+        chosen[lo:lo + _BLOCK] = np.where(overlaps, most, distance.argmin(axis=1))
     names: dict[str, str] = {}
-    return tuple(names.setdefault(label, f"SPEAKER_{len(names):02d}") for label in raw)
+    return tuple(names.setdefault(turns[i].speaker, f"SPEAKER_{len(names):02d}") for i in chosen.tolist())
+
+
+_BLOCK = 512
 
 
 def group_turns(words: Sequence[Word], labels: Sequence[str]) -> list[tuple[str, str, float, float]]:
