@@ -411,4 +411,5 @@ def test_a_two_hour_diarized_result_never_blocks_the_event_loop():
     result, lags = asyncio.run(scenario())
     assert len(result.body["words"]) == len(words) and {w["speaker"] for w in result.body["words"]} == {
         "SPEAKER_00", "SPEAKER_01", "SPEAKER_02", "SPEAKER_03"}
-    assert max(lags) < 0.1, f"the event loop stalled for {max(lags):.2f} s"
+    # Before: 0.58 s (the render) and ~20 s (the merge). The margin is for a busy machine's scheduler.
+    assert max(lags) < 0.25, f"the event loop stalled for {max(lags):.2f} s"
