@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
+import ray
+from ray import ObjectRef
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -47,6 +50,39 @@ async def call(response: Any, retry_after_s: int) -> Any:
         raise unwrap(exc, retry_after_s) from exc
 
 
+@dataclass(frozen=True)
+class AudioRef:
+    """Decoded audio left in Ray's object store: what AudioFetch answers instead of the samples.
+
+    Callers (the ingress, the job runner) hold this and read ``duration_s``; the ASR and
+    diarization replicas receive the samples straight from the object store (a top-level
+    ObjectRef argument is resolved by Ray, zero-copy on the same node). So a 2 h file's ~460 MB
+    never passes through the ingress, nor is pickled once per consumer.
+    """
+
+    ref: ObjectRef
+    duration_s: float
+    source_format: str = "pcm"
+
+    @classmethod
+    def put(cls, audio: Audio, owner=None) -> "AudioRef":
+        """Store ``audio``, owned by ``owner`` (the caller's actor) so that the object lives as long
+        as the caller's request, whatever becomes of the replica that decoded it."""
+        return cls(ray.put(audio, _owner=owner), audio.duration_s, audio.source_format)
+
+
+def caller_actor():
+    """This replica's own actor handle (an owner for audio decoded on its behalf), or None."""
+    try:
+        return ray.get_runtime_context().current_actor
+    except RuntimeError:  # not in an actor (a driver, a test)
+        return None
+
+
+def _by_reference(audio: Audio | AudioRef):
+    return audio.ref if isinstance(audio, AudioRef) else audio
+
+
 class HandleRecognizer:
     def __init__(self, asr: DeploymentHandle, retry_after_s: int) -> None:
         self._asr, self._retry = asr, retry_after_s
@@ -55,7 +91,7 @@ class HandleRecognizer:
         return await call(self._asr.capabilities.remote(), self._retry)
 
     async def transcribe(self, audio: Audio, options: AsrOptions) -> Transcript:
-        return await call(self._asr.transcribe.remote(audio, options), self._retry)
+        return await call(self._asr.transcribe.remote(_by_reference(audio), options), self._retry)
 
 
 class HandleSpeakers:
@@ -66,7 +102,7 @@ class HandleSpeakers:
         await call(self._diarization.check.remote(), self._retry)
 
     async def diarize(self, audio: Audio, num_speakers: int | None) -> Diarization:
-        return await call(self._diarization.diarize.remote(audio, num_speakers), self._retry)
+        return await call(self._diarization.diarize.remote(_by_reference(audio), num_speakers), self._retry)
 
 
 class HandleAudio:
@@ -74,12 +110,13 @@ class HandleAudio:
 
     def __init__(self, fetch: DeploymentHandle, retry_after_s: int) -> None:
         self._fetch, self._retry = fetch, retry_after_s
+        self._owner = caller_actor()
 
-    async def from_url(self, url: str) -> Audio:
-        return await call(self._fetch.from_url.remote(url), self._retry)
+    async def from_url(self, url: str) -> AudioRef:
+        return await call(self._fetch.from_url.remote(url, self._owner), self._retry)
 
-    async def from_bytes(self, data: bytes) -> Audio:
-        return await call(self._fetch.from_bytes.remote(data), self._retry)
+    async def from_bytes(self, data: bytes) -> AudioRef:
+        return await call(self._fetch.from_bytes.remote(data, self._owner), self._retry)
 
 
 class HandleMeter:

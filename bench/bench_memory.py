@@ -1,0 +1,148 @@
+"""Peak memory per replica while the service transcribes one 2 h file (review finding 16).
+
+The decoded audio of 2 h is 460.8 MB of float32. It must go from AudioFetch to ASR and
+diarization by object reference, never through the ingress. Prints, per replica, the resident
+memory before the request and its peak during it (RSS, and PSS: shared pages divided among the
+processes that map them), the object store's peak use, and the whole app's extra memory as a
+multiple of the decoded audio.
+
+The file is 2 h of 8 kHz 8-bit WAV (57.6 MB, under the 100 MB upload cap): silence with
+Beckett's 10 s clip every 10 minutes, so ASR and diarization do real work on little speech.
+
+Usage: python bench/bench_memory.py [--minutes 120] [--no-diarize]
+Talks to loopback only; starts and stops its own Ray instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import assets  # noqa: E402
+
+from pipeline.audio.decode import decode  # noqa: E402
+
+KEY = "bench-key"
+MB = 1e6
+
+
+def long_file(minutes: float) -> bytes:
+    rate = 8000
+    speech = decode(assets.prepare()["beckett"].path, max_duration_s=60).samples[::2]  # 16 -> 8 kHz
+    pcm = np.zeros(int(minutes * 60 * rate), np.float32)
+    for start in range(0, len(pcm) - len(speech), 600 * rate):
+        pcm[start:start + len(speech)] = speech
+    data = (np.clip(pcm, -1, 1) * 127 + 128).astype(np.uint8).tobytes()
+    header = b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE"
+    header += b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate, 1, 8)
+    return header + b"data" + struct.pack("<I", len(data)) + data
+
+
+def replica_pids() -> dict[str, int]:
+    from ray.util.state import list_actors
+
+    pids = {}
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+        name = actor.class_name or ""
+        if name.startswith("ServeReplica:hark:"):
+            pids[name.removeprefix("ServeReplica:hark:")] = actor.pid
+    return pids
+
+
+def memory(pid: int) -> tuple[float, float]:
+    info = psutil.Process(pid).memory_full_info()
+    return info.rss / MB, info.pss / MB
+
+
+def object_store_used_mb() -> float:
+    from ray._private.internal_api import memory_summary
+
+    for line in memory_summary(stats_only=True).splitlines():
+        if "Plasma memory usage" in line:  # "Plasma memory usage 440 MiB, 1 objects, 21.5% full, ..."
+            return float(line.split("usage")[1].split("MiB")[0]) * 2**20 / MB
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--minutes", type=float, default=120)
+    parser.add_argument("--no-diarize", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    data = long_file(args.minutes)
+    decoded_mb = args.minutes * 60 * 16000 * 4 / MB
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    options = {d.pop("name"): d for d in config["applications"][0]["deployments"]}
+    ray.init(address="local", num_cpus=4, object_store_memory=2 * 1024**3, include_dashboard=False, log_to_driver=False)
+    port = 7172
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 3600})
+    serve.run(build_app({"settings": {"license_keys": [KEY]}, "deployment_options": options}), name="hark", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while httpx.get(f"{base}/ready", timeout=30).status_code != 200:
+        assert time.monotonic() < deadline, "the app did not get ready"
+        time.sleep(1)
+    pids = {**replica_pids(), "raylet (object store)": next(
+        p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "raylet")}
+    baseline = {name: memory(pid) for name, pid in pids.items()}
+    store_baseline = object_store_used_mb()
+    peak = dict(baseline)
+    store_peak = store_baseline
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal store_peak
+        while not stop.is_set():
+            for name, pid in pids.items():
+                rss, pss = memory(pid)
+                peak[name] = (max(peak[name][0], rss), max(peak[name][1], pss))
+            store_peak = max(store_peak, object_store_used_mb())
+            stop.wait(0.3)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    r = httpx.post(f"{base}/v1/listen", params={"diarize": str(not args.no_diarize).lower()}, content=data,
+                   headers={"Authorization": f"Token {KEY}", "Content-Type": "audio/wav"}, timeout=3600)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    assert r.status_code == 200, r.text
+    body = r.json()
+    print(f"{args.minutes:g} min file ({len(data) / MB:.1f} MB WAV, {decoded_mb:.1f} MB decoded), "
+          f"diarize={not args.no_diarize}: answered in {elapsed:.0f} s, {len(body.get('words', []))} words, "
+          f"{len(body.get('speakers') or [])} speaker turns")
+    print(f"{'process':28} {'RSS before':>11} {'RSS peak':>10} {'PSS before':>11} {'PSS peak':>10} {'PSS extra':>10}")
+    extra = 0.0
+    for name in pids:
+        (rss0, pss0), (rss1, pss1) = baseline[name], peak[name]
+        extra += pss1 - pss0
+        print(f"{name:28} {rss0:9.0f}MB {rss1:8.0f}MB {pss0:9.0f}MB {pss1:8.0f}MB {pss1 - pss0:8.0f}MB")
+    print(f"object store: {store_baseline:.0f} MB before, {store_peak:.0f} MB at peak")
+    print(f"whole app extra memory (sum of PSS peaks over baselines): {extra:.0f} MB = "
+          f"{extra / decoded_mb:.2f}x the decoded audio")
+    serve.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
