@@ -9,7 +9,11 @@ multiple of the decoded audio.
 The file is 2 h of 8 kHz 8-bit WAV (57.6 MB, under the 100 MB upload cap): silence with
 Beckett's 10 s clip every 10 minutes, so ASR and diarization do real work on little speech.
 
-Usage: python bench/bench_memory.py [--minutes 120] [--no-diarize]
+While it runs, ``--streams N`` live streams play Beckett's clip in a loop at real-time pace, and
+``/health`` is asked every 0.2 s: its worst latency shows whether the ingress's event loop stays
+free (review finding 13).
+
+Usage: python bench/bench_memory.py [--minutes 120] [--no-diarize] [--streams 3]
 Talks to loopback only; starts and stops its own Ray instance.
 """
 
@@ -80,6 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, default=120)
     parser.add_argument("--no-diarize", action="store_true")
+    parser.add_argument("--streams", type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -118,14 +123,48 @@ def main() -> None:
             store_peak = max(store_peak, object_store_used_mb())
             stop.wait(0.3)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    health_s: list[float] = []
+
+    def ask_health() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                client.get(f"{base}/health").raise_for_status()
+                health_s.append(time.perf_counter() - t0)
+                stop.wait(0.2)
+
+    stream_results: list[int] = []
+
+    def stream() -> None:
+        import asyncio
+
+        import websockets
+
+        from pipeline.tools.stream_client import linear16, send_pcm
+
+        pcm = linear16(decode(assets.prepare()["beckett"].path, max_duration_s=60).samples)
+
+        async def run() -> None:
+            url = f"ws://127.0.0.1:{port}/v1/listen/stream?encoding=linear16&sample_rate=16000"
+            while not stop.is_set():
+                async with websockets.connect(url, additional_headers={"Authorization": f"Token {KEY}"}) as ws:
+                    sender = asyncio.create_task(send_pcm(ws, pcm))
+                    finals = sum(1 async for raw in ws if '"is_final": true' in raw or '"is_final":true' in raw)
+                    await sender
+                stream_results.append(finals)
+
+        asyncio.run(run())
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (sample, ask_health, *[stream] * args.streams)]
+    for thread in threads:
+        thread.start()
     started = time.perf_counter()
     r = httpx.post(f"{base}/v1/listen", params={"diarize": str(not args.no_diarize).lower()}, content=data,
                    headers={"Authorization": f"Token {KEY}", "Content-Type": "audio/wav"}, timeout=3600)
     elapsed = time.perf_counter() - started
     stop.set()
-    sampler.join()
+    for thread in threads:
+        thread.join(timeout=120)
     assert r.status_code == 200, r.text
     body = r.json()
     print(f"{args.minutes:g} min file ({len(data) / MB:.1f} MB WAV, {decoded_mb:.1f} MB decoded), "
@@ -138,6 +177,10 @@ def main() -> None:
         extra += pss1 - pss0
         print(f"{name:28} {rss0:9.0f}MB {rss1:8.0f}MB {pss0:9.0f}MB {pss1:8.0f}MB {pss1 - pss0:8.0f}MB")
     print(f"object store: {store_baseline:.0f} MB before, {store_peak:.0f} MB at peak")
+    if health_s:
+        print(f"/health during the request: {len(health_s)} answers, median {1000 * sorted(health_s)[len(health_s) // 2]:.0f} ms, "
+              f"worst {1000 * max(health_s):.0f} ms; {args.streams} live streams finished {len(stream_results)} "
+              f"plays with {sum(stream_results)} final results")
     print(f"whole app extra memory (sum of PSS peaks over baselines): {extra:.0f} MB = "
           f"{extra / decoded_mb:.2f}x the decoded audio")
     serve.shutdown()
