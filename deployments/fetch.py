@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 from ray import serve
 
 from deployments import log_user_errors_briefly, replica_info
-from deployments.handles import AudioRef
 
 from pipeline.audio.loader import AudioLoader
 from pipeline.core.settings import Settings
@@ -30,20 +29,11 @@ class AudioFetchDeployment:
         # Downloads wait on the network: more threads than cores, one per ongoing request.
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fetch")
 
-    # The decoded audio stays in the object store, owned by the caller (``owner``, its actor): the
-    # answer is a small reference, never the samples.
+    async def from_url(self, url: str) -> Audio:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._loader.from_url, url)
 
-    async def from_url(self, url: str, owner=None) -> AudioRef:
-        audio = await asyncio.get_running_loop().run_in_executor(self._pool, self._loader.from_url, url)
-        return await self._stored(audio, owner)
-
-    async def from_bytes(self, data: bytes, owner=None) -> AudioRef:
-        audio = await asyncio.get_running_loop().run_in_executor(self._pool, self._loader.from_bytes, data)
-        return await self._stored(audio, owner)
-
-    async def _stored(self, audio: Audio, owner) -> AudioRef:
-        # A copy of up to ~460 MB into shared memory: off the event loop too.
-        return await asyncio.get_running_loop().run_in_executor(self._pool, AudioRef.put, audio, owner)
+    async def from_bytes(self, data: bytes) -> Audio:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._loader.from_bytes, data)
 
     def describe(self) -> dict:
         return replica_info(self._settings)

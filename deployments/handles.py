@@ -2,7 +2,7 @@
 
 Whatever a handle call raises leaves here as a ``HarkError``: the cause of a ``RayTaskError``, a
 full queue (``BackPressureError``) as ``ServiceUnavailable``, a dead replica (``RayActorError``)
-as ``WorkerLost``; anything else is logged and answered as an internal error. So the core (the
+or lost audio (``ObjectLostError``) as ``WorkerLost``; anything else is logged and answered as an internal error. So the core (the
 flow, the job runner, the stream session) never sees a Ray type.
 """
 
@@ -13,9 +13,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 from ray import ObjectRef
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -34,7 +33,7 @@ def unwrap(exc: BaseException, retry_after_s: int) -> HarkError:
         return exc
     if isinstance(exc, BackPressureError):
         return ServiceUnavailable(retry_after=retry_after_s)
-    if isinstance(exc, RayActorError):
+    if isinstance(exc, (RayActorError, ObjectLostError)):  # a replica, or the node holding the audio, died
         return WorkerLost(retry_after=retry_after_s)
     logger.exception("Unexpected error", exc_info=exc)
     return HarkError("Internal error")
@@ -52,31 +51,17 @@ async def call(response: Any, retry_after_s: int) -> Any:
 
 @dataclass(frozen=True)
 class AudioRef:
-    """Decoded audio left in Ray's object store: what AudioFetch answers instead of the samples.
+    """Decoded audio left in Ray's object store, held by the caller (the ingress, the job runner).
 
-    Callers (the ingress, the job runner) hold this and read ``duration_s``; the ASR and
-    diarization replicas receive the samples straight from the object store (a top-level
-    ObjectRef argument is resolved by Ray, zero-copy on the same node). So a 2 h file's ~460 MB
-    never passes through the ingress, nor is pickled once per consumer.
+    The caller reads ``duration_s``; the ASR and diarization replicas receive the samples straight
+    from the object store (a top-level ObjectRef argument is resolved by Ray, zero-copy on the
+    same node). So a 2 h file's ~460 MB is neither copied into the ingress nor pickled once per
+    consumer.
     """
 
     ref: ObjectRef
     duration_s: float
     source_format: str = "pcm"
-
-    @classmethod
-    def put(cls, audio: Audio, owner=None) -> "AudioRef":
-        """Store ``audio``, owned by ``owner`` (the caller's actor) so that the object lives as long
-        as the caller's request, whatever becomes of the replica that decoded it."""
-        return cls(ray.put(audio, _owner=owner), audio.duration_s, audio.source_format)
-
-
-def caller_actor():
-    """This replica's own actor handle (an owner for audio decoded on its behalf), or None."""
-    try:
-        return ray.get_runtime_context().current_actor
-    except RuntimeError:  # not in an actor (a driver, a test)
-        return None
 
 
 def _by_reference(audio: Audio | AudioRef):
@@ -110,13 +95,25 @@ class HandleAudio:
 
     def __init__(self, fetch: DeploymentHandle, retry_after_s: int) -> None:
         self._fetch, self._retry = fetch, retry_after_s
-        self._owner = caller_actor()
 
     async def from_url(self, url: str) -> AudioRef:
-        return await call(self._fetch.from_url.remote(url, self._owner), self._retry)
+        return await self._kept(self._fetch.from_url.remote(url))
 
     async def from_bytes(self, data: bytes) -> AudioRef:
-        return await call(self._fetch.from_bytes.remote(data, self._owner), self._retry)
+        return await self._kept(self._fetch.from_bytes.remote(data))
+
+    async def _kept(self, response) -> AudioRef:
+        """The answer as an object reference this process owns (the caller owns what it asked
+        for: the object outlives the AudioFetch replica that decoded it). Reading its duration
+        maps the samples without copying or touching them."""
+        try:
+            ref = await response._to_object_ref()
+            audio = await ref
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated, never swallowed
+            raise unwrap(exc, self._retry) from exc
+        return AudioRef(ref, audio.duration_s, audio.source_format)
 
 
 class HandleMeter:
