@@ -2,8 +2,8 @@
 
 Whatever a handle call raises leaves here as a ``HarkError``: the cause of a ``RayTaskError``, a
 full queue (``BackPressureError``) as ``ServiceUnavailable``, a dead replica (``RayActorError``)
-or lost audio (``ObjectLostError``) as ``WorkerLost``; anything else is logged and answered as an internal error. So the core (the
-flow, the job runner, the stream session) never sees a Ray type.
+or lost audio (``ObjectLostError``) as ``WorkerLost``; anything else is logged and answered as an
+internal error. So the core (the flow, the job runner, the stream session) never sees a Ray type.
 """
 
 from __future__ import annotations
