@@ -13,6 +13,7 @@ import requests
 from conftest import API_KEYS, S3_BUCKET, wait_until
 from media import ENCODINGS, encode, long_silent_wav, png_bytes, video_only_mp4, wav_bytes
 from pipeline.audio.decode import decode
+from pipeline.core.types import AsrOptions
 from textnorm import wer
 
 pytestmark = pytest.mark.serve
@@ -245,6 +246,21 @@ def test_audio_too_long(api):
 
 
 # ---- overload and settings ---------------------------------------------------------------------
+
+def test_a_request_the_engine_fails_does_not_fail_its_batch(serve_app, clips):
+    """Regression (review finding 3): the ASR deployment failed every request of a batch with the
+    error of one. Two requests sent together share a batch; faster-whisper refuses one of them
+    (prompt + max_new_tokens beyond Whisper's 448-token context), and only that one fails."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ASR", app_name="hark")
+    fox = decode(clips["fox"].path, max_duration_s=60)
+    bad = handle.transcribe.remote(fox, AsrOptions(language="en", max_new_tokens=1000))
+    good = handle.transcribe.remote(fox, AsrOptions(language="en"))
+    assert wer(clips["fox"].text, good.result(timeout_s=120).text) < 0.25
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        bad.result(timeout_s=120)
+
 
 def test_full_asr_queue_answers_503_at_once(serve_app, clips):
     """The test app lets ASR hold 2 requests and queue 2 more; the rest must get 503 at once."""
