@@ -8,6 +8,7 @@ from ray import serve
 
 from deployments import replica_info
 
+from pipeline.asr.base import transcribe_each
 from pipeline.core.settings import Settings
 from pipeline.core.types import AsrOptions, Audio, Transcript
 
@@ -29,15 +30,17 @@ class AsrDeployment:
         self._batched.set_batch_wait_timeout_s(settings.asr.batch_wait_s)
 
     async def transcribe(self, audio: Audio, options: AsrOptions) -> Transcript:
-        # Refuse what the model cannot do before the request joins a batch, so one bad request
-        # never fails the others batched with it.
+        # Options the model cannot honour are refused before the request waits for a batch.
         self._engine.check(options)
-        return await self._batched(audio, options)
+        outcome = await self._batched(audio, options)
+        if isinstance(outcome, Exception):  # this request's own error, not its batch's
+            raise outcome
+        return outcome
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
-    async def _batched(self, audios: list[Audio], options: list[AsrOptions]) -> list[Transcript]:
+    async def _batched(self, audios: list[Audio], options: list[AsrOptions]) -> list[Transcript | Exception]:
         # The engine blocks for seconds: run it off the event loop so health checks still answer.
-        return await asyncio.to_thread(self._engine.transcribe, audios, options)
+        return await asyncio.to_thread(transcribe_each, self._engine, audios, options)
 
     def capabilities(self):
         from pipeline.asr.base import Capabilities

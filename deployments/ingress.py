@@ -111,7 +111,6 @@ class Ingress:
         self._retry = retry = settings.retry_after_s
         self._guard = UrlGuard.from_settings(settings.allow_private_urls, settings.url_allowlist)
         self._audio = HandleAudio(fetch, retry)
-        self._asr = asr
         self._flow = TranscriptionFlow(HandleRecognizer(asr, retry), HandleSpeakers(diarization, retry))
         self._streams = StreamServer(self._flow, StreamLimits.from_settings(settings))
         self._accounting = accounting
@@ -124,13 +123,23 @@ class Ingress:
 
     @app.get("/ready")
     async def ready(self) -> JSONResponse:
+        """Ready once every deployment of this app has a running replica, i.e. one whose
+        constructor (which loads its model) has returned and which passes its health checks.
+
+        Asked of the Serve controller, never of the deployments themselves: a call to ASR waits
+        in its queue behind transcriptions, and a busy service is not an unready one.
+        """
+        app_name = serve.get_replica_context().app_name
         try:
-            await asyncio.wait_for(
-                asyncio.gather(self._asr.describe.remote(), self._accounting.describe.remote()), timeout=5
-            )
-        except Exception:
+            # serve.status() blocks on a call to the controller: off the event loop.
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), timeout=5)
+            deployments = status.applications[app_name].deployments
+        except Exception as exc:  # noqa: BLE001 - no answer from the controller is no readiness
+            logger.warning("/ready: no status from the Serve controller: %r", exc)
             return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ready"})
+        if deployments and all(d.replica_states.get("RUNNING", 0) > 0 for d in deployments.values()):
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "loading"}, status_code=503)
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:

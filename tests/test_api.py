@@ -15,6 +15,7 @@ import requests
 from conftest import API_KEYS, S3_BUCKET, wait_until
 from media import ENCODINGS, encode, long_silent_wav, png_bytes, video_only_mp4, wav_bytes
 from pipeline.audio.decode import decode
+from pipeline.core.types import AsrOptions, Audio
 from textnorm import wer
 
 pytestmark = pytest.mark.serve
@@ -273,6 +274,67 @@ def test_audio_too_long(api):
 
 
 # ---- overload and settings ---------------------------------------------------------------------
+
+def test_a_request_the_engine_fails_does_not_fail_its_batch(serve_app, clips):
+    """Regression (review finding 3): the ASR deployment failed every request of a batch with the
+    error of one. Two requests sent together share a batch; faster-whisper refuses one of them
+    (prompt + max_new_tokens beyond Whisper's 448-token context), and only that one fails."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ASR", app_name="hark")
+    fox = decode(clips["fox"].path, max_duration_s=60)
+    bad = handle.transcribe.remote(fox, AsrOptions(language="en", max_new_tokens=1000))
+    good = handle.transcribe.remote(fox, AsrOptions(language="en"))
+    assert wer(clips["fox"].text, good.result(timeout_s=120).text) < 0.25
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        bad.result(timeout_s=120)
+
+
+def test_ready_answers_at_once_while_the_asr_queue_is_full(serve_app, clips):
+    """Regression (review finding 14): /ready asked the ASR deployment itself, so under load the
+    call waited in the queue behind transcriptions and /ready answered 503."""
+    from ray import serve
+    from ray.serve.exceptions import BackPressureError
+
+    handle = serve.get_deployment_handle("ASR", app_name="hark")
+    speech = decode(clips["sample"].path, max_duration_s=60).samples
+    minute = Audio(np.concatenate([speech, speech]))  # seconds of work for each request
+
+    def refused(response) -> bool:
+        """True when the full queue refused the request; False while it is in flight."""
+        try:
+            response.result(timeout_s=0.2)
+        except BackPressureError:
+            return True
+        except TimeoutError:
+            return False
+        raise AssertionError("a minute of speech transcribed in 0.2 s: the queue cannot be filled this way")
+
+    # The test app lets ASR hold 2 requests and queue 2 more (per caller). Requests sent in one
+    # go can be refused while the first are still being routed: add them one at a time.
+    busy = []
+
+    def fill() -> bool:
+        response = handle.transcribe.remote(minute, AsrOptions(language="en"))
+        if not refused(response):
+            busy.append(response)
+        return len(busy) == 4
+
+    def probe_refused() -> bool:
+        # Were it let in, an unknown language is refused before any batch: cheap either way.
+        return refused(handle.transcribe.remote(minute, AsrOptions(language="xx")))
+
+    try:
+        wait_until(fill, 60, interval_s=0.05, what="2 transcriptions running and 2 queued")
+        assert probe_refused()
+        r = httpx.get(f"{serve_app}/ready", timeout=30)
+        assert r.status_code == 200 and r.json() == {"status": "ready"}, (r.status_code, r.text, r.elapsed)
+        assert r.elapsed.total_seconds() < 2
+        assert probe_refused(), "the ASR queue drained before /ready answered: the test needs longer audio"
+    finally:
+        for response in busy:  # the queued ones never run; the batch in progress finishes
+            response.cancel()
+
 
 def test_full_asr_queue_answers_503_at_once(serve_app, clips):
     """The test app lets ASR hold 2 requests and queue 2 more; the rest must get 503 at once."""

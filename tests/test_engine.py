@@ -4,17 +4,19 @@ Engines under test come from ``HARK_TEST_ENGINES`` (default: ctranslate2,transfo
 runs this file again with ``vllm`` inside the vLLM environment it builds.
 """
 
+import asyncio
 import os
 
 import numpy as np
 import pytest
 
 from pipeline.audio.decode import decode
-from pipeline.asr.base import AsrEngine
+from pipeline.asr.base import AsrEngine, Capabilities, transcribe_each
 from pipeline.asr.factory import build_engine
-from pipeline.core.errors import InvalidParameter
+from pipeline.core.errors import InvalidAudio, InvalidParameter
 from pipeline.core.settings import AsrSettings
-from pipeline.core.types import AsrOptions, Audio
+from pipeline.core.types import AsrOptions, Audio, Transcript
+from pipeline.transcription.flow import LocalRecognizer
 from textnorm import wer
 
 ESPEAK = ["fox", "stella", "meeting", "speech", "weather", "report"]
@@ -137,3 +139,70 @@ def test_english_only_model_refuses_other_languages(clips, engine_name):
     assert info.value.to_body()["param"] == "language"
     [t] = tiny.transcribe([load(clips["beckett"])], [AsrOptions()])
     assert t.language == "en" and wer(clips["beckett"].text, t.text) < 0.2
+
+
+# ---- one bad request in a batch fails alone (review finding 3) ----------------------------------
+
+def nan_audio(seconds: float = 3.0) -> Audio:
+    """What a float WAV full of NaN decodes to: the decoder's clipping keeps NaN."""
+    return Audio(np.full(int(16000 * seconds), np.nan, dtype=np.float32))
+
+
+def test_a_poisoned_audio_fails_alone_in_an_engine_batch(engine, clips):
+    """Regression: a batch with one audio of NaN samples gave that request an empty transcript
+    (ctranslate2 with VAD; 77 s of decoding without VAD) while holding up the others."""
+    out = transcribe_each(engine, [nan_audio(), load(clips["fox"])], [AsrOptions(language="en")] * 2)
+    assert isinstance(out[0], InvalidAudio) and out[0].code == "INVALID_AUDIO"
+    assert wer(clips["fox"].text, out[1].text) < 0.25
+
+
+class SeamEngine:
+    """A fake at the engine seam: "transcribes" each audio as its length, and fails every call
+    that holds an audio of ``poison_len`` samples (as a model fault would)."""
+
+    supports_word_timestamps = True
+    supports_language_detection = True
+    languages = frozenset({"en"})
+
+    def __init__(self, poison_len: int) -> None:
+        self.poison_len, self.calls = poison_len, []
+
+    def check(self, options):
+        Capabilities.of(self, "seam").refuse_unsupported(language=options.language)
+
+    def transcribe(self, batch, options):
+        self.calls.append([len(a.samples) for a in batch])
+        if any(len(a.samples) == self.poison_len for a in batch):
+            raise RuntimeError("model fault")
+        return [Transcript(segments=(), language="en", language_probability=1.0, duration_s=a.duration_s) for a in batch]
+
+
+def test_a_fault_inside_the_engine_fails_only_its_own_request():
+    engine = SeamEngine(poison_len=200)
+    batch = [Audio(np.zeros(n, np.float32)) for n in (100, 200, 300)]
+    out = transcribe_each(engine, [*batch, nan_audio()], [AsrOptions(language="en")] * 3 + [AsrOptions()])
+    assert [t.duration_s for t in (out[0], out[2])] == [100 / 16000, 300 / 16000]
+    assert isinstance(out[1], RuntimeError) and str(out[1]) == "model fault"
+    assert isinstance(out[3], InvalidAudio)  # refused before any engine call
+    # One batch call first; only when it fails does each audio run on its own.
+    assert engine.calls == [[100, 200, 300], [100], [200], [300]]
+
+
+def test_options_an_engine_refuses_fail_only_their_own_request():
+    engine = SeamEngine(poison_len=-1)
+    audio = Audio(np.zeros(100, np.float32))
+    out = transcribe_each(engine, [audio, audio], [AsrOptions(language="es"), AsrOptions(language="en")])
+    assert isinstance(out[0], InvalidParameter) and isinstance(out[1], Transcript)
+    assert engine.calls == [[100]]  # refused before the batch, which ran once without it
+    assert transcribe_each(engine, [], []) == []
+
+
+def test_the_in_process_recognizer_refuses_a_poisoned_audio_too():
+    """The CLI and Ray Data batch path (``LocalRecognizer``) applies the same checks."""
+    engine = SeamEngine(poison_len=-1)
+    recognizer = LocalRecognizer(engine, "seam")
+    with pytest.raises(InvalidAudio):
+        asyncio.run(recognizer.transcribe(nan_audio(), AsrOptions(language="en")))
+    assert engine.calls == []
+    transcript = asyncio.run(recognizer.transcribe(Audio(np.zeros(100, np.float32)), AsrOptions(language="en")))
+    assert transcript.duration_s == 100 / 16000 and engine.calls == [[100]]

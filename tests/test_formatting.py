@@ -1,9 +1,13 @@
+import asyncio
+
+import numpy as np
 import pytest
 
 from pipeline.transcription.render import api_words, render, strip_punctuation
 from pipeline.transcription.schemas import ListenParams
 from pipeline.core.errors import InvalidParameter
-from pipeline.core.types import Segment, Transcript, Word
+from pipeline.core.types import SAMPLE_RATE, Segment, Transcript, Word
+from pipeline.streaming.session import StreamingSession, StreamOptions
 
 WORDS = (
     Word(" Hello,", 0.0, 0.5, 0.9),
@@ -27,8 +31,62 @@ def test_punctuation_marks_become_their_own_entries():
     comma = words[1]
     assert (comma.start, comma.end, comma.confidence) == (0.5, 0.5, 1.0)  # end of the word it follows
     opening = words[4]
-    assert (opening.start, opening.end) == (1.1, 1.1)  # an opening mark sits at its word's start
+    assert (opening.start, opening.end) == (1.0, 1.0)  # an opening mark too: the end of "isn't"
     assert words[0].confidence == 0.9 and (words[0].start, words[0].end) == (0.0, 0.5)
+
+
+def test_opening_marks_sit_at_the_end_of_the_word_they_follow():
+    """Regression (review finding 15): opening marks were timed at the start of the word they
+    lead. API.md: each mark has ``start == end``, the end of the word it follows."""
+    words = (
+        Word(" ¿Qué", 0.4, 0.7, 0.9),
+        Word(" dijo?", 0.8, 1.2, 0.9),
+        Word(' "(¡Hola!)"', 1.5, 2.0, 0.8),
+        Word(" [risas]", 2.3, 2.9, 0.7),
+        Word(" “fin”.", 3.2, 3.6, 0.6),
+        Word(" -", 3.7, 3.8, 0.5),  # a mark alone follows the word before it too
+        Word(" 'ok'", 4.0, 4.4, 0.5),
+    )
+    out = [(w.word, w.start, w.end) for w in api_words(words, punctuate=True)]
+    assert out == [
+        ("¿", 0.0, 0.0),  # no word before it: the start of the audio
+        ("Qué", 0.4, 0.7),
+        ("dijo", 0.8, 1.2), ("?", 1.2, 1.2),
+        ('"', 1.2, 1.2), ("(", 1.2, 1.2), ("¡", 1.2, 1.2), ("Hola", 1.5, 2.0), ("!", 2.0, 2.0), (")", 2.0, 2.0), ('"', 2.0, 2.0),
+        ("[", 2.0, 2.0), ("risas", 2.3, 2.9), ("]", 2.9, 2.9),
+        ("“", 2.9, 2.9), ("fin", 3.2, 3.6), ("”", 3.6, 3.6), (".", 3.6, 3.6),
+        ("-", 3.6, 3.6),
+        ("'", 3.6, 3.6), ("ok", 4.0, 4.4), ("'", 4.4, 4.4),
+    ]
+    starts = [start for _, start, _ in out]
+    assert starts == sorted(starts)
+    # Words that continue a stream: the first mark follows the last word already sent.
+    [mark, word] = api_words((Word(" (yes", 7.5, 7.9, 0.9),), punctuate=True, previous_end_s=6.25)
+    assert (mark.word, mark.start, mark.end, word.start) == ("(", 6.25, 6.25, 7.5)
+
+
+def test_a_stream_times_an_opening_mark_at_the_end_of_the_last_word_sent():
+    """The same rule across the messages of a stream: a quote opening the second utterance sits
+    at the end of the first utterance's last word."""
+    said = iter([(Word(" Hello.", 0.2, 0.6, 0.9),), (Word(' "Hi"', 0.3, 0.7, 0.9),)])
+
+    async def transcribe(audio, options):
+        words = next(said)
+        return Transcript((Segment(words[0].text, 0.0, audio.duration_s, -0.1, 2, words),), "en", 1.0, audio.duration_s)
+
+    session = StreamingSession(transcribe, StreamOptions(interim_results=False), vad=lambda s: [(0, len(s))])
+    speech = np.full(SAMPLE_RATE, 0.1, np.float32)
+
+    async def two_utterances():
+        return [
+            *await session.feed(speech), *await session.finish(),
+            *await session.feed(speech), *await session.finish(),
+        ]
+
+    first, second = asyncio.run(two_utterances())
+    assert [w["word"] for w in first["words"]] == ["Hello", "."]
+    assert second["words"][0] == {"word": '"', "start": 0.6, "end": 0.6, "confidence": 1.0}
+    assert (second["words"][1]["word"], second["words"][1]["start"]) == ("Hi", 1.3)
 
 
 def test_without_punctuation_marks_drop_and_case_lowers():

@@ -60,6 +60,7 @@ class StreamingSession:
     received_s: float = 0.0
     committed: list[Word] = field(default_factory=list)  # final words of this utterance (absolute)
     previous: list[Word] | None = None  # last hypothesis beyond the committed words
+    _final_end_s: float = 0.0  # absolute end of the last final word sent: where a next opening mark sits
     speech_seen: bool = False
     trailing_silence_s: float = 0.0
     _since_vad: int = 0
@@ -210,16 +211,22 @@ class StreamingSession:
         start = words[0].start if words else self.offset_s
         stop = end if end is not None and not words else (words[-1].end if words else start)
         text = "".join(w.text for w in words).strip()
-        return {
+        message = {
             "type": "Results",
             "is_final": is_final,
             "speech_final": speech_final,
             "start": round(start, 3),
             "duration": round(max(0.0, stop - start), 3),
             "text": text if self.options.punctuate else strip_punctuation(text),
-            "words": [w.model_dump(exclude_none=True) for w in api_words(words, self.options.punctuate)],
+            "words": [
+                w.model_dump(exclude_none=True)
+                for w in api_words(words, self.options.punctuate, previous_end_s=self._final_end_s)
+            ],
             "language": self.language,
         }
+        if is_final and words:
+            self._final_end_s = words[-1].end
+        return message
 
 
 def _norm(text: str) -> str:

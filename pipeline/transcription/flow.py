@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-from pipeline.asr.base import AsrEngine, Capabilities
+from pipeline.asr.base import AsrEngine, Capabilities, transcribe_each
 from pipeline.core.errors import InvalidParameter
 from pipeline.core.settings import DiarizationSettings
 from pipeline.core.types import AsrOptions, Audio, Diarization, Transcript
@@ -133,8 +133,11 @@ class LocalRecognizer:
 
     async def transcribe(self, audio: Audio, options: AsrOptions) -> Transcript:
         self._engine.check(options)
-        [transcript] = await asyncio.to_thread(self._engine.transcribe, [audio], [options])
-        return transcript
+        # The same checks as the ASR deployment's batches (NaN samples refused, not decoded).
+        [outcome] = await asyncio.to_thread(transcribe_each, self._engine, [audio], [options])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
 
 class LocalSpeakers:

@@ -1,9 +1,10 @@
 """From an engine's ``Transcript`` to the API's words and text, as ``API.md`` specifies.
 
 Whisper attaches punctuation to words (" Hello,"). With ``punctuate`` each mark becomes its own
-entry with ``start == end`` (the end of the word it follows; the start of the word it leads, for
-an opening mark) and confidence 1.0. Without it, marks are dropped and text is lower-cased.
-Marks inside a word (don't, 3.5, e-mail) belong to the word.
+entry with ``start == end`` = the end of the word it follows, as ``API.md`` says: an opening mark
+(``"``, ``(``, ``¿``) too, although it leads the next word; before the first word, the start of
+the audio. Marks have confidence 1.0. Without ``punctuate``, marks are dropped and text is
+lower-cased. Marks inside a word (don't, 3.5, e-mail) belong to the word.
 """
 
 from __future__ import annotations
@@ -62,10 +63,18 @@ def strip_punctuation(text: str) -> str:
     return " ".join("".join(kept).split()).lower()
 
 
-def api_words(words: Sequence[Word], punctuate: bool, speakers: Sequence[str] | None = None) -> list[WordOut]:
+def api_words(
+    words: Sequence[Word],
+    punctuate: bool,
+    speakers: Sequence[str] | None = None,
+    *,
+    previous_end_s: float = 0.0,
+) -> list[WordOut]:
     """API word entries; ``speakers`` (one label per word) adds ``speaker`` to each entry,
-    its punctuation marks included."""
+    its punctuation marks included. ``previous_end_s`` is the end of the word before ``words``
+    (where a stream's message continues earlier ones); 0.0 when they start the audio."""
     out: list[WordOut] = []
+    followed_end = previous_end_s  # the end of the last word entry: where the next mark sits
     for i, w in enumerate(words):
         parts = _split_marks(w.text)
         confidence = round(w.probability, 4)
@@ -76,11 +85,12 @@ def api_words(words: Sequence[Word], punctuate: bool, speakers: Sequence[str] | 
                 out.append(WordOut(word=bare, start=w.start, end=w.end, confidence=confidence, speaker=who))
             continue
         for mark in parts.leading:
-            out.append(WordOut(word=mark, start=w.start, end=w.start, confidence=1.0, speaker=who))
+            out.append(WordOut(word=mark, start=followed_end, end=followed_end, confidence=1.0, speaker=who))
         if parts.core:
             out.append(WordOut(word=parts.core, start=w.start, end=w.end, confidence=confidence, speaker=who))
+            followed_end = w.end
         for mark in parts.trailing:
-            out.append(WordOut(word=mark, start=w.end, end=w.end, confidence=1.0, speaker=who))
+            out.append(WordOut(word=mark, start=followed_end, end=followed_end, confidence=1.0, speaker=who))
     return out
 
 
