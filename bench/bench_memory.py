@@ -159,7 +159,9 @@ def main() -> None:
             while not stop.is_set():
                 async with websockets.connect(url, additional_headers={"Authorization": f"Token {KEY}"}) as ws:
                     sender = asyncio.create_task(send_pcm(ws, pcm))
-                    finals = sum(1 async for raw in ws if '"is_final": true' in raw or '"is_final":true' in raw)
+                    finals = 0
+                    async for raw in ws:
+                        finals += '"is_final": true' in raw or '"is_final":true' in raw
                     await sender
                 stream_results.append(finals)
 
