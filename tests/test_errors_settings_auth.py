@@ -117,3 +117,13 @@ def test_replica_logs_user_errors_in_one_line_and_faults_with_their_traceback(ca
     assert [r.levelname for r in caplog.records[:2]] == ["WARNING", "WARNING"]
     assert "Traceback" in text[2] and "RuntimeError: a real fault" in text[2] and caplog.records[2].levelname == "ERROR"
     assert "Traceback" in text[3]  # 503: the service's fault, not the caller's
+
+
+def test_option_errors_do_not_echo_a_huge_value():
+    """Regression (bad-input corpus): a 1 MB `language` form field came back whole in the error."""
+    from pipeline.core.errors import InvalidParameter
+    from pipeline.transcription.schemas import ListenParams
+
+    with pytest.raises(InvalidParameter) as info:
+        ListenParams.parse({"language": "e" * 1_000_000})
+    assert info.value.extra == {"param": "language"} and len(info.value.message) < 200
