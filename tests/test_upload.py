@@ -30,7 +30,14 @@ def test_json_body():
     assert got.url == "https://a/b.wav" and got.audio is None and got.fields == {"language": "en"}
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'{"url": 5}'])
+@pytest.mark.parametrize(
+    "raw",
+    [b"{not json", b"[1, 2]", b'{"url": 5}',
+     # Regression (bad-input corpus): these raised RecursionError and ValueError (Python's limit of
+     # 4300 digits), neither caught, so the API answered 500.
+     b"[" * 100_000, b'{"num_speakers": ' + b"9" * 5000 + b"}"],
+    ids=["not-json", "array", "url-not-string", "nested-100k-deep", "5000-digit-number"],
+)
 def test_bad_json(raw):
     with pytest.raises(InvalidParameter):
         _read("application/json", raw)

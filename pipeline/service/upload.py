@@ -71,7 +71,7 @@ async def _read_capped(body: AsyncIterator[bytes], cap: int, content_length: int
 def _from_json(raw: bytes) -> ListenInput:
     try:
         payload = json.loads(raw) if raw.strip() else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a 4300+ digit number, deep nesting
         raise InvalidParameter(f"Malformed JSON body: {exc}", param="body") from None
     if not isinstance(payload, dict):
         raise InvalidParameter("The JSON body must be an object", param="body")
