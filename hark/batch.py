@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.errors import HarkError
+from pipeline.core.errors import HarkError, InvalidParameter
 from pipeline.core.settings import Settings
 from pipeline.core.types import Audio
 from pipeline.transcription.schemas import ListenParams
@@ -40,6 +40,8 @@ ROW_FIELDS = ("uri", "request_id", "text", "confidence", "duration", "language",
 class BatchItem:
     uri: str
     options: dict[str, Any] = field(default_factory=dict)  # API option names: language, diarize, ...
+    # A manifest line that could not be read: its row is this error (``uri`` is "manifest:line").
+    error: dict[str, Any] | None = None
 
 
 @dataclass
@@ -94,20 +96,39 @@ def discover(source: str) -> list[BatchItem]:
 
 
 def read_manifest(uri: str) -> list[BatchItem]:
-    """CSV with a ``uri`` column, or JSONL objects with ``uri``; other columns are options."""
+    """CSV with a ``uri`` column, or JSONL objects with ``uri``; other columns are options.
+
+    A line that cannot be read (not JSON, not an object, no uri) does not stop the others: it
+    becomes an item that fails with ``INVALID_PARAMETER``, named ``<manifest>:<line>``.
+    """
     fs, path = _fs(uri)
     with fs.open(path, "rt", encoding="utf-8") as f:
         text = f.read()
+    rows: list[tuple[int, Any]] = []  # (line number, parsed row or the error that line gets)
     if uri.lower().endswith(".jsonl"):
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((number, json.loads(line)))
+            except (json.JSONDecodeError, RecursionError) as exc:
+                rows.append((number, InvalidParameter(f"Line {number} is not JSON: {exc}", param="manifest")))
     else:
-        rows = list(csv.DictReader(io.StringIO(text)))
+        reader = csv.DictReader(io.StringIO(text))
+        rows = [(reader.line_num, row) for row in reader]
     items = []
-    for i, row in enumerate(rows):
-        if not row.get("uri"):
-            raise ValueError(f"{uri}: row {i + 1} has no 'uri'")
-        options = {k: v for k, v in row.items() if k != "uri" and v not in (None, "")}
-        items.append(BatchItem(str(row["uri"]), options))
+    for number, row in rows:
+        if isinstance(row, dict) and isinstance(row.get("uri"), str) and row["uri"]:
+            options = {k: v for k, v in row.items() if k != "uri" and v not in (None, "")}
+            items.append(BatchItem(row["uri"], options))
+            continue
+        if isinstance(row, HarkError):
+            error = row
+        elif not isinstance(row, dict):
+            error = InvalidParameter(f"Line {number} is not a JSON object", param="manifest")
+        else:
+            error = InvalidParameter(f"Line {number} has no 'uri' string", param="uri")
+        items.append(BatchItem(f"{uri}:{number}", error=error.to_body()))
     return items
 
 
@@ -118,7 +139,9 @@ def decode_row(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
     from pipeline.audio.loader import AudioLoader
 
     # "" rather than None: a column of nulls would not keep its type through Ray Data.
-    out = {"uri": row["uri"], "options": row["options"], "pcm": b"", "error": ""}
+    out = {"uri": row["uri"], "options": row["options"], "pcm": b"", "error": row.get("error", "")}
+    if out["error"]:  # a manifest line that could not be read: nothing to fetch
+        return out
     try:
         loader = AudioLoader(settings, any_s3_object=True)  # the operator's own job
         uri = row["uri"]
@@ -178,7 +201,8 @@ def transcribe_dataset(items: Iterable[BatchItem], settings: Settings, defaults:
     import ray
 
     defaults = defaults or {}
-    records = [{"uri": it.uri, "options": json.dumps({**defaults, **it.options})} for it in items]
+    records = [{"uri": it.uri, "options": json.dumps({**defaults, **it.options}), "error": json.dumps(it.error) if it.error else ""}
+               for it in items]
     if max_actors is None:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         max_actors = max(1, cpus // 2) if not num_gpus_per_actor else max(1, int(ray.cluster_resources().get("GPU", 1) / num_gpus_per_actor))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from media import ENCODINGS, encode, long_silent_wav, png_bytes, video_only_mp4, wav_bytes
+from media import ENCODINGS, encode, long_silent_wav, png_bytes, silent_mp3, video_only_mp4, wav_bytes, wav_header, without_id3
 from pipeline.audio.decode import decode, sniff_format
 from pipeline.core.errors import AudioTooLong, InvalidAudio, UnsupportedFormat
 from pipeline.core.types import SAMPLE_RATE
@@ -106,3 +106,63 @@ def test_mp3_with_id3_tag_and_bare_frames_are_sniffed(beckett):
     assert sniff_format(tag + b"fLaC") == "flac"
     assert sniff_format(b"\xff\xfb\x90\x64" + b"\x00" * 60) == "mp3"
     assert sniff_format(b"\xff\xf1\x50\x80" + b"\x00" * 60) is None  # ADTS AAC is not MP3
+
+
+# ---- the bad-input corpus (review: hardening, last part) ---------------------------------------
+
+def test_damaged_packets_are_skipped_not_fatal(beckett):
+    """Regression: one undecodable packet failed the whole file (INVALID_AUDIO): a FLAC missing its
+    tail (an interrupted upload) and an MP3 with a PNG spliced into its frames."""
+    flac = encode(beckett.samples, "flac")
+    cut = decode(flac[: len(flac) // 2], max_duration_s=60)
+    assert 0.3 * beckett.duration_s < cut.duration_s < 0.55 * beckett.duration_s
+    mp3 = without_id3(encode(beckett.samples, "mp3"))
+    spliced = mp3[: len(mp3) // 2] + png_bytes() + mp3[len(mp3) // 2 :]
+    assert decode(spliced, max_duration_s=60).duration_s == pytest.approx(beckett.duration_s, abs=0.1)
+    # Nothing decodable at all is still invalid.
+    with pytest.raises(InvalidAudio):
+        decode(mp3[:4] + png_bytes() * 20, max_duration_s=60)
+
+
+def test_sample_rates_below_8khz_are_invalid():
+    """Regression: a 1 Hz WAV of 200 bytes was accepted as 100 s of audio."""
+    for rate in (1, 4000):
+        with pytest.raises(InvalidAudio, match=f"{rate} Hz"):
+            decode(wav_header(1, rate, 16, 2 * rate) + bytes(2 * rate), max_duration_s=7200)
+    assert decode(wav_bytes(np.zeros(8000, np.float32), sample_rate=8000), max_duration_s=60).duration_s == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("rate", [16000, 44100])
+def test_nan_and_infinite_samples_become_finite(beckett, rate):
+    """Regression: NaN samples of a float WAV reached the model, which then ran for minutes (170 s
+    for 3 s of audio) and returned no text."""
+    samples = beckett.samples[: 3 * 16000]
+    if rate != 16000:
+        samples = np.interp(np.arange(3 * rate) * 16000 / rate, np.arange(len(samples)), samples).astype(np.float32)
+    for poison in (np.nan, np.inf):
+        poisoned = samples.copy()
+        poisoned[rate : rate + 400] = poison
+        poisoned[2 * rate : 2 * rate + 100] = -poison
+        data = poisoned.astype("<f4").tobytes()
+        audio = decode(wav_header(1, rate, 32, len(data), float_samples=True) + data, max_duration_s=60)
+        assert np.isfinite(audio.samples).all() and np.abs(audio.samples).max() <= 1.0
+        assert audio.duration_s == pytest.approx(3.0, abs=0.01)
+
+
+def test_decoding_long_audio_gives_its_memory_back():
+    """Regression: decoding gathered one small array per frame, and the freed heap stayed with the
+    process: 10 min of MP3 left ~40 MB behind (2 h: ~460 MB in an AudioFetch replica)."""
+    import gc
+
+    import psutil
+
+    process = psutil.Process()
+    data = silent_mp3(600)
+    decode(data[:72_000], max_duration_s=600)  # warm PyAV up
+    gc.collect()
+    before = process.memory_full_info().uss
+    audio = decode(data, max_duration_s=7200)
+    assert audio.duration_s == pytest.approx(600, abs=0.1)
+    del audio
+    gc.collect()
+    assert process.memory_full_info().uss - before < 8 * 2**20

@@ -110,3 +110,26 @@ def test_s3_prefix_in_and_out(serve_app, s3_server, corpus):
     rows = by_uri(read_results(f"s3://{S3_BUCKET}/results"))
     assert rows[f"s3://{S3_BUCKET}/corpus/beckett.wav"]["text"].startswith("Ever tried")
     assert rows[f"s3://{S3_BUCKET}/corpus/bad.wav"]["error"]["code"] == "INVALID_AUDIO"
+
+
+def test_bad_manifest_lines_become_error_items(tmp_path):
+    """Regression (bad-input corpus): one line that was not JSON, not an object or without a uri
+    stopped the whole manifest (an exception before anything ran); each is now an item of its own
+    that fails with INVALID_PARAMETER, named by its place in the manifest."""
+    from hark.batch import read_manifest
+
+    manifest = tmp_path / "list.jsonl"
+    manifest.write_text('{"uri": "a.wav", "language": "en"}\n{"uri": "b.wav"\n\n[1, 2]\n{"language": "en"}\n{"uri": 42}\n{"uri": "c.wav"}\n')
+    items = read_manifest(str(manifest))
+    assert [(it.uri, it.options, (it.error or {}).get("code"), (it.error or {}).get("param")) for it in items] == [
+        ("a.wav", {"language": "en"}, None, None),
+        (f"{manifest}:2", {}, "INVALID_PARAMETER", "manifest"),
+        (f"{manifest}:4", {}, "INVALID_PARAMETER", "manifest"),
+        (f"{manifest}:5", {}, "INVALID_PARAMETER", "uri"),
+        (f"{manifest}:6", {}, "INVALID_PARAMETER", "uri"),
+        ("c.wav", {}, None, None),
+    ]
+    table = tmp_path / "list.csv"
+    table.write_text("uri,language\na.wav,en\n,fr\nc.wav,\n")
+    items = read_manifest(str(table))
+    assert [(it.uri, (it.error or {}).get("code")) for it in items] == [("a.wav", None), (f"{table}:3", "INVALID_PARAMETER"), ("c.wav", None)]

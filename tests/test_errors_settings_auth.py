@@ -138,3 +138,13 @@ def test_per_key_webhook_secrets_from_the_keys_file_and_json(monkeypatch, tmp_pa
     keys_file.write_text("acme-key webhook-secret=oops\n")
     with pytest.raises(ValueError, match="line 1: expected 'KEY' or 'KEY webhook_secret=SECRET'"):
         Settings()
+
+
+def test_option_errors_do_not_echo_a_huge_value():
+    """Regression (bad-input corpus): a 1 MB `language` form field came back whole in the error."""
+    from pipeline.core.errors import InvalidParameter
+    from pipeline.transcription.schemas import ListenParams
+
+    with pytest.raises(InvalidParameter) as info:
+        ListenParams.parse({"language": "e" * 1_000_000})
+    assert info.value.extra == {"param": "language"} and len(info.value.message) < 200

@@ -261,3 +261,58 @@ def test_operator_batch_jobs_read_any_s3_object(s3_server):
     s3_server.put_object(Bucket=S3_BUCKET, Key="private/tone.flac", Body=FLAC_TONE)
     row = decode_row({"uri": f"s3://{S3_BUCKET}/private/tone.flac", "options": {}}, Settings(s3_allow=[]))
     assert row["error"] == "" and len(row["pcm"]) == 16000 * 4  # 1 s of float32
+
+
+# ---- the bad-input corpus (review: hardening, last part) ---------------------------------------
+
+@pytest.mark.parametrize("param", ["url", "callback_url"])
+def test_urls_with_control_characters_are_refused(param):
+    """Regression: a CR/LF in a URL was dropped by urlsplit but kept in the string: an audio URL
+    then failed inside httpx (500 INTERNAL_ERROR) and a callback_url was accepted as given."""
+    guard = UrlGuard.from_settings(False, ["127.0.0.1/32"], fake_dns({}))
+    for url in ("http://127.0.0.1/hook\r\nX-Injected: 1", "http://127.0.0.1/a\tb", "http://127.0.0.1/a\x00b", "http://127.0.0.1/\x7f"):
+        with pytest.raises(InvalidParameter) as info:
+            guard.resolve(url, param=param)
+        assert info.value.extra == {"param": param}
+    # A space in a path is sloppy but unambiguous: it is percent-encoded on the way out.
+    assert guard.resolve("http://127.0.0.1/my file.wav", param=param) == "127.0.0.1"
+
+
+def recording_dns(table):
+    asked: list[str] = []
+    lookup = fake_dns(table)
+
+    def resolve(host, port):
+        asked.append(host)
+        return lookup(host, port)
+
+    return resolve, asked
+
+
+def test_hosts_are_read_as_browsers_read_them():
+    """Regression: percent-encoded and odd hosts went to DNS as written ("%31%32%37.0.0.2",
+    "media server"), where browsers (the WHATWG URL standard) read 127.0.0.2 or refuse the URL."""
+    resolver, asked = recording_dns({"example.test": ["8.8.8.8"], "xn--bcher-kva.test": ["8.8.4.4"]})
+    guard = UrlGuard.from_settings(False, [], resolver)
+    for url in ("http://%31%32%37.0.0.2/a.wav", "http://①②⑦.0.0.2/a.wav", "http://127%2e0.0.2/a.wav"):
+        with pytest.raises(ForbiddenUrl):
+            guard.resolve(url)
+    for url in ("http://media%20server/a.wav", "http://a%2fb/a.wav", "http://%ff/a.wav", "http://a\u3000b/a.wav"):
+        with pytest.raises(InvalidParameter):
+            guard.resolve(url)
+    assert asked == []  # none of these was a name to look up
+    assert guard.resolve("http://EX%41MPLE.test/a.wav") == "8.8.8.8"
+    assert guard.resolve("http://Bücher.test/a.wav") == "8.8.4.4"
+    assert asked == ["example.test", "xn--bcher-kva.test"]
+
+
+def test_idn_and_encoded_hosts_are_fetched_by_their_ascii_name(media_server):
+    """Regression: a URL whose host is not ASCII (here one that maps to 127.0.0.1) failed inside
+    httpx with a 500; it is fetched, and the Host header carries the host's ASCII form."""
+    media_server.files["tone.wav"] = TONE
+    port = media_server.server_address[1]
+    assert loader().from_url(f"http://①②⑦.0.0.1:{port}/files/tone.wav").duration_s == pytest.approx(1.0)
+    assert media_server.hosts_seen[-1] == f"127.0.0.1:{port}"
+    idn = loader(fake_dns({"xn--bcher-kva.test": ["127.0.0.1"]}))
+    assert idn.from_url(f"http://user:pw@bücher.test:{port}/files/tone.wav").duration_s == pytest.approx(1.0)
+    assert media_server.hosts_seen[-1] == f"xn--bcher-kva.test:{port}"  # no credentials either

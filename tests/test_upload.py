@@ -30,7 +30,14 @@ def test_json_body():
     assert got.url == "https://a/b.wav" and got.audio is None and got.fields == {"language": "en"}
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'{"url": 5}'])
+@pytest.mark.parametrize(
+    "raw",
+    [b"{not json", b"[1, 2]", b'{"url": 5}',
+     # Regression (bad-input corpus): these raised RecursionError and ValueError (Python's limit of
+     # 4300 digits), neither caught, so the API answered 500.
+     b"[" * 100_000, b'{"num_speakers": ' + b"9" * 5000 + b"}"],
+    ids=["not-json", "array", "url-not-string", "nested-100k-deep", "5000-digit-number"],
+)
 def test_bad_json(raw):
     with pytest.raises(InvalidParameter):
         _read("application/json", raw)
@@ -83,3 +90,51 @@ def test_caps_stop_reading():
     # A declared length over the cap is refused before a byte is read.
     with pytest.raises(FileTooLarge):
         asyncio.run(read_listen_input("audio/wav", endless(), content_length=MAX + 1, max_bytes=MAX, max_mb=1))
+
+
+# ---- the bad-input corpus (review: hardening, last part) ---------------------------------------
+
+def test_urlencoded_form_is_percent_decoded():
+    """Regression: url-encoded form fields were taken as sent, so `url=http%3A%2F%2F...` (what
+    curl --data-urlencode and HTML forms send) was refused as a URL without a scheme."""
+    got = _read("application/x-www-form-urlencoded", b"url=http%3A%2F%2Fa%2Fb.wav&language=en+US&time%73tamps=true")
+    assert got.url == "http://a/b.wav" and got.fields == {"language": "en US", "timestamps": "true"}
+
+
+@pytest.mark.parametrize(
+    "content_type, body",
+    [
+        ("multipart/form-data; boundary=b", b'--b\r\nContent-Disposition: form-data; name="\xff\xfe"\r\n\r\nv\r\n--b--\r\n'),
+        ("application/x-www-form-urlencoded", b"%FF%FE=1&url=http%3A%2F%2Fa%2Fb.wav"),
+    ],
+    ids=["multipart", "urlencoded"],
+)
+def test_form_names_must_be_utf8(content_type, body):
+    with pytest.raises(InvalidParameter) as info:
+        _read(content_type, body)
+    assert info.value.extra == {"param": "body"}
+
+
+def test_form_parts_are_capped():
+    """Regression: a form of 10 000 parts was parsed whole (each a callback and a dict entry, on
+    the ingress's event loop); more than 1000 parts is refused, as Starlette's own parser does."""
+    parts = {f"f{i}": "x" for i in range(1000)}
+    ctype, body = _multipart(files={"audio": ("a.wav", b"RIFF")}, data=parts)
+    with pytest.raises(InvalidParameter, match="1000") as info:
+        _read(ctype, body)
+    assert info.value.extra == {"param": "body"}
+    ctype, body = _multipart(files={"audio": ("a.wav", b"RIFF")}, data=dict(list(parts.items())[:999]))
+    assert len(_read(ctype, body).fields) == 999
+    many = "&".join(f"f{i}=x" for i in range(1001)).encode()
+    with pytest.raises(InvalidParameter, match="1000"):
+        _read("application/x-www-form-urlencoded", many)
+
+
+def test_form_cut_short_is_malformed():
+    """Regression: a multipart body that ends inside its audio part (no closing boundary) was
+    answered MISSING_PARAMETER, as if no audio had been sent."""
+    ctype, body = _multipart(files={"audio": ("a.wav", b"RIFF" + b"\x01" * 5000)})
+    with pytest.raises(InvalidParameter, match="closing boundary") as info:
+        _read(ctype, body[:-100])
+    assert info.value.extra == {"param": "body"}
+    assert _read(ctype, b"").audio is None  # an empty body is no input, not a broken one

@@ -16,6 +16,9 @@ from pipeline.core.types import SAMPLE_RATE, Audio
 _DEMUXERS = {"wav": "wav", "mp3": "mp3", "flac": "flac", "ogg": "ogg", "m4a": "mov,mp4,m4a,3gp,3g2,mj2"}
 _MP4_AUDIO_CODECS = {"aac", "alac", "mp3", "mp4als"}
 SNIFF_BYTES = 64
+# As for live streams: below 8 kHz there is no speech band left to hear, and a 1 Hz header turns a
+# few bytes into hours of audio.
+MIN_SAMPLE_RATE = 8000
 
 
 def _skip_id3(head: bytes) -> bytes:
@@ -85,6 +88,38 @@ def decode(source: str | Path | bytes | BinaryIO, *, max_duration_s: float) -> A
     return Audio(samples=samples, source_format=fmt)
 
 
+class _SampleBuffer:
+    """Decoded samples gathered in one array that grows by doubling, then shrinks to fit.
+
+    Not a list of per-frame arrays joined at the end: those are thousands of small allocations
+    (an MP3 frame is 72 ms), and the heap they are freed into stays with the process, so one 2 h
+    file left ~460 MB behind in its AudioFetch replica. The buffer starts at 32 MiB, the size from
+    which glibc always maps an allocation of its own (only the pages written become resident), so
+    that every buffer goes back to the system whole when it is freed.
+    """
+
+    def __init__(self, capacity: int = 8 * 2**20) -> None:
+        self._samples = np.empty(capacity, dtype=np.float32)
+        self.size = 0
+
+    def add(self, chunk: np.ndarray) -> None:
+        end = self.size + len(chunk)
+        if end > len(self._samples):
+            grown = np.empty(max(end, 2 * len(self._samples)), dtype=np.float32)
+            grown[: self.size] = self._samples[: self.size]
+            self._samples = grown
+        # Samples that are NaN or infinite (float WAVs can hold them) become silence or full scale:
+        # NaN reaching the model made it decode for minutes and return nothing.
+        np.nan_to_num(chunk, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
+        self._samples[self.size : end] = chunk
+        self.size = end
+
+    def samples(self) -> np.ndarray:
+        samples, self._samples = self._samples, np.empty(0, dtype=np.float32)
+        samples.resize(self.size, refcheck=False)  # shrinks in place: no copy
+        return np.clip(samples, -1.0, 1.0, out=samples)
+
+
 def _decode_stream(stream: BinaryIO, fmt: str, max_duration_s: float) -> np.ndarray:
     max_samples = int(max_duration_s * SAMPLE_RATE)
     try:
@@ -101,30 +136,43 @@ def _decode_stream(stream: BinaryIO, fmt: str, max_duration_s: float) -> np.ndar
             raise UnsupportedFormat(
                 f"Unsupported audio codec in an MP4 container: {audio_stream.codec_context.name}"
             )
+        rate = audio_stream.codec_context.sample_rate
+        if rate < MIN_SAMPLE_RATE:
+            raise InvalidAudio(f"The {fmt} file's sample rate, {rate} Hz, is below {MIN_SAMPLE_RATE} Hz")
         # Refuse early when the container already says it is too long; the sample count below
         # is what really decides, since a header can lie.
         if container.duration is not None and container.duration / av.time_base > max_duration_s + 1:
             raise AudioTooLong(int(max_duration_s))
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        chunks: list[np.ndarray] = []
-        total = 0
+        buffer = _SampleBuffer()
+        damaged = 0
         try:
-            for frame in container.decode(audio_stream):
-                for out in resampler.resample(frame):
-                    chunk = out.to_ndarray().reshape(-1)
-                    chunks.append(chunk)
-                    total += len(chunk)
-                if total > max_samples:
+            for packet in container.demux(audio_stream):
+                try:
+                    frames = packet.decode()
+                except av.FFmpegError:
+                    # One damaged packet (the cut-off last frame of a truncated file, garbage
+                    # spliced in) is skipped, as ffmpeg does; the rest of the file still counts.
+                    damaged += 1
+                    continue
+                for frame in frames:
+                    for out in resampler.resample(frame):
+                        buffer.add(out.to_ndarray().reshape(-1))
+                if buffer.size > max_samples:
                     raise AudioTooLong(int(max_duration_s))
+        except av.FFmpegError as exc:
+            # The container itself breaks off (a truncated file): what came before still counts.
+            if not buffer.size:
+                raise InvalidAudio(f"The {fmt} file is corrupt: {exc}") from None
+        try:
             for out in resampler.resample(None):
-                chunk = out.to_ndarray().reshape(-1)
-                chunks.append(chunk)
-                total += len(chunk)
+                buffer.add(out.to_ndarray().reshape(-1))
         except av.FFmpegError as exc:
             raise InvalidAudio(f"The {fmt} file is corrupt: {exc}") from None
-    if total > max_samples:
+    if buffer.size > max_samples:
         raise AudioTooLong(int(max_duration_s))
-    if total == 0:
+    if not buffer.size:
+        if damaged:
+            raise InvalidAudio(f"The {fmt} file is corrupt: none of its {damaged} audio packets decodes")
         raise InvalidAudio(f"The {fmt} file holds no audio")
-    samples = np.concatenate(chunks).astype(np.float32, copy=False)
-    return np.clip(samples, -1.0, 1.0, out=samples)
+    return buffer.samples()

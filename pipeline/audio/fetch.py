@@ -1,8 +1,10 @@
 """Fetch audio from ``http(s)://`` and ``s3://`` URLs into a local file, within limits.
 
-http(s): the host is resolved once, every address is checked by the SSRF guard, and the
-connection goes to the checked address (the name travels in ``Host`` and TLS SNI), so a DNS
-answer cannot change between the check and the connect. Redirects are followed by hand and each
+http(s): the host is read as browsers read it (percent-decoded, IDNA-mapped to ASCII; a URL
+with control characters or a host that is no name is refused before any lookup) and resolved
+once, every address is checked by the SSRF guard, and the connection goes to the checked address
+(the name travels in ``Host`` and TLS SNI), so a DNS answer cannot change between the check and
+the connect. Redirects are followed by hand and each
 hop is checked again. Bodies stream to disk and reading stops past the byte cap. The whole
 fetch, name lookup included, ends at its deadline on the wall clock.
 
@@ -14,15 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
-from urllib.parse import SplitResult, urljoin, urlsplit
+from urllib.parse import SplitResult, unquote_to_bytes, urljoin, urlsplit, urlunsplit
 
 import httpx
+import idna
 
 from pipeline.core.errors import FetchFailed, FileTooLarge, ForbiddenUrl, InvalidParameter
 
@@ -38,6 +42,33 @@ _REDIRECTS = {301, 302, 303, 307, 308}
 # Bounded: lookups abandoned at their fetch's deadline (a DNS server that never answers) hold
 # at most these threads until the system resolver gives up on them.
 _LOOKUPS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fetch-dns")
+# ASCII controls (CR, LF, tab, NUL, DEL): urlsplit drops some of them silently while the string
+# keeps them, so what was checked and what an HTTP client is handed would differ.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
+# What no host may hold once percent-decoded: the WHATWG URL standard's forbidden domain code points.
+_NOT_IN_HOST = re.compile(r"[\x00-\x20\x7f#%/:<>?@\[\\\]^|]")
+
+
+def _shown(text: str, limit: int = 120) -> str:
+    """A URL or host quoted in an error message: a hostile one is not echoed back whole."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def normalize_host(host: str) -> str:
+    """A URL's host as browsers read it (the WHATWG URL standard): an IP literal as it is; a name
+    percent-decoded, mapped to ASCII by IDNA (UTS #46: "Bücher" → "xn--bcher-kva", "①②⑦.0.0.1" →
+    "127.0.0.1") and lower-cased. Raises ``ValueError`` for a host that is no name at all."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    name = unquote_to_bytes(host).decode("utf-8")  # strict: bytes that are not UTF-8 name nothing
+    if not name.isascii():
+        name = idna.encode(name, uts46=True).decode("ascii")  # idna's errors are ValueErrors
+    if not name or _NOT_IN_HOST.search(name):
+        raise ValueError(f"not a host name: {host!r}")
+    return name.lower()
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -85,42 +116,47 @@ class UrlGuard:
     @staticmethod
     def check_form(url: str, param: str = "url", schemes: tuple[str, ...] = SUPPORTED_SCHEMES) -> SplitResult:
         """A URL's form (scheme, host, port), checked without any lookup; ``param`` names it in errors."""
+        if _CONTROLS.search(url):
+            raise InvalidParameter(f"The URL holds control characters (CR, LF, tab, ...): {_shown(url)}", param=param)
         try:
             parts = urlsplit(url)
             parts.port  # noqa: B018 - raises for a bad port
         except ValueError:
-            raise InvalidParameter(f"Malformed URL: {url}", param=param) from None
+            raise InvalidParameter(f"Malformed URL: {_shown(url)}", param=param) from None
         scheme = parts.scheme.lower()
         if scheme not in schemes:
             raise InvalidParameter(
-                f"Unsupported URL scheme {scheme or '(none)'!r}: use {', '.join(schemes)}", param=param
+                f"Unsupported URL scheme {_shown(scheme or '(none)')}: use {', '.join(schemes)}", param=param
             )
         if not parts.hostname:
-            raise InvalidParameter(f"The URL has no host: {url}", param=param)
+            raise InvalidParameter(f"The URL has no host: {_shown(url)}", param=param)
+        try:
+            normalize_host(parts.hostname)
+        except ValueError:
+            raise InvalidParameter(f"The URL's host is not a host name: {_shown(parts.hostname)}", param=param) from None
         return parts
 
     def resolve(self, url: str, param: str = "url") -> str:
         """Check an http(s) URL and return the one address to connect to."""
         parts = self.check_form(url, param, schemes=("http", "https"))
+        host = normalize_host(parts.hostname)
         port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
         try:
-            literal = ipaddress.ip_address(parts.hostname)
+            literal = ipaddress.ip_address(host)
             candidates = [str(literal)]
         except ValueError:
             try:
-                candidates = list(self.resolver(parts.hostname, port))
+                candidates = list(self.resolver(host, port))
             except (OSError, UnicodeError) as exc:
-                raise FetchFailed(f"Cannot resolve host {parts.hostname!r}: {exc}") from None
+                raise FetchFailed(f"Cannot resolve host {host!r}: {exc}") from None
         if not candidates:
-            raise FetchFailed(f"Cannot resolve host {parts.hostname!r}")
+            raise FetchFailed(f"Cannot resolve host {host!r}")
         addresses = [ipaddress.ip_address(c.split("%")[0]) for c in candidates]
         # Every address must pass: otherwise a name with one public and one private record
         # would let a later connection land on the private one.
         refused = [a for a in addresses if not self.allows(a)]
         if refused:
-            raise ForbiddenUrl(
-                f"URL host {parts.hostname!r} resolves to a non-public address, which is not allowed"
-            )
+            raise ForbiddenUrl(f"URL host {host!r} resolves to a non-public address, which is not allowed")
         return str(addresses[0])
 
 
@@ -152,14 +188,20 @@ def request_to(
     content: bytes | None = None,
 ) -> httpx.Request:
     """A request to ``ip`` (the address the guard checked: no second lookup that could differ),
-    carrying the URL's name in Host and TLS SNI."""
+    carrying the URL's host, in its ASCII form, in Host and TLS SNI. Credentials in the URL stay
+    out of Host (httpx sends them as Basic auth)."""
     parts = urlsplit(url)
+    host = normalize_host(parts.hostname)
+    port = f":{parts.port}" if parts.port is not None else ""
+    userinfo = parts.netloc.rpartition("@")[0]
+    address = f"[{ip}]" if ":" in ip else ip
+    target = urlunsplit(parts._replace(netloc=f"{userinfo}@{address}{port}" if userinfo else f"{address}{port}"))
     return client.build_request(
         method,
-        httpx.URL(url).copy_with(host=ip),
-        headers={**headers, "Host": parts.netloc.rsplit("@", 1)[-1]},
+        httpx.URL(target),
+        headers={**headers, "Host": f"[{host}]{port}" if ":" in host else f"{host}{port}"},
         content=content,
-        extensions={"sni_hostname": parts.hostname},
+        extensions={"sni_hostname": host},
     )
 
 
@@ -212,9 +254,13 @@ async def _download(url: str, out: BinaryIO, guard: UrlGuard, limits: FetchLimit
                         url = urljoin(url, location)
                         scheme = urlsplit(url).scheme
                     except ValueError:
-                        raise FetchFailed(f"Redirect to a malformed URL: {location}") from None
+                        raise FetchFailed(f"Redirect to a malformed URL: {_shown(location)}") from None
                     if scheme not in ("http", "https"):
                         raise ForbiddenUrl("Redirect to a non-http(s) URL is not allowed")
+                    try:
+                        guard.check_form(url)
+                    except InvalidParameter:  # the remote's mistake, not the caller's bad parameter
+                        raise FetchFailed(f"Redirect to a malformed URL: {_shown(location)}") from None
                     continue
                 if response.status_code >= 400:
                     raise FetchFailed(

@@ -18,5 +18,6 @@ def normalize_language(value: str | None) -> str | None:
         return None
     primary = value.strip().replace("_", "-").split("-")[0].lower()
     if primary not in WHISPER_LANGUAGES:
-        raise InvalidParameter(f"Unknown language: {value!r}", param="language")
+        shown = value if len(value) <= 40 else value[:40] + "..."  # a hostile value is not echoed whole
+        raise InvalidParameter(f"Unknown language: {shown!r}", param="language")
     return primary

@@ -11,6 +11,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import python_multipart
 from python_multipart.exceptions import FormParserError
@@ -20,6 +21,9 @@ from pipeline.core.errors import FileTooLarge, InvalidParameter
 MAX_JSON_BYTES = 1_000_000
 # Room for the multipart boundaries and the option fields around the file.
 FORM_OVERHEAD_BYTES = 1_000_000
+# Fields and files of one form, as Starlette's own parser allows (max_fields, max_files): each is a
+# callback and a dict entry on the ingress's event loop, and no request needs more than a handful.
+MAX_FORM_PARTS = 1000
 AUDIO_FIELD = "audio"
 PARSE_STEP_BYTES = 1 << 20
 
@@ -69,7 +73,7 @@ async def _read_capped(body: AsyncIterator[bytes], cap: int, content_length: int
 def _from_json(raw: bytes) -> ListenInput:
     try:
         payload = json.loads(raw) if raw.strip() else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a 4300+ digit number, deep nesting
         raise InvalidParameter(f"Malformed JSON body: {exc}", param="body") from None
     if not isinstance(payload, dict):
         raise InvalidParameter("The JSON body must be an object", param="body")
@@ -85,44 +89,63 @@ async def _from_form(
     cap = max_bytes + FORM_OVERHEAD_BYTES
     if content_length is not None and content_length > cap:
         raise FileTooLarge(max_mb)
+    urlencoded = content_type.split(";")[0].strip().lower() == "application/x-www-form-urlencoded"
     raw_fields: dict[str, bytes] = {}
     files: dict[str, Any] = {}
+    parts = 0
+    ended = []  # the parser saw the end of the form (for multipart: its closing boundary)
+
+    def name_of(f) -> str:
+        nonlocal parts
+        parts += 1
+        if parts > MAX_FORM_PARTS:
+            raise InvalidParameter(f"Too many form fields: at most {MAX_FORM_PARTS}", param="body")
+        return _form_decode(f.field_name, urlencoded).decode()  # strict: a name that is not UTF-8 is refused
 
     def on_field(f) -> None:
-        raw_fields[f.field_name.decode()] = f.value or b""
+        raw_fields[name_of(f)] = _form_decode(f.value or b"", urlencoded)
 
     def on_file(f) -> None:
-        files[f.field_name.decode()] = f
+        name = name_of(f)
+        if name in files:  # a repeated name: the last part wins, the earlier one is let go now
+            files[name].close()
+        files[name] = f
 
     _, params = python_multipart.multipart.parse_options_header(content_type)
     try:
-        parser = python_multipart.FormParser(
-            content_type.split(";")[0].strip().lower(),
-            on_field,
-            on_file,
-            boundary=params.get(b"boundary"),
-            # Files above 1 MiB spool to a temporary file, not memory.
-            config={"MAX_MEMORY_FILE_SIZE": 1024 * 1024, "MAX_BODY_SIZE": cap},
-        )
-        # Parsing and spooling are CPU and disk work: off the event loop, a megabyte at a time.
-        total, pending = 0, []
-        async for chunk in body:
-            total += len(chunk)
-            if total > cap:
-                raise FileTooLarge(max_mb)
-            pending.append(chunk)
-            if sum(map(len, pending)) >= PARSE_STEP_BYTES:
-                await asyncio.to_thread(parser.write, b"".join(pending))
-                pending = []
-        await asyncio.to_thread(_finish, parser, b"".join(pending))
-    except (FormParserError, ValueError) as exc:
-        raise InvalidParameter(f"Malformed form body: {exc}", param="body") from None
-    try:
+        try:
+            parser = python_multipart.FormParser(
+                content_type.split(";")[0].strip().lower(),
+                on_field,
+                on_file,
+                on_end=lambda: ended.append(True),
+                boundary=params.get(b"boundary"),
+                # Files above 1 MiB spool to a temporary file, not memory.
+                config={"MAX_MEMORY_FILE_SIZE": 1024 * 1024, "MAX_BODY_SIZE": cap},
+            )
+            # Parsing and spooling are CPU and disk work: off the event loop, a megabyte at a time.
+            total, pending = 0, []
+            async for chunk in body:
+                total += len(chunk)
+                if total > cap:
+                    raise FileTooLarge(max_mb)
+                pending.append(chunk)
+                if sum(map(len, pending)) >= PARSE_STEP_BYTES:
+                    await asyncio.to_thread(parser.write, b"".join(pending))
+                    pending = []
+            await asyncio.to_thread(_finish, parser, b"".join(pending))
+        except (FormParserError, ValueError) as exc:
+            raise InvalidParameter(f"Malformed form body: {exc}", param="body") from None
+        if total and not ended:
+            # A part cut off mid-way is never handed over: without this the request would be
+            # answered as if it had sent no audio at all. (An empty body is simply no input.)
+            raise InvalidParameter("Malformed form body: it ends before its closing boundary", param="body")
         # A part without a filename arrives as a plain field: take its bytes as the audio too.
         audio = raw_fields.pop(AUDIO_FIELD, None)
         if AUDIO_FIELD in files:
             audio = await asyncio.to_thread(_read_spooled, files[AUDIO_FIELD])
     finally:
+        # Refused or not, no spooled upload outlives the request.
         for upload in files.values():
             upload.close()
     if audio is not None and len(audio) > max_bytes:
@@ -141,3 +164,8 @@ def _finish(parser, rest: bytes) -> None:
 def _read_spooled(upload) -> bytes:
     upload.file_object.seek(0)
     return upload.file_object.read()
+
+
+def _form_decode(raw: bytes, urlencoded: bool) -> bytes:
+    # python-multipart hands url-encoded names and values over as sent: "+" and %XX still in them.
+    return unquote_to_bytes(raw.replace(b"+", b" ")) if urlencoded else raw
