@@ -413,12 +413,7 @@ STREAMS: list[tuple[str, str, Callable[[], list[bytes | str]], StreamEnd]] = [
     ("encoding-unknown", "encoding=pcm_f32le", lambda: [a_second_of_pcm()], StreamEnd(("INVALID_PARAMETER",), 1008, "encoding")),
 ]
 # Defects in pipeline/streaming (being reworked by others): left for them, found here.
-STREAM_XFAILS = {
-    "garbage-as-ogg-opus-kept-coming": "pipeline/streaming/server.py closes a stream whose audio stops decoding mid-way "
-    "with 1011 (internal error), while the same audio found undecodable at CloseStream gets 1003",
-    "text-frame-nested-100k-deep": "pipeline/streaming/server.py _control catches ValueError and AttributeError but not "
-    "the RecursionError json.loads raises for deep nesting: the stream ends with INTERNAL_ERROR, close 1011",
-}
+STREAM_XFAILS: dict[str, str] = {}  # none left: both found here are fixed (stream limits, _control)
 
 
 async def run_stream(url: str, frames: list[bytes | str]) -> tuple[list[dict], int | None]:

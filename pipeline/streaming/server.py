@@ -100,7 +100,7 @@ def _control(text: str | None) -> str | None:
     """The type of a control message, or None for anything malformed."""
     try:
         kind = json.loads(text or "").get("type")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested too deep
         return None
     return kind if kind in ("KeepAlive", "CloseStream") else None
 
