@@ -6,13 +6,19 @@ import os
 from collections.abc import Sequence
 from typing import ClassVar
 
+import numpy as np
 from faster_whisper import WhisperModel
-from faster_whisper.vad import VadOptions
+from faster_whisper.transcribe import restore_speech_timestamps
+from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from pipeline.asr.base import Capabilities
 from pipeline.asr.models import resolve_model
 from pipeline.core.settings import AsrSettings
-from pipeline.core.types import AsrOptions, Audio, Segment, Transcript, Word
+from pipeline.core.types import SAMPLE_RATE, AsrOptions, Audio, Segment, Transcript, Word
+
+# Silero VAD runs over blocks this long: faster-whisper's own VAD pass pads and re-frames the
+# whole array at once, two extra copies of it (~1 GB for a 2 h file).
+VAD_BLOCK_S = 600
 
 
 class CTranslate2Engine:
@@ -52,11 +58,32 @@ class CTranslate2Engine:
         # keeps every core busy without oversubscribing them.
         return [self._transcribe_one(audio, opts) for audio, opts in zip(batch, options, strict=True)]
 
+    def _speech_chunks(self, samples: np.ndarray) -> list[dict[str, int]]:
+        """Speech spans (sample indices) of the whole audio, found block by block; spans that
+        meet at a block border are joined."""
+        block = VAD_BLOCK_S * SAMPLE_RATE
+        chunks: list[dict[str, int]] = []
+        for offset in range(0, len(samples), block):
+            for found in get_speech_timestamps(samples[offset:offset + block], self._vad):
+                start, end = found["start"] + offset, found["end"] + offset
+                if chunks and start <= chunks[-1]["end"]:
+                    chunks[-1]["end"] = max(chunks[-1]["end"], end)
+                else:
+                    chunks.append({"start": start, "end": end})
+        return chunks
+
     def _transcribe_one(self, audio: Audio, options: AsrOptions) -> Transcript:
         self.check(options)
         duration = audio.duration_s
+        samples, chunks = audio.samples, None
+        if self._settings.vad_filter:
+            # What faster-whisper's vad_filter does (decode the speech only, then map its times
+            # back), with the VAD pass in blocks.
+            chunks = self._speech_chunks(samples)
+            spans = [samples[c["start"]:c["end"]] for c in chunks]
+            samples = np.concatenate(spans) if spans else np.zeros(0, np.float32)
         segments_iter, info = self._model.transcribe(
-            audio.samples,
+            samples,
             language=options.language,
             task="transcribe",
             beam_size=options.beam_size or self._settings.beam_size,
@@ -66,9 +93,10 @@ class CTranslate2Engine:
             # Always on: the alignment pass costs ~1 % here, and word probabilities give the
             # overall confidence the same meaning whether or not words are returned.
             word_timestamps=True,
-            vad_filter=self._settings.vad_filter,
-            vad_parameters=self._vad,
+            vad_filter=False,
         )
+        if chunks:
+            segments_iter = restore_speech_timestamps(segments_iter, chunks, SAMPLE_RATE)
         segments = []
         for seg in segments_iter:  # a generator: decoding happens while iterating
             words = tuple(
