@@ -244,7 +244,9 @@ def test_fetch_failures(api, media_server):
 def test_file_too_large_from_url(api, media_server):
     for path in ("/huge-declared", "/huge-chunked"):
         assert_error(api.post("/v1/listen", json={"url": media_server.url(path)}), 422, "FILE_TOO_LARGE", max_size_mb=100)
-    assert media_server.bytes_sent["/huge-chunked"] < 110_000_000
+    # Stopped at the cap (100 MB), not at the end (150 MB): what the kernel's socket buffers took
+    # before the hang-up (several MB on loopback) also counts as sent.
+    assert media_server.bytes_sent["/huge-chunked"] < 120_000_000
 
 
 def test_file_too_large_upload_refused_without_reading_it(serve_app):
