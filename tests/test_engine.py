@@ -207,35 +207,3 @@ def test_the_in_process_recognizer_refuses_a_poisoned_audio_too():
     transcript = asyncio.run(recognizer.transcribe(Audio(np.zeros(100, np.float32)), AsrOptions(language="en")))
     assert transcript.duration_s == 100 / 16000 and engine.calls == [[100]]
 
-
-@pytest.mark.skipif("ctranslate2" not in ENGINES, reason="a CTranslate2 engine test (not in this run's engines)")
-def test_ctranslate2_vad_runs_in_blocks_with_the_same_result(clips, monkeypatch):
-    """Review finding 16: faster-whisper's own VAD pass copied the whole audio twice (~1 GB for
-    2 h). The engine runs Silero over blocks; a block border inside speech changes nothing."""
-    import tracemalloc
-
-    from pipeline.asr import ctranslate2
-
-    engine = build_engine(AsrSettings(engine="ctranslate2"))
-    beckett = load(clips["beckett"])
-    gap = np.zeros(16000 * 7, dtype=np.float32)
-    audio = Audio(np.concatenate([beckett.samples, gap, beckett.samples]))
-    options = AsrOptions(language="en", word_timestamps=True)
-    [whole] = engine.transcribe([audio], [options])
-    monkeypatch.setattr(ctranslate2, "VAD_BLOCK_S", 4)  # borders inside both clips and the gap
-    [blocked] = engine.transcribe([audio], [options])
-    # The same words (punctuation may differ: a border inside speech changes the decoded chunks).
-    assert wer(whole.text, blocked.text) == 0, (whole.text, blocked.text)
-    assert len(blocked.words) == len(whole.words)
-    # Silero sees a little less context at a border: word times move by less than 0.2 s.
-    assert [w.start for w in blocked.words] == pytest.approx([w.start for w in whole.words], abs=0.2)
-    # 20 min of silence: the VAD pass holds about one block's copies, not two of the whole audio.
-    monkeypatch.setattr(ctranslate2, "VAD_BLOCK_S", 60)
-    silence = Audio(np.zeros(16000 * 1200, dtype=np.float32))
-    tracemalloc.start()
-    try:
-        [t] = engine.transcribe([silence], [AsrOptions(language="en")])
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert t.text == "" and peak < 0.25 * silence.samples.nbytes, peak
