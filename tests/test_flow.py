@@ -308,12 +308,16 @@ def _lost_lease_run(tmp_path, caplog, recognizer_for):
     return asyncio.run(scenario()), meter, lost
 
 
-def test_a_lease_lost_while_running_stops_the_run_uncharged_and_is_reported(tmp_path, caplog):
-    class StolenWhileRunning(FakeRecognizer):
-        def __init__(self, steal):
-            super().__init__()
-            self.steal = steal
+class _Stealing(FakeRecognizer):
+    """A recognizer that takes the job's lease away (``steal``) while it transcribes."""
 
+    def __init__(self, steal):
+        super().__init__()
+        self.steal = steal
+
+
+def test_a_lease_lost_while_running_stops_the_run_uncharged_and_is_reported(tmp_path, caplog):
+    class StolenWhileRunning(_Stealing):
         async def transcribe(self, audio, options):
             self.steal()
             await asyncio.Event().wait()  # the heartbeat must notice and stop this run
@@ -325,11 +329,7 @@ def test_a_lease_lost_while_running_stops_the_run_uncharged_and_is_reported(tmp_
 
 
 def test_a_lease_lost_before_the_charge_is_never_charged_twice(tmp_path, caplog):
-    class StolenBeforeTheEnd(FakeRecognizer):
-        def __init__(self, steal):
-            super().__init__()
-            self.steal = steal
-
+    class StolenBeforeTheEnd(_Stealing):
         async def transcribe(self, audio, options):
             self.steal()  # and answer at once, before any heartbeat
             return await super().transcribe(audio, options)
