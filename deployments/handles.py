@@ -106,13 +106,8 @@ class HandleAudio:
         """The answer as an object reference this process owns (the caller owns what it asked
         for: the object outlives the AudioFetch replica that decoded it). Reading its duration
         maps the samples without copying or touching them."""
-        try:
-            ref = await response._to_object_ref()
-            audio = await ref
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - translated, never swallowed
-            raise unwrap(exc, self._retry) from exc
+        ref = await call(response._to_object_ref(), self._retry)
+        audio = await call(ref, self._retry)
         return AudioRef(ref, audio.duration_s, audio.source_format)
 
 
