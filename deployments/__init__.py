@@ -59,3 +59,9 @@ def log_user_errors_briefly() -> None:
     serve_logger = logging.getLogger("ray.serve")
     if not any(isinstance(f, BriefUserErrors) for f in serve_logger.filters):
         serve_logger.addFilter(BriefUserErrors())
+
+
+# Every replica imports this package before its deployment class runs, and Serve's logging setup
+# replaces the logger's handlers, not its filters: refusals are everyday answers on every
+# deployment (Accounting's 429s, Jobs' 404s, AudioFetch's bad URLs), never tracebacks.
+log_user_errors_briefly()

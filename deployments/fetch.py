@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 
-from deployments import log_user_errors_briefly, replica_info
+from deployments import replica_info
 
 from pipeline.audio.loader import AudioLoader
 from pipeline.core.settings import Settings
@@ -22,8 +22,6 @@ from pipeline.core.types import Audio
 )
 class AudioFetchDeployment:
     def __init__(self, settings: Settings) -> None:
-        # Refused URLs and undecodable audio are everyday answers here, not faults.
-        log_user_errors_briefly()
         self._settings = settings
         self._loader = AudioLoader(settings)
         # Downloads wait on the network: more threads than cores, one per ongoing request.

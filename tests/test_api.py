@@ -211,12 +211,12 @@ def test_forbidden_urls(api, media_server, beckett_bytes):
     assert_error(api.post("/v1/listen", json={"url": redirect}), 403, "FORBIDDEN_URL")
 
 
-def fetch_log_entry(request_id: str) -> tuple[str, str] | None:
-    """The AudioFetch replica log's "Request failed." line for a request, and the line after it."""
+def replica_log_entry(deployment: str, request_id: str) -> tuple[str, str] | None:
+    """A deployment's replica log line "Request failed…" for a request, and the line after it."""
     import ray
 
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
-    for path in logs.glob("replica_hark_AudioFetch_*.log"):
+    for path in logs.glob(f"replica_hark_{deployment}_*.log"):
         lines = path.read_text().splitlines()
         for i, line in enumerate(lines):
             if request_id in line and "Request failed" in line:
@@ -224,13 +224,20 @@ def fetch_log_entry(request_id: str) -> tuple[str, str] | None:
     return None
 
 
-def test_fetch_logs_user_errors_in_one_line(api):
-    # Regression (review finding 17): AudioFetch logged every refused URL with a full traceback.
+@pytest.mark.parametrize("deployment", ["AudioFetch", "Jobs"])
+def test_replicas_log_user_errors_in_one_line(api, deployment):
+    # Regression (review finding 17): replicas logged every refusal with a full traceback
+    # (AudioFetch's forbidden URLs; Jobs' unknown job ids; Accounting's 429s the same way).
     request_id = str(uuid.uuid4())
-    r = api.post("/v1/listen", json={"url": "http://127.0.0.2/a.wav"}, headers={"X-Request-Id": request_id})
-    assert_error(r, 403, "FORBIDDEN_URL")
-    line, after = wait_until(lambda: fetch_log_entry(request_id), 30, what="the AudioFetch log entry")
-    assert "FORBIDDEN_URL" in line, line
+    headers = {"X-Request-Id": request_id}
+    if deployment == "AudioFetch":
+        assert_error(api.post("/v1/listen", json={"url": "http://127.0.0.2/a.wav"}, headers=headers), 403, "FORBIDDEN_URL")
+        code = "FORBIDDEN_URL"
+    else:
+        assert_error(api.get("/v1/jobs/job_no_such_job", headers=headers), 404, "NOT_FOUND")
+        code = "NOT_FOUND"
+    line, after = wait_until(lambda: replica_log_entry(deployment, request_id), 30, what=f"the {deployment} log entry")
+    assert code in line, line
     assert not after.startswith("Traceback"), after
 
 
