@@ -29,7 +29,7 @@ from pipeline.service.auth import KeyRing
 from pipeline.service.runner import JobRequest, refuse_unrunnable
 from pipeline.service.upload import read_listen_input
 from pipeline.streaming.limits import StreamLimits
-from pipeline.streaming.server import ChannelClosed, StreamServer
+from pipeline.streaming.server import ChannelClosed, StreamParams, StreamServer
 from pipeline.transcription.flow import TranscriptionFlow
 from pipeline.transcription.schemas import ListenParams
 
@@ -249,17 +249,18 @@ class Ingress:
         try:
             header = ws.headers.get("authorization") or (f"Token {subprotocols[1]}" if via_protocol else None)
             key_id = self._keys.authenticate(header)
+            params = StreamParams.parse(ws.query_params)
             lease = await call(self._accounting.admit.remote(key_id), self._retry)
         except HarkError as err:
             # Refused before the upgrade, with the API's status and body, as Deepgram refuses it:
-            # no socket is opened for a client that may not use it.
+            # no socket is opened for a client that may not use it, or with options it cannot have.
             await ws.send_denial_response(_error_response(err))
             return
         try:
             await ws.accept(subprotocol="token" if via_protocol else None)
             # Audio received is reserved on the daily quota as it arrives, charged however the
             # stream ends.
-            await self._streams.serve(_WebSocketChannel(ws), ws.query_params,
+            await self._streams.serve(_WebSocketChannel(ws), params,
                                       meter=HandleMeter(self._accounting, key_id, self._retry))
         finally:
             self._detached(self._accounting.release.remote, lease.lease_id, key_id)

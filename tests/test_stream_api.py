@@ -168,13 +168,19 @@ def test_malformed_frames_get_an_error_not_a_crash(serve_app, clips):
 
 
 @pytest.mark.parametrize("query, param", [("sample_rate=abc", "sample_rate"), ("encoding=mulaw", "encoding"), ("interim_results=maybe", "interim_results"), ("language=xx", "language")])
-def test_bad_parameters(serve_app, query, param):
-    async def go():
-        async with websockets.connect(ws_url(serve_app, query), additional_headers={"Authorization": f"Token {API_KEYS[0]}"}) as ws:
-            return await drain(ws), ws.close_code
+def test_bad_parameters_are_refused_in_the_handshake(serve_app, query, param):
+    """Like a bad key, a bad option is refused before the upgrade with the API's 400 and body, as
+    Deepgram refuses it (it used to be accepted, then answered with an Error message and 1008)."""
 
-    messages, code = asyncio.run(go())
-    assert messages[0]["code"] == "INVALID_PARAMETER" and messages[0]["param"] == param and code == 1008
+    async def go():
+        async with websockets.connect(ws_url(serve_app, query), additional_headers={"Authorization": f"Token {API_KEYS[0]}"}):
+            pass
+
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        asyncio.run(go())
+    response = refused.value.response
+    body = json.loads(response.body)
+    assert response.status_code == 400 and body["code"] == "INVALID_PARAMETER" and body["param"] == param, body
 
 
 def test_concurrent_streams(serve_app, clips):

@@ -351,14 +351,14 @@ def serve_stream(frames, limits, advance_s, meter=None):
     """Serve ``frames`` then CloseStream; returns (messages sent, close code, seconds charged)."""
     import json
 
-    from pipeline.streaming.server import StreamServer
+    from pipeline.streaming.server import StreamParams, StreamServer
     from pipeline.transcription.flow import TranscriptionFlow
 
     clock = Clock()
     server = StreamServer(TranscriptionFlow(FakeRecognizer(), speakers=None), limits, clock=clock)
     channel = FakeChannel([*({"bytes": f} for f in frames), {"text": json.dumps({"type": "CloseStream"})}], clock, advance_s)
     meter = meter or BookMeter()
-    asyncio.run(server.serve(channel, {}, meter=meter))
+    asyncio.run(server.serve(channel, StreamParams(), meter=meter))
     assert meter.book.usage("k")["audio_s_reserved"] == 0  # nothing left reserved
     return channel.sent, channel.close_code, meter.charged_s
 

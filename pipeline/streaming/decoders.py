@@ -216,10 +216,15 @@ def stream_decoder(encoding: str, sample_rate: int, channels: int, *, max_backlo
                    max_ready_s: float = 10.0):
     """The decoder for a stream's ``encoding``: raw ``linear16``, or any container we decode
     (with its bounds, see ``ContainerDecoder``)."""
-    if encoding == "linear16":
+    if check_encoding(encoding) == "linear16":
         return Linear16Decoder(sample_rate, channels)
-    if encoding in CONTAINER_ENCODINGS:
-        return ContainerDecoder(max_backlog_bytes, max_ready_s)
+    return ContainerDecoder(max_backlog_bytes, max_ready_s)
+
+
+def check_encoding(encoding: str) -> str:
+    """``encoding`` if a stream may use it, else ``INVALID_PARAMETER`` naming the choices."""
+    if encoding == "linear16" or encoding in CONTAINER_ENCODINGS:
+        return encoding
     from pipeline.core.errors import InvalidParameter
 
     raise InvalidParameter(

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.core.errors import AudioTooLong, HarkError, InvalidAudio, InvalidParameter, RateLimited, StreamTimeout
 from pipeline.core.types import SAMPLE_RATE
-from pipeline.streaming.decoders import stream_decoder
+from pipeline.streaming.decoders import check_encoding, stream_decoder
 from pipeline.streaming.limits import FrameTooLarge, StreamBudget, StreamLimits
 from pipeline.streaming.session import StreamingSession, StreamOptions
 from pipeline.transcription.flow import Meter, TranscriptionFlow
@@ -75,7 +75,9 @@ class StreamParams(BaseModel):
         if endpointing is not None:
             fields["endpointing_ms"] = None if endpointing.lower() == "false" else endpointing
         try:
-            return cls(language=listen.language, punctuate=listen.punctuate, **fields)
+            params = cls(language=listen.language, punctuate=listen.punctuate, **fields)
+            check_encoding(params.encoding)
+            return params
         except ValidationError as exc:
             error = exc.errors()[0]
             name = str(error["loc"][0]) if error["loc"] else "query"
@@ -166,14 +168,16 @@ class StreamServer:
         # letting many streams crowd the cores.
         self._cpu = ThreadPoolExecutor(max_workers=cpu_threads, thread_name_prefix="stream-cpu")
 
-    async def serve(self, channel: Channel, query: Mapping[str, str], meter: Meter) -> None:
+    async def serve(self, channel: Channel, params: StreamParams, meter: Meter) -> None:
         """Run one stream to its end, on the caller's audio quota: the audio received is reserved
         as it arrives (``RATE_LIMITED`` ends the stream when the quota runs out) and charged
-        however the stream ends, a cancelled one included."""
+        however the stream ends, a cancelled one included.
+
+        ``params`` are parsed by the caller (``StreamParams.parse``) before it accepts the socket,
+        so that bad options are refused in the handshake, as Deepgram refuses them."""
         request_id = f"req_{uuid.uuid4().hex}"
         tab = _QuotaTab(meter, self._limits.quota_step_s)
         try:
-            params = StreamParams.parse(query)
             await tab.open()
             try:
                 caps = await self._flow.capabilities()
