@@ -53,6 +53,15 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.2, what: str =
         time.sleep(interval_s)
 
 
+def pytest_collection_finish(session) -> None:
+    # The suites that run in environments of their own start now and run beside the rest
+    # (tests/test_separate_envs.py): their time overlaps the suite's instead of adding to it.
+    for item in session.items:
+        start = getattr(getattr(item, "module", None), "start_in_background", None)
+        if start is not None:
+            start(item.name)
+
+
 @pytest.fixture(scope="session")
 def clips() -> dict[str, assets.Clip]:
     return assets.prepare()

@@ -6,12 +6,23 @@
 
 scripts/vllm-env.sh and scripts/pyannote-env.sh build each environment once (cached under
 ~/.cache/hark) and print its python; these tests run the suites there and check the outcome.
+
+Each of those runs is a process of its own that mostly waits on one engine: it is started as soon
+as the session has collected its tests (``pytest_collection_finish`` in conftest.py calls
+``start_in_background``) and runs beside the rest of the suite; the test itself waits for it.
 """
 
+from __future__ import annotations
+
+import atexit
 import os
+import queue
 import re
+import signal
 import subprocess
-import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -19,26 +30,84 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_in_env(script: str, tests: str, minimum_passed: int, **env: str) -> None:
-    build = subprocess.run(["bash", str(REPO / "scripts" / script)], capture_output=True, text=True, timeout=1200)
-    assert build.returncode == 0, build.stderr[-4000:]
-    python = build.stdout.strip().splitlines()[-1]
-    run = subprocess.run(
-        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", tests],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **env}, capture_output=True, text=True, timeout=1200,
-    )
-    sys.stdout.write(run.stdout[-6000:])
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    summary = run.stdout.strip().splitlines()[-1]
-    passed = int(re.search(r"(\d+) passed", summary).group(1))
-    assert passed >= minimum_passed and "skipped" not in summary and "failed" not in summary, summary
+@dataclass
+class EnvRun:
+    """A pytest run in an environment built by ``script`` (its output to a temporary file)."""
+
+    script: str
+    tests: str
+    minimum_passed: int
+    env: dict[str, str]
+    done: threading.Event = field(default_factory=threading.Event)
+    queued: bool = False
+    returncode: int | None = None
+    output: str = ""
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    def run(self) -> None:
+        with tempfile.TemporaryFile("w+") as log:
+            # The environment's python is the last line the script prints; its build logs go to stderr.
+            command = (f'python="$(bash scripts/{self.script} | tail -n 1)" && '
+                       f'exec "$python" -m pytest -q -p no:cacheprovider {self.tests}')
+            try:
+                self.proc = subprocess.Popen(
+                    ["bash", "-c", command], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    # One core: the rest of the suite runs beside it on the other.
+                    env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HARK_CPU_THREADS": "1", **self.env},
+                )
+                self.returncode = self.proc.wait()
+                log.seek(0)
+                self.output = log.read()
+            finally:
+                self.done.set()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def check(self, timeout_s: float) -> None:
+        if not self.queued:  # run on its own (the hook did not queue it)
+            self.run()
+        assert self.done.wait(timeout_s), f"{self.tests} in {self.script}'s environment: no result in {timeout_s} s"
+        print(self.output[-6000:])
+        assert self.returncode == 0, self.output[-8000:]
+        summary = self.output.strip().splitlines()[-1]
+        passed = int(re.search(r"(\d+) passed", summary).group(1))
+        assert passed >= self.minimum_passed and "skipped" not in summary and "failed" not in summary, summary
+
+
+RUNS = {
+    "test_vllm_engine_meets_the_engine_contract": EnvRun(
+        "vllm-env.sh", "tests/test_engine.py", minimum_passed=9, env={"HARK_TEST_ENGINES": "vllm"}),
+    "test_pyannote_backend_in_its_environment": EnvRun(
+        "pyannote-env.sh", "tests/pyannote_env", minimum_passed=3, env={"HARK_IN_PYANNOTE_ENV": "1"}),
+}
+
+
+_queue: queue.Queue[EnvRun] = queue.Queue()
+
+
+def _worker() -> None:
+    # One run at a time: each gets one core, the rest of the suite the other.
+    while True:
+        _queue.get().run()
+
+
+def start_in_background(test_name: str) -> None:
+    run = RUNS[test_name]
+    if not run.queued:
+        run.queued = True
+        _queue.put(run)
+        atexit.register(run.stop)
+    if not any(t.name == "hark-env-runs" for t in threading.enumerate()):
+        threading.Thread(target=_worker, name="hark-env-runs", daemon=True).start()
 
 
 @pytest.mark.timeout(2400)
 def test_vllm_engine_meets_the_engine_contract():
-    run_in_env("vllm-env.sh", "tests/test_engine.py", minimum_passed=9, HARK_TEST_ENGINES="vllm")
+    RUNS["test_vllm_engine_meets_the_engine_contract"].check(timeout_s=2300)
 
 
 @pytest.mark.timeout(2400)
 def test_pyannote_backend_in_its_environment():
-    run_in_env("pyannote-env.sh", "tests/pyannote_env", minimum_passed=3, HARK_IN_PYANNOTE_ENV="1")
+    RUNS["test_pyannote_backend_in_its_environment"].check(timeout_s=2300)
