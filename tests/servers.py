@@ -56,8 +56,20 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # keep test output quiet
         pass
 
+    def do_HEAD(self) -> None:  # noqa: N802
+        # /s3drip/KEY: an S3 endpoint (path-style) whose objects exist and then drip (see _drip).
+        if not self.path.startswith("/s3drip/"):
+            return self._status(404)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(_WAV_HEADER) + 1_000_000))
+        self.send_header("ETag", '"0"')
+        self.send_header("Last-Modified", "Tue, 01 Dec 2026 00:00:00 GMT")
+        self.end_headers()
+
     def do_GET(self) -> None:  # noqa: N802
         parts = urlsplit(self.path)
+        if parts.path.startswith("/s3drip/"):
+            return self._drip(in_headers=False, seconds=10)
         query = parse_qs(parts.query)
         self.server.hosts_seen.append(self.headers.get("Host", ""))
         if parts.path.startswith("/files/"):

@@ -5,6 +5,7 @@ and non-loopback addresses appear only in pure checks that open no connection.
 """
 
 import ipaddress
+import io
 import threading
 import time
 
@@ -152,6 +153,23 @@ def test_slow_drip_ends_at_the_total_deadline(media_server, path):
     assert time.monotonic() - started < 3.0
 
 
+def test_slow_s3_endpoint_ends_at_the_total_deadline(media_server):
+    # Regression (review finding 7, left over): s3:// reads checked the deadline only between
+    # 256 KiB chunks, so an endpoint sending a byte every 0.1 s held the fetch for 10 s.
+    import s3fs
+
+    from pipeline.audio.fetch import FetchLimits, fetch_s3
+
+    endpoint = media_server.url("/").rstrip("/")
+    filesystem = s3fs.S3FileSystem(key="k", secret="s", endpoint_url=endpoint, skip_instance_cache=True,
+                                   config_kwargs={"read_timeout": 5, "retries": {"max_attempts": 1}})
+    limits = FetchLimits(max_bytes=10_000_000, max_mb=10, read_timeout_s=5.0, total_timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(FetchFailed, match="did not finish within 1 s"):
+        fetch_s3("s3://s3drip/a.wav", io.BytesIO(), limits, allowlist=None, filesystem=filesystem)
+    assert time.monotonic() - started < 3.0
+
+
 def test_slow_dns_ends_at_the_total_deadline(media_server):
     # Regression (review finding 7): name resolution had no timeout at all.
     answered = threading.Event()
@@ -222,12 +240,18 @@ def test_s3_urls_reach_only_allowed_buckets_and_folders(s3_server):
 
 
 class _DeniedS3:
-    """An S3 filesystem whose credentials may read nothing (moto grants everything)."""
+    """An S3 filesystem whose credentials may read nothing (moto grants everything), with the
+    async side of s3fs that the fetch uses: its event loop, ``_info`` and ``open_async``."""
 
-    def info(self, path):
+    def __init__(self) -> None:
+        import fsspec.asyn
+
+        self.loop = fsspec.asyn.get_loop()
+
+    async def _info(self, path):
         raise PermissionError(f"Access Denied: {path}")
 
-    def open(self, path, *args, **kwargs):
+    async def open_async(self, path, *args, **kwargs):
         raise PermissionError(f"Access Denied: {path}")
 
 

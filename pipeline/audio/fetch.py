@@ -18,13 +18,13 @@ import asyncio
 import ipaddress
 import re
 import socket
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 from urllib.parse import SplitResult, unquote_to_bytes, urljoin, urlsplit, urlunsplit
 
+import aiohttp
 import httpx
 import idna
 
@@ -331,21 +331,34 @@ def fetch_s3(url: str, out: BinaryIO, limits: FetchLimits, allowlist: S3Allowlis
             }
         )
     path = f"{bucket}/{key}"
-    deadline = time.monotonic() + limits.total_timeout_s
+    # s3fs is asynchronous underneath: the read runs on its event loop under a deadline that
+    # cancels whatever it waits on, as for http(s), instead of a check between chunks that an
+    # endpoint sending a byte at a time never lets happen.
+    future = asyncio.run_coroutine_threadsafe(_fetch_s3(filesystem, path, _Sink(out, limits), limits), filesystem.loop)
     try:
-        info = filesystem.info(path)
-        if info.get("type", "file") != "file":  # a folder: no object of that name
-            raise _no_such_object()
-        size = info.get("size")
-        if size is not None and size > limits.max_bytes:
-            raise FileTooLarge(limits.max_mb)
-        sink = _Sink(out, limits)
-        with filesystem.open(path, "rb", block_size=4 * _CHUNK, cache_type="none") as remote:
-            while chunk := remote.read(_CHUNK):
-                sink.write(chunk)
-                if time.monotonic() > deadline:
-                    raise FetchFailed(f"The download did not finish within {limits.total_timeout_s:g} s")
+        future.result()
     except (FileNotFoundError, PermissionError):
         raise _no_such_object() from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, aiohttp.ClientError) as exc:
         raise FetchFailed(f"Could not read {url}: {exc}") from None
+
+
+async def _fetch_s3(filesystem, path: str, sink: _Sink, limits: FetchLimits) -> None:
+    try:
+        async with asyncio.timeout(limits.total_timeout_s) as deadline:
+            info = await filesystem._info(path)
+            if info.get("type", "file") != "file":  # a folder: no object of that name
+                raise _no_such_object()
+            size = info.get("size")
+            if size is not None and size > limits.max_bytes:
+                raise FileTooLarge(limits.max_mb)
+            remote = await filesystem.open_async(path, "rb")
+            try:
+                while chunk := await remote.read(_CHUNK):
+                    sink.write(chunk)  # a local spool file: no wait worth leaving the loop for
+            finally:
+                await remote.close()
+    except TimeoutError:
+        if not deadline.expired():  # a connect or read timeout of the client: an OSError like others
+            raise
+        raise FetchFailed(f"The download did not finish within {limits.total_timeout_s:g} s") from None
