@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 from ray import serve
 
 from deployments import replica_info
@@ -30,7 +31,8 @@ class AudioFetchDeployment:
     async def from_url(self, url: str) -> Audio:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._loader.from_url, url)
 
-    async def from_bytes(self, data: bytes) -> Audio:
+    async def from_bytes(self, data: np.ndarray) -> Audio:
+        """``data``: the upload's bytes as a uint8 array, read in place from the object store."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._loader.from_bytes, data)
 
     def describe(self) -> dict:

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from ray import ObjectRef
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
@@ -99,8 +100,11 @@ class HandleAudio:
     async def from_url(self, url: str) -> AudioRef:
         return await self._kept(self._fetch.from_url.remote(url))
 
-    async def from_bytes(self, data: bytes) -> AudioRef:
-        return await self._kept(self._fetch.from_bytes.remote(data))
+    async def from_bytes(self, data: bytes | bytearray) -> AudioRef:
+        # As an array the upload travels out of band: written once, straight into the object
+        # store, and read there by AudioFetch without a copy (bytes would be copied into the
+        # pickle first, and again out of it).
+        return await self._kept(self._fetch.from_bytes.remote(np.frombuffer(data, np.uint8)))
 
     async def _kept(self, response) -> AudioRef:
         """The answer as an object reference this process owns (the caller owns what it asked

@@ -34,6 +34,21 @@ def test_every_format_recognised_by_content_and_decoded(beckett, encoding):
     assert np.corrcoef(envelope(audio.samples), envelope(beckett.samples))[0, 1] > 0.9
 
 
+@pytest.mark.parametrize("encoding", ["wav", "mp3", "m4a-aac"])
+def test_an_upload_is_decoded_where_it_lies(beckett, encoding):
+    """Uploads reach AudioFetch as a read-only uint8 array in the object store: decoded in place,
+    with the same samples as from bytes."""
+    from pipeline.audio.loader import AudioLoader
+    from pipeline.core.settings import Settings
+
+    data = encode(beckett.samples, encoding)
+    in_store = np.frombuffer(data, np.uint8)
+    assert not in_store.flags.writeable
+    from_array = AudioLoader(Settings()).from_bytes(in_store)
+    np.testing.assert_array_equal(from_array.samples, decode(data, max_duration_s=7200).samples)
+    assert from_array.source_format == encoding.split("-")[0]
+
+
 def test_stereo_44k_is_downmixed_and_resampled():
     t = np.arange(44100 * 2) / 44100
     left = 0.5 * np.sin(2 * np.pi * 440 * t)

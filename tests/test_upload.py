@@ -2,6 +2,7 @@ import asyncio
 import json
 
 import httpx
+import numpy as np
 import pytest
 
 from pipeline.core.errors import FileTooLarge, InvalidParameter
@@ -138,3 +139,29 @@ def test_form_cut_short_is_malformed():
         _read(ctype, body[:-100])
     assert info.value.extra == {"param": "body"}
     assert _read(ctype, b"").audio is None  # an empty body is no input, not a broken one
+
+
+@pytest.mark.parametrize("declared", [None, 1000, 3_000_000, 5_000_000], ids=["none", "too-small", "exact", "too-large"])
+def test_a_raw_body_is_held_once(declared):
+    """Review finding 16: the body was kept as a list of chunks and joined, twice its size at once
+    (and bytes then went into the object store through a pickled copy). It is now filled into one
+    buffer as it arrives; a Content-Length that is wrong either way still gives the bytes sent."""
+    import tracemalloc
+
+    body = np.random.default_rng(0).integers(0, 256, 3_000_000, dtype=np.uint8).tobytes()
+
+    async def stream():
+        for i in range(0, len(body), 64 * 1024):
+            yield body[i : i + 64 * 1024]
+
+    async def read():
+        tracemalloc.start()  # inside the loop: not what starting an event loop allocates
+        try:
+            got = await read_listen_input("audio/wav", stream(), content_length=declared, max_bytes=10_000_000, max_mb=10)
+            return got, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    got, peak = asyncio.run(read())
+    assert got.audio == body
+    assert peak < 1.3 * max(len(body), declared or 0), peak

@@ -59,16 +59,16 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def decode(source: str | Path | bytes | BinaryIO, *, max_duration_s: float) -> Audio:
-    """Decode a file (path, bytes or binary file object) to 16 kHz mono float32.
+def decode(source: str | Path | bytes | bytearray | memoryview | BinaryIO, *, max_duration_s: float) -> Audio:
+    """Decode a file (path, buffer or binary file object) to 16 kHz mono float32.
 
     Raises ``UNSUPPORTED_FORMAT`` for content that is none of the supported formats (a video
     without audio included), ``INVALID_AUDIO`` for a supported container that does not decode or
     holds no audio, and ``AUDIO_TOO_LONG`` as soon as the audio is known to exceed the limit.
     """
     stream: BinaryIO
-    if isinstance(source, bytes):
-        stream = io.BytesIO(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        stream = _BufferReader(source)
     elif isinstance(source, (str, Path)):
         stream = open(source, "rb")  # noqa: SIM115 - closed below
     else:
@@ -86,6 +86,37 @@ def decode(source: str | Path | bytes | BinaryIO, *, max_duration_s: float) -> A
         if isinstance(source, (str, Path)):
             stream.close()
     return Audio(samples=samples, source_format=fmt)
+
+
+class _BufferReader(io.RawIOBase):
+    """A seekable binary file over a buffer, read in place (``io.BytesIO`` copies anything but
+    ``bytes`` first: an upload read from the object store would be copied whole)."""
+
+    def __init__(self, buffer: bytes | bytearray | memoryview) -> None:
+        self._view = memoryview(buffer).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        n = max(0, min(len(target), len(self._view) - self._pos))
+        target[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
 
 
 class _SampleBuffer:

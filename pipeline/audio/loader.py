@@ -5,6 +5,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.audio import decode as audio
 from pipeline.core.errors import FileTooLarge
 from pipeline.audio.fetch import FetchLimits, Resolver, S3Allowlist, UrlGuard, fetch_http, fetch_s3, system_resolver
@@ -43,7 +45,9 @@ class AudioLoader:
             spool.seek(0)
             return audio.decode(spool, max_duration_s=self.max_duration_s)
 
-    def from_bytes(self, data: bytes) -> Audio:
+    def from_bytes(self, data: bytes | bytearray | memoryview | np.ndarray) -> Audio:
+        """The audio in a buffer (an upload's bytes), decoded where it lies."""
+        data = memoryview(data).cast("B")
         if len(data) > self.limits.max_bytes:
             raise FileTooLarge(self.limits.max_mb)
         return audio.decode(data, max_duration_s=self.max_duration_s)

@@ -32,7 +32,7 @@ PARSE_STEP_BYTES = 1 << 20
 class ListenInput:
     fields: dict[str, Any] = field(default_factory=dict)  # options found in the body
     url: str | None = None
-    audio: bytes | None = None
+    audio: bytes | bytearray | None = None
 
 
 async def read_listen_input(
@@ -58,16 +58,20 @@ def _json_too_large() -> InvalidParameter:
     return InvalidParameter("JSON body too large: send audio as a multipart upload", param="body")
 
 
-async def _read_capped(body: AsyncIterator[bytes], cap: int, content_length: int | None, error) -> bytes:
+async def _read_capped(body: AsyncIterator[bytes], cap: int, content_length: int | None, error) -> bytearray:
+    """The body in one buffer, filled as it arrives (sized from Content-Length when there is
+    one): the body is held once, never as chunks and a joined copy beside them."""
     if content_length is not None and content_length > cap:
         raise error()
-    chunks, total = [], 0
+    data, total = bytearray(content_length or 0), 0
     async for chunk in body:
-        total += len(chunk)
-        if total > cap:
+        end = total + len(chunk)
+        if end > cap:
             raise error()
-        chunks.append(chunk)
-    return b"".join(chunks)
+        data[total:end] = chunk  # in place while within the declared length, appended past it
+        total = end
+    del data[total:]  # a body shorter than it declared
+    return data
 
 
 def _from_json(raw: bytes) -> ListenInput:
@@ -161,9 +165,12 @@ def _finish(parser, rest: bytes) -> None:
     parser.finalize()
 
 
-def _read_spooled(upload) -> bytes:
-    upload.file_object.seek(0)
-    return upload.file_object.read()
+def _read_spooled(upload) -> bytearray:
+    spool = upload.file_object
+    data = bytearray(spool.seek(0, 2))
+    spool.seek(0)
+    spool.readinto(data)
+    return data
 
 
 def _form_decode(raw: bytes, urlencoded: bool) -> bytes:
