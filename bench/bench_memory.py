@@ -78,10 +78,12 @@ def memory(pid: int) -> tuple[float, float]:
 
 
 def object_store_used_mb() -> float:
+    import ray
     from ray._private.internal_api import memory_summary
 
     try:
-        summary = memory_summary(stats_only=True)
+        # This script's own Ray instance: without an address it would find the newest one on the machine.
+        summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     except Exception:  # noqa: BLE001 - a figure we can do without
         return float("nan")
     for line in summary.splitlines():
