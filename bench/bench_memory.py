@@ -13,7 +13,10 @@ While it runs, ``--streams N`` live streams play Beckett's clip in a loop at rea
 ``/health`` is asked every 0.2 s: its worst latency shows whether the ingress's event loop stays
 free (review finding 13).
 
-Usage: python bench/bench_memory.py [--minutes 120] [--no-diarize] [--streams 3]
+``--source url`` sends the file's URL instead (a loopback HTTP server serves it): the ingress
+then never holds the file, only AudioFetch downloads it.
+
+Usage: python bench/bench_memory.py [--minutes 120] [--no-diarize] [--streams 3] [--source upload|url]
 Talks to loopback only; starts and stops its own Ray instance.
 """
 
@@ -36,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import assets  # noqa: E402
+from servers import MediaServer  # noqa: E402
 
 from pipeline.audio.decode import decode  # noqa: E402
 
@@ -97,6 +101,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=120)
     parser.add_argument("--no-diarize", action="store_true")
     parser.add_argument("--streams", type=int, default=3)
+    parser.add_argument("--source", choices=["upload", "url"], default="upload")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -112,7 +117,8 @@ def main() -> None:
     ray.init(address="local", num_cpus=4, object_store_memory=2 * 1024**3, include_dashboard=False, log_to_driver=False)
     port = 7172
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 3600})
-    serve.run(build_app({"settings": {"license_keys": [KEY]}, "deployment_options": options}), name="hark", route_prefix="/")
+    settings = {"license_keys": [KEY], "url_allowlist": ["127.0.0.1/32"]}
+    serve.run(build_app({"settings": settings, "deployment_options": options}), name="hark", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while httpx.get(f"{base}/ready", timeout=30).status_code != 200:
@@ -172,16 +178,23 @@ def main() -> None:
     threads = [threading.Thread(target=f, daemon=True) for f in (sample, ask_health, *[stream] * args.streams)]
     for thread in threads:
         thread.start()
+    media = MediaServer().__enter__()
+    media.files["long.wav"] = data
+    if args.source == "url":
+        request = {"json": {"url": media.url("/files/long.wav")}}
+    else:
+        request = {"content": data, "headers": {"Content-Type": "audio/wav"}}
     started = time.perf_counter()
-    r = httpx.post(f"{base}/v1/listen", params={"diarize": str(not args.no_diarize).lower()}, content=data,
-                   headers={"Authorization": f"Token {KEY}", "Content-Type": "audio/wav"}, timeout=3600)
+    r = httpx.post(f"{base}/v1/listen", params={"diarize": str(not args.no_diarize).lower()},
+                   headers={"Authorization": f"Token {KEY}", **request.pop("headers", {})}, timeout=3600, **request)
     elapsed = time.perf_counter() - started
     stop.set()
     for thread in threads:
         thread.join(timeout=120)
     assert r.status_code == 200, r.text
     body = r.json()
-    print(f"{args.minutes:g} min file ({len(data) / MB:.1f} MB WAV, {decoded_mb:.1f} MB decoded), "
+    media.__exit__(None, None, None)
+    print(f"{args.minutes:g} min file by {args.source} ({len(data) / MB:.1f} MB WAV, {decoded_mb:.1f} MB decoded), "
           f"diarize={not args.no_diarize}: answered in {elapsed:.0f} s, {len(body.get('words', []))} words, "
           f"{len(body.get('speakers') or [])} speaker turns")
     print(f"{'process':28} {'RSS before':>11} {'RSS peak':>10} {'PSS before':>11} {'PSS peak':>10} {'PSS extra':>10}")
