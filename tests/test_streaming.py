@@ -392,3 +392,70 @@ def test_a_stream_is_cut_off_when_its_keys_audio_quota_runs_out():
     assert 55 <= charged <= 60  # cut within one reservation step of the quota, charged what was received
     sent, code, _ = serve_stream([SECOND], StreamLimits(), 1.0, meter=meter)  # spent: refused at once
     assert (sent[-1].get("code"), code) == ("RATE_LIMITED", 1008)
+
+
+def test_a_busy_server_does_not_make_a_real_time_client_look_fast(clips):
+    """Found by the playground's live test on a loaded machine: the pace was judged when a frame
+    was read, and frames are not read while a decode runs, so the frames that came in meanwhile
+    looked like a burst and a client speaking at 1x was cut off as "faster than 4x real time".
+    Frames are now taken (and timed) as they arrive, while the decode runs."""
+    from pipeline.audio.decode import decode
+    from pipeline.streaming.limits import StreamLimits
+    from pipeline.streaming.server import ChannelClosed, StreamParams, StreamServer
+    from pipeline.tools.stream_client import linear16
+    from pipeline.transcription.flow import TranscriptionFlow
+
+    class SlowRecognizer(FakeRecognizer):
+        calls = 0
+
+        async def transcribe(self, audio, options):
+            SlowRecognizer.calls += 1
+            await asyncio.sleep(0.8)  # a decode that takes 0.8 s, as a busy 2-core server's do
+            return await super().transcribe(audio, options)
+
+    frame_s = 0.1
+    speech = decode(clips["fox"].path, max_duration_s=60).samples
+    pcm = linear16(np.concatenate([speech, np.zeros(SAMPLE_RATE, np.float32)]))
+    step = int(2 * SAMPLE_RATE * frame_s)
+    frames = [pcm[i : i + step] for i in range(0, len(pcm), step)]
+
+    class RealTimeClient:
+        """Frames arrive every 0.1 s whether or not the server reads them (the socket holds them)."""
+
+        def __init__(self) -> None:
+            self.arrived: asyncio.Queue = asyncio.Queue()
+            self.sent, self.close_code = [], None
+
+        async def play(self) -> None:
+            for frame in frames:
+                self.arrived.put_nowait({"bytes": frame})
+                await asyncio.sleep(frame_s)
+            self.arrived.put_nowait({"text": '{"type": "CloseStream"}'})
+
+        async def receive(self):
+            if self.close_code is not None:
+                raise ChannelClosed
+            return await self.arrived.get()
+
+        async def send_json(self, message):
+            self.sent.append(message)
+
+        async def close(self, code, reason=""):
+            self.close_code = code
+
+    async def go(limits):
+        client = RealTimeClient()
+        server = StreamServer(TranscriptionFlow(SlowRecognizer(), speakers=None), limits)
+        playing = asyncio.create_task(client.play())
+        await server.serve(client, StreamParams(), meter=BookMeter())
+        playing.cancel()
+        return client
+
+    # A burst of half a second: what 0.8 s of frames piled up in the socket exceeds.
+    client = asyncio.run(go(StreamLimits(max_speed_x=4.0, burst_s=0.5)))
+    errors = [m for m in client.sent if m["type"] == "Error"]
+    assert errors == [] and client.sent[-1]["type"] == "Metadata" and client.close_code == 1000, errors
+    assert SlowRecognizer.calls >= 2  # the decodes did run, slowly
+    # A server that falls further behind than the backlog allows says so, instead of holding more.
+    client = asyncio.run(go(StreamLimits(max_backlog_s=0.5)))
+    assert client.sent[-1]["code"] == "SERVICE_UNAVAILABLE" and client.close_code == 1013, client.sent[-1]

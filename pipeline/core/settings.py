@@ -208,6 +208,12 @@ class Settings(BaseSettings):
     stream_max_duration_s: int = Field(
         7200, ge=1, description="Longest live stream, in seconds of audio; longer ends it with AUDIO_TOO_LONG."
     )
+    stream_max_backlog_s: float = Field(
+        120.0,
+        ge=1.0,
+        description="Seconds of a live stream's audio that may wait to be transcribed; a server further behind "
+        "ends the stream with SERVICE_UNAVAILABLE (close code 1013) instead of holding ever more.",
+    )
     asr: AsrSettings = Field(default_factory=AsrSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     diarization: DiarizationSettings = Field(default_factory=DiarizationSettings)

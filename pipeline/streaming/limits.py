@@ -31,6 +31,9 @@ class StreamLimits:
     burst_s: float = 10.0  # audio that may come at once, beyond the pace
     max_duration_s: float = 7200.0  # longest stream, in seconds of audio
     quota_step_s: float = 5.0  # the daily audio quota is reserved ahead in steps this long
+    # Audio received but not yet transcribed: beyond this the server cannot keep up with the
+    # stream, and says so (503) rather than holding ever more of it.
+    max_backlog_s: float = 120.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "StreamLimits":
@@ -40,6 +43,7 @@ class StreamLimits:
             max_speed_x=settings.stream_max_speed_x,
             burst_s=settings.stream_burst_s,
             max_duration_s=settings.stream_max_duration_s,
+            max_backlog_s=settings.stream_max_backlog_s,
         )
 
     @property

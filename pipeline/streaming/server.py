@@ -20,7 +20,9 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.core.errors import AudioTooLong, HarkError, InvalidAudio, InvalidParameter, RateLimited, StreamTimeout
+from pipeline.core.errors import (
+    AudioTooLong, HarkError, InvalidAudio, InvalidParameter, RateLimited, ServiceUnavailable, StreamTimeout,
+)
 from pipeline.core.types import SAMPLE_RATE
 from pipeline.streaming.decoders import check_encoding, stream_decoder
 from pipeline.streaming.limits import FrameTooLarge, StreamBudget, StreamLimits
@@ -122,6 +124,26 @@ def _as_hark_error(exc: BaseException) -> HarkError:
     return HarkError("Internal error")
 
 
+class _Backlog:
+    """What a stream's reader has taken in and its transcription loop not yet used, in order;
+    counts the audio seconds it holds."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.audio_s = 0.0
+
+    def put(self, kind: str, value: Any = None) -> None:
+        if kind == "audio":
+            self.audio_s += len(value) / SAMPLE_RATE
+        self._queue.put_nowait((kind, value))
+
+    async def get(self) -> tuple[str, Any]:
+        kind, value = await self._queue.get()
+        if kind == "audio":
+            self.audio_s -= len(value) / SAMPLE_RATE
+        return kind, value
+
+
 def _close_code(err: HarkError) -> int:
     """The WebSocket close code (RFC 6455) that goes with an error that ends a stream."""
     if isinstance(err, FrameTooLarge):
@@ -130,6 +152,8 @@ def _close_code(err: HarkError) -> int:
         return 1008  # policy violation
     if isinstance(err, InvalidAudio):
         return 1003  # data it cannot accept
+    if isinstance(err, ServiceUnavailable):
+        return 1013  # try again later
     return 1011
 
 
@@ -202,30 +226,58 @@ class StreamServer:
             finally:
                 await asyncio.shield(tab.close(session.received_s))
 
-    async def _loop(self, channel: Channel, session: StreamingSession, decoder, budget: StreamBudget,
-                    tab: "_QuotaTab", request_id: str, channels: int) -> None:
-        idle = self._limits.idle_timeout_s
+    async def _read(self, channel: Channel, decoder, budget: StreamBudget, backlog: _Backlog) -> None:
+        """Take the client's frames as they come until CloseStream or an error (which is queued
+        for the transcription loop to answer, in its turn)."""
+        idle, limits = self._limits.idle_timeout_s, self._limits
         loop = asyncio.get_running_loop()
         try:
             while True:
                 try:
                     message = await asyncio.wait_for(channel.receive(), timeout=idle)
                 except asyncio.TimeoutError:
-                    await send_error(channel, StreamTimeout(f"No audio or KeepAlive for {idle:g} s"), close_code=1011)
-                    return
+                    raise StreamTimeout(f"No audio or KeepAlive for {idle:g} s") from None
                 if message.get("bytes") is not None:
                     budget.check_frame(len(message["bytes"]))
                     samples = await loop.run_in_executor(self._cpu, decoder.decode, message["bytes"])
                     budget.take(len(samples) / SAMPLE_RATE)
-                    await tab.cover(session.received_s + len(samples) / SAMPLE_RATE)
-                    for event in await session.feed(samples):
-                        await channel.send_json(event)
+                    if backlog.audio_s + len(samples) / SAMPLE_RATE > limits.max_backlog_s:
+                        raise ServiceUnavailable(
+                            f"The server cannot keep up with this stream: more than {limits.max_backlog_s:g} s "
+                            "of its audio wait to be transcribed", retry_after=30)
+                    backlog.put("audio", samples)
                     continue
                 control = _control(message.get("text"))
+                if control == "CloseStream":
+                    backlog.put("close")
+                    return
                 if control is None:
+                    backlog.put("text")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - answered by the transcription loop
+            backlog.put("error", exc)
+
+    async def _loop(self, channel: Channel, session: StreamingSession, decoder, budget: StreamBudget,
+                    tab: "_QuotaTab", request_id: str, channels: int) -> None:
+        # Frames are read, decoded and held to the pace as they arrive, by a task of their own:
+        # while a decode of the audio so far keeps this loop busy, later frames wait in the
+        # backlog, not in the socket, where their arrival would look like a burst once read.
+        backlog = _Backlog()
+        reader = asyncio.create_task(self._read(channel, decoder, budget, backlog))
+        try:
+            while True:
+                kind, value = await backlog.get()
+                if kind == "audio":
+                    await tab.cover(session.received_s + len(value) / SAMPLE_RATE)
+                    for event in await session.feed(value):
+                        await channel.send_json(event)
+                elif kind == "text":
                     await channel.send_json({"type": "Error", "code": "INVALID_PARAMETER", "param": "message",
                                              "error": 'Text frames must be {"type": "KeepAlive"} or {"type": "CloseStream"}'})
-                elif control == "CloseStream":
+                elif kind == "error":
+                    raise value
+                else:  # CloseStream
                     break
             # The rest of a container, no more of it than the budget would take.
             tail = await asyncio.to_thread(decoder.close, budget.allowance_s())
@@ -239,6 +291,8 @@ class StreamServer:
             err = _as_hark_error(exc)
             await send_error(channel, err, close_code=_close_code(err))
             return
+        finally:
+            reader.cancel()
         for event in [*await session.feed(tail), *await session.finish()]:
             await channel.send_json(event)
         await channel.send_json({"type": "Metadata", "request_id": request_id, "duration": round(session.received_s, 3),
