@@ -361,7 +361,7 @@ async function startLive() {
     showError(errorBox, "This browser gives microphones only to secure pages: open the playground over https or on localhost.");
     return;
   }
-  const session = { stopped: false, opened: false, errored: false, pending: [] };
+  const session = { stopped: false, opened: false, errored: false, pending: [], capturedS: 0 };
   session.stop = () => {
     session.stopped = true; // pressed again while the microphone was being asked for
     cleanup(session);
@@ -417,17 +417,17 @@ async function startLive() {
       pcm[i] = s < 0 ? s * 0x8000 : s * 0x7fff;
     }
     $("level").value = Math.min(1, Math.sqrt(sum / samples.length) * 4);
+    session.capturedS += samples.length / rate;
+    liveStatus.dataset.capturedS = session.capturedS.toFixed(1);
     if (ws.readyState === WebSocket.OPEN) ws.send(pcm.buffer);
     else if (ws.readyState === WebSocket.CONNECTING) session.pending.push(pcm.buffer);
   };
   session.node = node;
-  const started = performance.now();
-
   ws.onopen = () => {
     session.opened = true;
     for (const buffer of session.pending.splice(0)) ws.send(buffer);
     session.ticker = setInterval(() => {
-      if (!session.stopped) liveStatus.textContent = `Listening… ${Math.round((performance.now() - started) / 1000)} s`;
+      if (!session.stopped) liveStatus.textContent = `Listening… ${Math.round(session.capturedS)} s`;
     }, 500);
   };
   ws.onmessage = (e) => {
@@ -478,6 +478,7 @@ async function startLive() {
     micButton.disabled = true; // until the service has closed the stream
   };
   liveStatus.dataset.state = "live";
+  liveStatus.dataset.capturedS = "0";
   liveStatus.textContent = "Connecting…";
 }
 
