@@ -8,9 +8,12 @@ temporary directory).
 
 from __future__ import annotations
 
+import base64
+import fnmatch
 import json
 import os
 import shutil
+import tomllib
 import wave
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -94,6 +97,16 @@ def requests_of(driver) -> list[str]:
     return urls
 
 
+def save_page(driver, path: Path) -> None:
+    """A screenshot of the whole page, beyond the window."""
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+        "format": "png", "captureBeyondViewport": True,
+        "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+    })
+    path.write_bytes(base64.b64decode(shot["data"]))
+
+
 def by_id(driver, element_id):
     from selenium.webdriver.common.by import By
 
@@ -137,9 +150,18 @@ def file_result(browser, serve_app, clips, artifacts):
                PAGE_TIMEOUT_S, interval_s=0.5, what="the result")
     assert not by_id(browser, "file-error").is_displayed(), by_id(browser, "file-error").text
     wait_until(lambda: by_id(browser, "downloads").get_attribute("data-ready") == "true", 30, what="the downloads")
-    browser.save_screenshot(str(artifacts / "playground-file.png"))
+    save_page(browser, artifacts / "playground-file.png")
     json_link = all_of(browser, "#downloads a[data-format=json]")[0]
     return json.loads(blob_text(browser, json_link.get_attribute("href")))
+
+
+def test_every_playground_file_ships_in_the_package():
+    """A non-editable install carries the page: pyproject's package-data globs cover every file."""
+    repo = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["deployments"]
+    files = [p.relative_to(repo / "deployments").as_posix() for p in (repo / "deployments/playground").iterdir()]
+    assert "playground/index.html" in files
+    assert [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)] == []
 
 
 def test_page_and_assets_are_served_without_a_key(serve_app):
@@ -229,7 +251,7 @@ def test_live_microphone_shows_final_words(browser, serve_app, clips, artifacts,
     assert wer(clips["beckett"].text, finals) <= 0.25, finals
     assert by_id(browser, "interim").text == ""
     assert by_id(browser, "mic").is_enabled() and by_id(browser, "level").get_attribute("value") == "0"
-    browser.save_screenshot(str(artifacts / "playground-live.png"))
+    save_page(browser, artifacts / "playground-live.png")
 
 
 def test_bad_key_and_unsupported_file_show_the_api_error(browser, serve_app, clips, tmp_path):
@@ -283,5 +305,7 @@ def test_no_request_leaves_the_service(browser, serve_app):
     origin = urlsplit(serve_app).netloc
     assert any(u.startswith(f"{serve_app}/v1/listen") for u in seen)
     assert any(u.startswith(f"ws://{origin}/v1/listen/stream") for u in seen)
-    outside = [u for u in seen if urlsplit(u).scheme not in ("blob", "data") and urlsplit(u).netloc != origin]
+    assert any(u.startswith("blob:") for u in seen)  # the player and downloads were seen too
+    # Network requests only: chrome:// pages (the first tab's) and blob:/data: URLs stay inside the browser.
+    outside = [u for u in seen if urlsplit(u).scheme in ("http", "https", "ws", "wss") and urlsplit(u).netloc != origin]
     assert outside == []
