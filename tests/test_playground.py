@@ -178,6 +178,17 @@ def test_page_and_assets_are_served_without_a_key(serve_app):
         assert client.post("/v1/listen").status_code == 401  # the API still wants its key
 
 
+def test_an_idempotent_answer_names_its_job(serve_app, clips):
+    """The page's downloads rest on this: a synchronous answer given through a job (an
+    Idempotency-Key without callback_url) carries the job's id, and the job shows the same result."""
+    headers = {"Authorization": f"Token {API_KEYS[0]}", "Idempotency-Key": f"pg-test-{os.getpid()}-{id(clips)}"}
+    with httpx.Client(base_url=serve_app, timeout=120, headers=headers) as client:
+        answer = client.post("/v1/listen", files={"audio": ("fox.wav", clips["fox"].path.read_bytes())})
+        assert answer.status_code == 200, answer.text
+        job = client.get(f"/v1/jobs/{answer.headers['Hark-Job-Id']}").json()
+    assert job["status"] == "completed" and job["result"] == answer.json()
+
+
 def test_file_transcript_speakers_and_seeking(browser, file_result, clips):
     result = file_result
     turns = all_of(browser, "#transcript .turn")

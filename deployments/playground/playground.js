@@ -37,7 +37,7 @@ function authHeaders() {
 function describeError(status, body) {
   if (body && typeof body.error === "string") {
     let text = body.error;
-    if (body.code) text += ` (${body.code}, HTTP ${status})`;
+    if (body.code) text += status ? ` (${body.code}, HTTP ${status})` : ` (${body.code})`; // status 0: on the stream
     if (body.retry_after !== undefined) text += `\nTry again in ${body.retry_after} s.`;
     if (Array.isArray(body.supported_formats)) text += `\nSupported formats: ${body.supported_formats.join(", ")}.`;
     return text;
@@ -448,7 +448,7 @@ async function startLive() {
       liveStatus.dataset.state = "done";
     } else if (m.type === "Error") {
       session.errored = true;
-      showError(errorBox, describeError(0, m).replace(", HTTP 0", ""));
+      showError(errorBox, describeError(0, m));
     }
   };
   ws.onclose = (e) => {
