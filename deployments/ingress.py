@@ -124,7 +124,7 @@ class Ingress:
 
     @app.get("/", include_in_schema=False)
     async def home(self) -> RedirectResponse:
-        # Relative, so that it holds under any route prefix.
+        # Relative: under a route prefix, <prefix>/ leads to <prefix>/ui/.
         return RedirectResponse("ui/")
 
     @app.get("/health")

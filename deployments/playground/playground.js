@@ -351,7 +351,7 @@ async function explainRefusal(errorBox) {
   } catch {
     // fall through to the general sentence
   }
-  showError(errorBox, "The service refused the stream before it opened (the key may be over its limits, or the service is busy).");
+  showError(errorBox, "The service refused the stream before it opened: the key may be over its limits, an option (the language) may be wrong, or the service is busy.");
 }
 
 async function startLive() {
@@ -454,13 +454,16 @@ async function startLive() {
   ws.onclose = (e) => {
     release(session);
     clearInterval(session.ticker);
-    if (!session.opened) {
+    if (!session.opened && !session.stopped) {
       liveStatus.textContent = "";
       explainRefusal(errorBox);
     } else if (e.code !== 1000 && !session.errored) {
       showError(errorBox, `The stream closed unexpectedly (code ${e.code}${e.reason ? `: ${e.reason}` : ""}).`);
     }
-    if (liveStatus.dataset.state !== "done") liveStatus.dataset.state = "closed";
+    if (liveStatus.dataset.state !== "done") {
+      liveStatus.dataset.state = "closed";
+      if (session.opened) liveStatus.textContent = "Stream closed.";
+    }
     cleanup(session);
   };
 
