@@ -265,7 +265,7 @@ def test_live_microphone_shows_final_words(browser, serve_app, clips, artifacts,
     save_page(browser, artifacts / "playground-live.png")
 
 
-def test_bad_key_and_unsupported_file_show_the_api_error(browser, serve_app, clips, tmp_path):
+def test_bad_key_unsupported_file_and_rate_limit_show_the_api_error(browser, serve_app, clips, tmp_path):
     not_audio = tmp_path / "notes.wav"
     not_audio.write_text("these are not the samples you are looking for\n" * 50)
     with httpx.Client(base_url=serve_app, timeout=60) as client:
@@ -273,7 +273,10 @@ def test_bad_key_and_unsupported_file_show_the_api_error(browser, serve_app, cli
                               files={"audio": ("fox.wav", clips["fox"].path.read_bytes())}).json()
         unsupported = client.post("/v1/listen", headers={"Authorization": f"Token {API_KEYS[0]}"},
                                   files={"audio": ("notes.wav", not_audio.read_bytes())}).json()
-    assert (refused["code"], unsupported["code"]) == ("UNAUTHORIZED", "UNSUPPORTED_FORMAT")
+        # 3 s of speech for a key with 1 s a day: refused before transcription, at no cost.
+        limited = client.post("/v1/listen", headers={"Authorization": "Token pg-quota-key"},
+                              files={"audio": ("fox.wav", clips["fox"].path.read_bytes())}).json()
+    assert (refused["code"], unsupported["code"], limited["code"]) == ("UNAUTHORIZED", "UNSUPPORTED_FORMAT", "RATE_LIMITED")
 
     open_page(browser, serve_app, "nope")
     by_id(browser, "file").send_keys(str(clips["fox"].path))
@@ -291,6 +294,14 @@ def test_bad_key_and_unsupported_file_show_the_api_error(browser, serve_app, cli
     shown = visible_error(browser, "file-error")
     assert shown.startswith(unsupported["error"]) and "UNSUPPORTED_FORMAT" in shown
     assert "wav, mp3, flac, ogg, m4a" in shown
+
+    open_page(browser, serve_app, "pg-quota-key")
+    by_id(browser, "file").send_keys(str(clips["fox"].path))
+    by_id(browser, "transcribe").click()
+    shown = visible_error(browser, "file-error")
+    assert shown.startswith(limited["error"]) and "RATE_LIMITED" in shown and "429" in shown
+    wait_s = int(shown.split("Try again in ")[1].split(" s.")[0])
+    assert abs(wait_s - limited["retry_after"]) < 60
 
 
 def test_phone_width_and_labelled_controls(browser, serve_app):
