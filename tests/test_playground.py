@@ -320,8 +320,11 @@ def test_phone_width_and_labelled_controls(browser, serve_app):
         browser.set_window_size(1280, 1000)
 
 
-def test_no_request_leaves_the_service(browser, serve_app):
+def test_no_request_leaves_the_service(browser, serve_app, file_result):
     """Last in the module: every request of every test above, from the browser's own log."""
+    open_page(browser, serve_app, "nope")
+    by_id(browser, "mic").click()  # a stream (refused: this test needs its request only)
+    visible_error(browser, "live-error")
     requests_of(browser)
     seen = browser.requests_seen
     origin = urlsplit(serve_app).netloc
