@@ -11,10 +11,12 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -37,6 +39,9 @@ logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="Hark", version="0.1.0", description="Self-hosted speech-to-text.")
 LISTEN_ROUTE = "/v1/listen"
+# The web playground: static files shipped in the package, served without a key (the page asks
+# for one and sends it with each API call).
+app.mount("/ui", StaticFiles(directory=Path(__file__).parent / "playground", html=True), name="playground")
 
 
 def _error_response(err: HarkError) -> JSONResponse:
@@ -116,6 +121,11 @@ class Ingress:
         self._accounting = accounting
         self._jobs = jobs
         self._background: set[asyncio.Task] = set()
+
+    @app.get("/", include_in_schema=False)
+    async def home(self) -> RedirectResponse:
+        # Relative: under a route prefix, <prefix>/ leads to <prefix>/ui/.
+        return RedirectResponse("ui/")
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -238,7 +248,9 @@ class Ingress:
         if job.params.callback_url is not None:
             # A replay answers as the first request was answered; GET /v1/jobs/{id} has the rest.
             return _Answer(202, {"job_id": payload["job_id"], "status": "processing"})
-        return _Answer(200, await call(self._jobs.result.remote(payload["job_id"], job.key_id), self._retry))
+        # The job id in a header, so that GET /v1/jobs/{id} can show this result again.
+        return _Answer(200, await call(self._jobs.result.remote(payload["job_id"], job.key_id), self._retry),
+                       headers={"Hark-Job-Id": payload["job_id"]})
 
     @app.websocket("/v1/listen/stream")
     async def stream(self, ws: WebSocket) -> None:
