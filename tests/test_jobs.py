@@ -11,7 +11,7 @@ from standardwebhooks import Webhook
 
 from pipeline.core.errors import FetchFailed, error_from_body
 from pipeline.audio.fetch import UrlGuard
-from pipeline.service.jobs import COMPLETED, DELIVERED, DELIVERY_FAILED, FAILED, PENDING, QUEUED, RUNNING, SqliteJobStore
+from pipeline.service.jobs import COMPLETED, DELIVERED, DELIVERY_FAILED, FAILED, PENDING, QUEUED, RUNNING, SqlJobStore
 from pipeline.service.webhooks import backoff_s, deliver, webhook_signer
 from servers import WebhookReceiver
 
@@ -25,9 +25,12 @@ class Clock:
 
 
 @pytest.fixture()
-def store(tmp_path):
+def store(job_db_url):
+    """A fresh store on SQLite and on PostgreSQL (conftest's ``job_db_url``), on a clock the test moves."""
     clock = Clock()
-    return SqliteJobStore(tmp_path / "jobs.sqlite3", clock=clock), clock
+    store = SqlJobStore(job_db_url, clock=clock)
+    yield store, clock
+    store.close()
 
 
 def test_lifecycle_and_leases(store):
@@ -94,20 +97,19 @@ def test_idempotency_window(store):
     store.create("key_a", {"params": {}}, None, idempotency_key="abc", request_hash="h2")
 
 
-def _claim_all(path: str) -> list[str]:
-    store = SqliteJobStore(path)
+def _claim_all(url: str) -> list[str]:
+    store = SqlJobStore(url)
     got = []
     while (job := store.claim(f"w{multiprocessing.current_process().pid}", 60)) is not None:
         got.append(job.job_id)
     return got
 
 
-def test_two_processes_never_claim_the_same_job(tmp_path):
-    path = tmp_path / "jobs.sqlite3"
-    store = SqliteJobStore(path)
+def test_two_processes_never_claim_the_same_job(job_db_url):
+    store = SqlJobStore(job_db_url)
     ids = {store.create("k", {"params": {}}, None).job_id for _ in range(60)}
     with multiprocessing.get_context("spawn").Pool(2) as pool:
-        a, b = pool.map(_claim_all, [str(path)] * 2)
+        a, b = pool.map(_claim_all, [job_db_url] * 2)
     assert not set(a) & set(b) and set(a) | set(b) == ids and len(a) + len(b) == 60
 
 

@@ -167,6 +167,13 @@ class Settings(BaseSettings):
         Path.home() / ".local" / "share" / "hark",
         description="Durable state: the job store (jobs.sqlite3) and audio kept for unfinished jobs.",
     )
+    database_url: SecretStr | None = Field(
+        None,
+        repr=False,
+        description="SQLAlchemy URL of the job store (jobs, idempotency keys, daily audio usage), e.g. "
+        "postgresql+psycopg://user:password@host/hark for a cluster; default: SQLite in data_dir "
+        "(one machine only). Its schema is migrated when a replica starts.",
+    )
     webhook_secret: SecretStr | None = Field(
         None,
         repr=False,
@@ -261,6 +268,12 @@ class Settings(BaseSettings):
     def webhook_secret_for(self, key: str) -> SecretStr | None:
         """The secret that signs deliveries of jobs of ``key`` (a key id): its own, else the global."""
         return self.webhook_secrets.get(key, self.webhook_secret)
+
+    @property
+    def job_database_url(self) -> str:
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{self.data_dir / 'jobs.sqlite3'}"
 
     @property
     def max_file_bytes(self) -> int:

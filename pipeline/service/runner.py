@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -40,7 +39,7 @@ from pipeline.core.errors import (
 )
 from pipeline.core.settings import Settings
 from pipeline.core.types import Audio
-from pipeline.service.jobs import Job, JobStore
+from pipeline.service.jobs import DuplicateIdempotencyKey, Job, JobStore
 from pipeline.service.limits import key_limits
 from pipeline.service.webhooks import Attempt, backoff_s, deliver, webhook_signer
 from pipeline.transcription.flow import Meter, TranscriptionFlow
@@ -206,7 +205,7 @@ class JobRunner:
             if "audio_path" in stored:
                 Path(stored["audio_path"]).unlink(missing_ok=True)
             raise
-        except sqlite3.IntegrityError:
+        except DuplicateIdempotencyKey:
             # The same Idempotency-Key raced in twice: the first one's job is the answer.
             if "audio_path" in stored:
                 Path(stored["audio_path"]).unlink(missing_ok=True)
@@ -361,6 +360,9 @@ class JobRunner:
 
     async def _deliver(self, job: Job) -> None:
         s = self._settings
+        # Other runners read the same due deliveries: the one that takes it sends this attempt.
+        if not await self._call(self._store.claim_delivery, job.job_id, job.delivery_attempts, s.webhook_timeout_s + 30):
+            return
         signer = self._signer_for(job.key_id)
         if signer is None:
             attempt = Attempt(False, retry=False, error="No webhook secret for this key: deliveries cannot be signed")
