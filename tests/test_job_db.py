@@ -43,7 +43,8 @@ def _runner_process(url: str, data_dir: str, lease_s: float, hang: bool, events,
                 await asyncio.sleep(0.005)  # some work, so that both runners hold jobs at once
                 return await super().from_url(u)
 
-        settings = Settings(data_dir=data_dir, jobs_lease_s=lease_s, jobs_concurrency=4)
+        settings = Settings(data_dir=data_dir, jobs_lease_s=lease_s, jobs_concurrency=4, webhook_secret="s",
+                            url_allowlist=["127.0.0.1/32"])
         runner = JobRunner(settings, SqlJobStore(url), Audio(), TranscriptionFlow(FakeRecognizer(), FakeSpeakers()),
                            meter_for=lambda key_id: FakeMeter())
         runner.start()
@@ -96,20 +97,30 @@ class Runners:
 
 
 def test_two_runner_processes_run_every_job_exactly_once(job_db_url, tmp_path):
+    # What two Jobs replicas on two nodes do: share one store. Before, a second replica had its own
+    # SQLite file (random 404s) and webhook delivery was de-duplicated per process only.
+    from servers import WebhookReceiver
+
     store = SqlJobStore(job_db_url)
     runners = Runners(job_db_url, tmp_path)
-    try:
-        pids = runners.start(2)
-        urls = [f"http://media.test/{i}.wav" for i in range(100)]
-        ids = [store.create(f"key_{i % 3}", {"params": {}, "url": url}, None).job_id for i, url in enumerate(urls)]
-        wait_until(lambda: store.counts() == {COMPLETED: 100}, 90, interval_s=0.1, what="100 jobs to complete")
-        fetched = runners.finish()
-    finally:
-        runners.close()
+    with WebhookReceiver("s") as receiver:
+        try:
+            pids = runners.start(2)
+            urls = [f"http://media.test/{i}.wav" for i in range(100)]
+            ids = [store.create(f"key_{i % 3}", {"params": {}, "url": url}, receiver.url("/hook")).job_id
+                   for i, url in enumerate(urls)]
+            wait_until(lambda: store.counts() == {COMPLETED: 100}, 90, interval_s=0.1, what="100 jobs to complete")
+            wait_until(lambda: len(receiver.delivered("/hook")) >= 100, 30, interval_s=0.1, what="100 webhooks")
+            fetched = runners.finish()
+        finally:
+            runners.close()
+        webhook_ids = [headers["webhook-id"] for _, headers, _ in receiver.deliveries]
     runs = [url for pid in pids for url in fetched[pid]]
     assert sorted(runs) == sorted(urls)  # every job ran, none twice
     assert all(fetched[pid] for pid in pids)  # and both runners took part
     assert {store.get(job_id).run_attempts for job_id in ids} == {1}
+    assert sorted(webhook_ids) == sorted(f"msg_{job_id}" for job_id in ids)  # one webhook per job
+    assert {store.get(job_id).delivery_state for job_id in ids} == {"delivered"}
 
 
 def test_a_runner_killed_mid_job_is_taken_over_after_its_lease(job_db_url, tmp_path):

@@ -196,3 +196,21 @@ def test_claims_are_fair_across_keys(store):
     assert [j.key_id for j in claimed] == ["key_flood", "key_b", "key_c", "key_flood", "key_flood", "key_flood"]
     assert [j.job_id for j in claimed if j.key_id == "key_flood"] == flood[:4]
     assert [j.job_id for j in claimed if j.key_id != "key_flood"] == late
+
+
+def test_one_runner_of_many_takes_each_delivery_attempt(store):
+    store, clock = store
+    job = store.create("key_a", {"params": {}}, "http://hook/")
+    store.claim("w", 10)
+    store.finish(job.job_id, "w", result={})
+    [due] = store.due_deliveries(10)
+    assert store.claim_delivery(due.job_id, due.delivery_attempts, hold_s=40)
+    assert not store.claim_delivery(due.job_id, due.delivery_attempts, hold_s=40)  # another runner: not twice
+    assert store.due_deliveries(10) == []  # held while the attempt is under way
+    store.delivery_result(job.job_id, delivered=False, status=500, error="HTTP 500", next_at=clock.t + 1)
+    clock.t += 1
+    [again] = store.due_deliveries(10)
+    assert not store.claim_delivery(again.job_id, due.delivery_attempts, hold_s=40)  # a stale read
+    assert store.claim_delivery(again.job_id, again.delivery_attempts, hold_s=40)
+    clock.t += 40
+    assert [j.job_id for j in store.due_deliveries(10)] == [job.job_id]  # a runner that died mid-attempt: retried
