@@ -208,3 +208,64 @@ def test_database_urls(url):
             SqlJobStore(url)
     else:
         assert database_url(url).drivername == "postgresql+psycopg"  # psycopg 3, the driver shipped
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_uploaded_audio_is_in_the_blob_store_before_the_202_and_gone_after_the_run(where, tmp_path, request):
+    # Before: uploads were files on the Jobs replica's own disk; a runner on another node (or the
+    # replica rescheduled elsewhere) could not read them.
+    from conftest import S3_BUCKET
+    from pipeline.service.runner import JobRequest
+    from pipeline.transcription.schemas import ListenParams
+    from test_flow import AUDIO, FakeMeter, FakeRecognizer, FakeSpeakers
+
+    if where == "s3":
+        s3 = request.getfixturevalue("s3_server")
+        blob_url = f"s3://{S3_BUCKET}/uploads-{tmp_path.name}"
+
+        def stored() -> dict[str, bytes]:
+            listing = s3.list_objects_v2(Bucket=S3_BUCKET, Prefix=f"uploads-{tmp_path.name}/").get("Contents", [])
+            return {o["Key"]: s3.get_object(Bucket=S3_BUCKET, Key=o["Key"])["Body"].read() for o in listing}
+    else:
+        blob_url = str(tmp_path / "blobs")
+
+        def stored() -> dict[str, bytes]:
+            return {p.name: p.read_bytes() for p in (tmp_path / "blobs").iterdir()}
+
+    upload = b"RIFF" + bytes(range(256)) * 40
+    gate, received = asyncio.Event(), []
+
+    class GatedAudio:
+        async def from_url(self, url):
+            raise AssertionError("an upload is not fetched by URL")
+
+        async def from_bytes(self, data):
+            received.append(data)
+            await gate.wait()
+            return AUDIO
+
+    store = SqlJobStore(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    runner = JobRunner(Settings(data_dir=tmp_path / "data", blob_url=blob_url), store, GatedAudio(),
+                       TranscriptionFlow(FakeRecognizer(), FakeSpeakers()), meter_for=lambda key_id: FakeMeter())
+
+    async def scenario():
+        accepted = await runner.submit(JobRequest("key_a", ListenParams(), audio=upload))
+        kept = await asyncio.to_thread(stored)  # what the client's 202 stands on
+        job = store.get(accepted["job_id"])
+        while not received:
+            await asyncio.sleep(0.02)
+        gate.set()
+        while store.get(job.job_id).state != COMPLETED:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0)  # the upload is dropped right after the finish is recorded
+        for _ in range(100):
+            if not await asyncio.to_thread(stored):
+                break
+            await asyncio.sleep(0.02)
+        return kept, job, await asyncio.to_thread(stored)
+
+    kept, job, left = asyncio.run(scenario())
+    assert list(kept.values()) == [upload]
+    assert job.request["audio_blob"].startswith("s3://" if where == "s3" else "file://")
+    assert received == [upload] and left == {}
+    assert not (tmp_path / "data" / "audio").exists()  # nothing on the local disk

@@ -174,6 +174,12 @@ class Settings(BaseSettings):
         "postgresql+psycopg://user:password@host/hark for a cluster; default: SQLite in data_dir "
         "(one machine only). Its schema is migrated when a replica starts.",
     )
+    blob_url: str | None = Field(
+        None,
+        description="Where uploaded audio of async jobs waits for its run: any fsspec URL, e.g. "
+        "s3://bucket/hark-uploads (credentials from the standard AWS_* variables) so that a runner on "
+        "any node can read it; default: data_dir/audio (one machine only).",
+    )
     webhook_secret: SecretStr | None = Field(
         None,
         repr=False,
@@ -274,6 +280,10 @@ class Settings(BaseSettings):
         if self.database_url is not None:
             return self.database_url.get_secret_value()
         return f"sqlite:///{self.data_dir / 'jobs.sqlite3'}"
+
+    @property
+    def job_blob_url(self) -> str:
+        return self.blob_url or str(self.data_dir / "audio")
 
     @property
     def max_file_bytes(self) -> int:

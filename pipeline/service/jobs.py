@@ -34,7 +34,7 @@ class Job:
     job_id: str
     key_id: str
     state: str
-    request: dict[str, Any]  # {"url" | "audio_path", "params": {...}}
+    request: dict[str, Any]  # {"url" | "audio_blob", "params": {...}}
     callback_url: str | None
     result: dict[str, Any] | None
     error: dict[str, Any] | None
