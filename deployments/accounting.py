@@ -1,8 +1,9 @@
 """Accounting deployment: the one place that holds per-key limits and the app's metrics.
 
-A single replica, so every ingress replica sees the same counts. Its methods are coroutines:
-they run one at a time on the replica's event loop, so the book needs no lock.
-State is in memory: a restart of this replica starts the counts afresh.
+Exactly one replica (the builder refuses more), so every ingress replica sees the same counts.
+Its methods are coroutines: they run one at a time on the replica's event loop, so the book needs
+no lock. The audio charged per key and day is also written to the job database and read back
+after a restart; the rolling minute and in-flight slots are in memory and start afresh.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from deployments import replica_info
 from deployments.metrics import ServiceMetrics
 from pipeline.core.errors import HarkError
 from pipeline.service.limits import Lease, book_from_settings
+from pipeline.service.usage import AudioUsageLedger
 from pipeline.core.settings import Settings
 
 
@@ -26,7 +28,7 @@ from pipeline.core.settings import Settings
 class AccountingDeployment:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._book = book_from_settings(settings)
+        self._book = book_from_settings(settings, usage=AudioUsageLedger(settings.job_database_url))
         self._metrics = ServiceMetrics()
         self._metrics.in_flight.set_function(self._book.in_flight)
         self._refusals_seen = dict(self._book.refusals)

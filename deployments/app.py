@@ -15,6 +15,13 @@ from deployments.jobs import JobsDeployment
 from pipeline.core.settings import Settings
 
 
+def check_single_accounting(options: dict[str, Any]) -> None:
+    """Accounting holds the rolling-minute and concurrency counts of every key in its memory: two
+    replicas would split them (and a release could reach the wrong one), so exactly one."""
+    if options.get("num_replicas", 1) != 1 or options.get("autoscaling_config"):
+        raise ValueError("Accounting must run exactly one replica (num_replicas: 1, no autoscaling_config)")
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Compose Ingress → (AudioFetch, ASR, Diarization, Accounting, Jobs → (the same four)).
 
@@ -34,6 +41,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     unknown = set(overrides) - {"Ingress", "AudioFetch", "ASR", "Diarization", "Accounting", "Jobs"}
     if unknown:
         raise ValueError(f"Unknown deployments in deployment_options: {sorted(unknown)}")
+    check_single_accounting(overrides.get("Accounting", {}))
 
     def configured(deployment):
         return deployment.options(**overrides.get(deployment.name, {}))

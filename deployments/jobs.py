@@ -12,7 +12,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments import adopt_serve_logging, replica_info
 from deployments.handles import HandleAudio, HandleMeter, HandleRecognizer, HandleSpeakers
 from pipeline.core.settings import Settings
-from pipeline.service.jobs import SqliteJobStore
+from pipeline.service.jobs import open_job_store
 from pipeline.service.runner import JobRequest, JobRunner
 from pipeline.transcription.flow import TranscriptionFlow
 
@@ -31,7 +31,7 @@ class JobsDeployment:
         retry = settings.retry_after_s
         flow = TranscriptionFlow(HandleRecognizer(asr, retry), HandleSpeakers(diarization, retry))
         self._runner = JobRunner(
-            settings, SqliteJobStore(settings.data_dir / "jobs.sqlite3"), HandleAudio(fetch, retry), flow,
+            settings, open_job_store(settings), HandleAudio(fetch, retry), flow,
             meter_for=lambda key_id: HandleMeter(accounting, key_id, retry),
             on_lease_lost=lambda job_id, when: accounting.job_lease_lost.remote(when),
         )

@@ -73,6 +73,14 @@ def prebuild(config) -> None:
                 EXIT_BUILD_FAILED,
             ) from exc
         if app.import_path == HARK_BUILDER:
+            from deployments.app import check_single_accounting
+
+            for deployment in app.deployments:
+                if deployment.name == "Accounting":
+                    try:
+                        check_single_accounting(deployment.model_dump(exclude_unset=True))
+                    except ValueError as exc:
+                        raise LaunchError(f"application {app.name!r}: {exc}", EXIT_BUILD_FAILED) from exc
             try:
                 check_model(Settings(**((app.args or {}).get("settings") or {})).asr.model)
             except ValueError as exc:

@@ -88,6 +88,23 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of its own for the session (tests/postgres.py)."""
+    from postgres import PostgresServer
+
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def job_db_url(request, tmp_path):
+    """An empty job database, on SQLite and on PostgreSQL: the job store's tests run on both."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+    return request.getfixturevalue("postgres").new_database()
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on loopback; the AWS_* variables point every process at it."""
     from moto.server import ThreadedMotoServer

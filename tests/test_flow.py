@@ -12,7 +12,8 @@ from pipeline.asr.base import Capabilities
 from pipeline.core.errors import InvalidParameter, RateLimited, ServiceUnavailable, WorkerLost
 from pipeline.core.settings import Settings
 from pipeline.core.types import AsrOptions, Audio, Diarization, Segment, SpeakerTurn, Transcript, Word
-from pipeline.service.jobs import SqliteJobStore
+from pipeline.service.db import sqlite_url
+from pipeline.service.jobs import SqlJobStore
 from pipeline.service.runner import MAX_RUN_ATTEMPTS, JobRequest, JobRunner
 from pipeline.streaming.server import ENDPOINTING_OFF_MS, StreamParams
 from pipeline.transcription.flow import TranscriptionFlow
@@ -143,7 +144,7 @@ class FakeAudio:
 def _run_one(tmp_path, failure: Exception, run_attempts: int = 1):
     """Claim a job and run it once against an ASR failing with ``failure``; the job after that."""
     settings = Settings(data_dir=tmp_path)
-    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    store = SqlJobStore(sqlite_url(tmp_path / "jobs.sqlite3"))
     runner = JobRunner(settings, store, FakeAudio(), TranscriptionFlow(FakeRecognizer(failure), FakeSpeakers()),
                        meter_for=lambda key_id: FakeMeter())
 
@@ -179,7 +180,7 @@ def test_runner_keeps_a_refusal_as_the_jobs_error(tmp_path):
 
 
 def test_idempotency_key_reused_for_another_request_is_refused(tmp_path):
-    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    store = SqlJobStore(sqlite_url(tmp_path / "jobs.sqlite3"))
     runner = JobRunner(Settings(data_dir=tmp_path), store, FakeAudio(),
                        TranscriptionFlow(FakeRecognizer(), FakeSpeakers()), meter_for=lambda key_id: FakeMeter())
 
@@ -240,7 +241,7 @@ def test_slow_webhook_receivers_cannot_starve_lease_renewals(tmp_path):
     from servers import WebhookReceiver
 
     path = tmp_path / "jobs.sqlite3"
-    store = SqliteJobStore(path)
+    store = SqlJobStore(sqlite_url(path))
     meter = FakeMeter()
 
     class Slow(FakeRecognizer):
@@ -285,11 +286,12 @@ def test_slow_webhook_receivers_cannot_starve_lease_renewals(tmp_path):
 
 
 def _lost_lease_run(tmp_path, caplog, recognizer_for):
-    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    store = SqlJobStore(sqlite_url(tmp_path / "jobs.sqlite3"))
     meter, lost = FakeMeter(), []
 
     def steal():
-        store._connect().execute("UPDATE jobs SET lease_owner='thief'")
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE jobs SET lease_owner='thief'")
 
     async def report(job_id: str, when: str) -> None:
         lost.append(when)

@@ -11,7 +11,7 @@ from standardwebhooks import Webhook
 
 from pipeline.core.errors import FetchFailed, error_from_body
 from pipeline.audio.fetch import UrlGuard
-from pipeline.service.jobs import COMPLETED, DELIVERED, DELIVERY_FAILED, FAILED, PENDING, QUEUED, RUNNING, SqliteJobStore
+from pipeline.service.jobs import COMPLETED, DELIVERED, DELIVERY_FAILED, FAILED, PENDING, QUEUED, RUNNING, SqlJobStore
 from pipeline.service.webhooks import backoff_s, deliver, webhook_signer
 from servers import WebhookReceiver
 
@@ -25,9 +25,12 @@ class Clock:
 
 
 @pytest.fixture()
-def store(tmp_path):
+def store(job_db_url):
+    """A fresh store on SQLite and on PostgreSQL (conftest's ``job_db_url``), on a clock the test moves."""
     clock = Clock()
-    return SqliteJobStore(tmp_path / "jobs.sqlite3", clock=clock), clock
+    store = SqlJobStore(job_db_url, clock=clock)
+    yield store, clock
+    store.close()
 
 
 def test_lifecycle_and_leases(store):
@@ -94,8 +97,8 @@ def test_idempotency_window(store):
     store.create("key_a", {"params": {}}, None, idempotency_key="abc", request_hash="h2")
 
 
-def _claim_all(path: str) -> list[str]:
-    store = SqliteJobStore(path)
+def _claim_all(url: str) -> list[str]:
+    store = SqlJobStore(url)
     got = []
     while (job := store.claim(f"w{multiprocessing.current_process().pid}", 60)) is not None:
         got.append(job.job_id)
@@ -103,11 +106,13 @@ def _claim_all(path: str) -> list[str]:
 
 
 def test_two_processes_never_claim_the_same_job(tmp_path):
-    path = tmp_path / "jobs.sqlite3"
-    store = SqliteJobStore(path)
+    # SQLite's BEGIN IMMEDIATE across processes; on PostgreSQL, test_job_db.py's two runner
+    # processes show the same with SKIP LOCKED (100 jobs, run end to end).
+    job_db_url = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+    store = SqlJobStore(job_db_url)
     ids = {store.create("k", {"params": {}}, None).job_id for _ in range(60)}
     with multiprocessing.get_context("spawn").Pool(2) as pool:
-        a, b = pool.map(_claim_all, [str(path)] * 2)
+        a, b = pool.map(_claim_all, [job_db_url] * 2)
     assert not set(a) & set(b) and set(a) | set(b) == ids and len(a) + len(b) == 60
 
 
@@ -194,3 +199,21 @@ def test_claims_are_fair_across_keys(store):
     assert [j.key_id for j in claimed] == ["key_flood", "key_b", "key_c", "key_flood", "key_flood", "key_flood"]
     assert [j.job_id for j in claimed if j.key_id == "key_flood"] == flood[:4]
     assert [j.job_id for j in claimed if j.key_id != "key_flood"] == late
+
+
+def test_one_runner_of_many_takes_each_delivery_attempt(store):
+    store, clock = store
+    job = store.create("key_a", {"params": {}}, "http://hook/")
+    store.claim("w", 10)
+    store.finish(job.job_id, "w", result={})
+    [due] = store.due_deliveries(10)
+    assert store.claim_delivery(due.job_id, due.delivery_attempts, hold_s=40)
+    assert not store.claim_delivery(due.job_id, due.delivery_attempts, hold_s=40)  # another runner: not twice
+    assert store.due_deliveries(10) == []  # held while the attempt is under way
+    store.delivery_result(job.job_id, delivered=False, status=500, error="HTTP 500", next_at=clock.t + 1)
+    clock.t += 1
+    [again] = store.due_deliveries(10)
+    assert not store.claim_delivery(again.job_id, due.delivery_attempts, hold_s=40)  # a stale read
+    assert store.claim_delivery(again.job_id, again.delivery_attempts, hold_s=40)
+    clock.t += 40
+    assert [j.job_id for j in store.due_deliveries(10)] == [job.job_id]  # a runner that died mid-attempt: retried

@@ -120,3 +120,29 @@ def test_forgotten_reservations_expire():
     book.reserve_audio("k", 30)  # its settle never comes (the replica died)
     clock.t += 61
     book.reserve_audio("k", 30)
+
+
+def test_the_daily_audio_quota_survives_a_restart_of_the_book(job_db_url):
+    # Before: the quota lived only in the Accounting replica's memory; a restart reset every key's day.
+    from pipeline.service.usage import AudioUsageLedger
+
+    clock = Clock(86_400 * 100 + 3600)
+    limits = KeyLimits(audio_hours_per_day=0.01, concurrent_requests=0)  # 36 s a day
+    book = LimitBook(limits, clock=clock, usage=AudioUsageLedger(job_db_url))
+    book.settle_audio("k", book.reserve_audio("k", 20), 20)
+    book.settle_audio("k", book.reserve_audio("k", 10), 10)
+    restarted = LimitBook(limits, clock=clock, usage=AudioUsageLedger(job_db_url))
+    assert restarted.usage("k")["audio_s_today"] == 30
+    with pytest.raises(RateLimited):
+        restarted.reserve_audio("k", 10)  # 30 + 10 > 36
+    assert restarted.usage("other")["audio_s_today"] == 0  # per key
+    clock.t += 86_400
+    restarted.reserve_audio("k", 30)  # a new UTC day
+
+
+def test_a_second_accounting_replica_is_refused():
+    from deployments.app import build_app
+
+    for options in ({"num_replicas": 2}, {"autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}):
+        with pytest.raises(ValueError, match="exactly one replica"):
+            build_app({"deployment_options": {"Accounting": options}})

@@ -167,6 +167,19 @@ class Settings(BaseSettings):
         Path.home() / ".local" / "share" / "hark",
         description="Durable state: the job store (jobs.sqlite3) and audio kept for unfinished jobs.",
     )
+    database_url: SecretStr | None = Field(
+        None,
+        repr=False,
+        description="SQLAlchemy URL of the job store (jobs, idempotency keys, daily audio usage), e.g. "
+        "postgresql+psycopg://user:password@host/hark for a cluster; default: SQLite in data_dir "
+        "(one machine only). Its schema is migrated when a replica starts.",
+    )
+    blob_url: str | None = Field(
+        None,
+        description="Where uploaded audio of async jobs waits for its run: any fsspec URL, e.g. "
+        "s3://bucket/hark-uploads (credentials from the standard AWS_* variables) so that a runner on "
+        "any node can read it; default: data_dir/audio (one machine only).",
+    )
     webhook_secret: SecretStr | None = Field(
         None,
         repr=False,
@@ -267,6 +280,16 @@ class Settings(BaseSettings):
     def webhook_secret_for(self, key: str) -> SecretStr | None:
         """The secret that signs deliveries of jobs of ``key`` (a key id): its own, else the global."""
         return self.webhook_secrets.get(key, self.webhook_secret)
+
+    @property
+    def job_database_url(self) -> str:
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{self.data_dir / 'jobs.sqlite3'}"
+
+    @property
+    def job_blob_url(self) -> str:
+        return self.blob_url or str(self.data_dir / "audio")
 
     @property
     def max_file_bytes(self) -> int:

@@ -1,4 +1,4 @@
-"""Durable async jobs: a small store interface and its SQLite implementation.
+"""Durable async jobs: a small store interface and its SQL implementation (SQLite or PostgreSQL).
 
 A job row is written before the client gets its 202. Runners *claim* jobs with a lease they keep
 renewing; a job whose lease ran out (its runner died, the app restarted) is claimed again. A job
@@ -9,16 +9,18 @@ same row, so pending deliveries survive restarts too.
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
+from sqlalchemy import and_, case, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
 from pipeline.core.errors import RateLimited
+from pipeline.service import db
+from pipeline.service.db import jobs
 
 # Internal states; the API shows queued and running as "processing".
 QUEUED, RUNNING, COMPLETED, FAILED = "queued", "running", "completed", "failed"
@@ -32,7 +34,7 @@ class Job:
     job_id: str
     key_id: str
     state: str
-    request: dict[str, Any]  # {"url" | "audio_path", "params": {...}}
+    request: dict[str, Any]  # {"url" | "audio_blob", "params": {...}}
     callback_url: str | None
     result: dict[str, Any] | None
     error: dict[str, Any] | None
@@ -72,72 +74,39 @@ class JobStore(Protocol):
     def renew(self, job_id: str, worker: str, lease_s: float) -> bool: ...
     def finish(self, job_id: str, worker: str, *, result: dict | None = None, error: dict | None = None) -> bool: ...
     def requeue(self, job_id: str, worker: str, delay_s: float, count_attempt: bool = True) -> bool: ...
+    def forget_idempotency(self, older_than_s: float = IDEMPOTENCY_WINDOW_S) -> None: ...
     def due_deliveries(self, limit: int) -> list[Job]: ...
+    def claim_delivery(self, job_id: str, attempts_seen: int, hold_s: float) -> bool: ...
     def delivery_result(self, job_id: str, *, delivered: bool, status: int | None, error: str | None,
                         next_at: float | None) -> None: ...
     def counts(self) -> dict[str, int]: ...
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY,
-    key_id TEXT NOT NULL,
-    state TEXT NOT NULL,
-    request_json TEXT NOT NULL,
-    callback_url TEXT,
-    result_json TEXT,
-    error_json TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    run_attempts INTEGER NOT NULL DEFAULT 0,
-    lease_owner TEXT,
-    lease_expires_at REAL,
-    not_before REAL NOT NULL DEFAULT 0,
-    delivery_state TEXT NOT NULL,
-    delivery_attempts INTEGER NOT NULL DEFAULT 0,
-    delivery_next_at REAL,
-    delivery_last_status INTEGER,
-    delivery_last_error TEXT,
-    idempotency_key TEXT,
-    request_hash TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_runnable ON jobs (state, not_before, created_at);
-CREATE INDEX IF NOT EXISTS jobs_key_state ON jobs (key_id, state);
-CREATE INDEX IF NOT EXISTS jobs_delivery ON jobs (delivery_state, delivery_next_at);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (key_id, idempotency_key)
-    WHERE idempotency_key IS NOT NULL;
-"""
+class DuplicateIdempotencyKey(Exception):
+    """Another request of the same key made a job with this ``Idempotency-Key`` at the same time."""
 
 
-class SqliteJobStore:
-    """SQLite in WAL mode: several processes on one machine may share the file."""
+class SqlJobStore:
+    """The job store on SQLAlchemy Core: SQLite for one machine (several processes may share the
+    file), PostgreSQL for a cluster, where claims take ``FOR UPDATE SKIP LOCKED`` so that any
+    number of runners on any nodes claim each job exactly once. The schema is migrated to the
+    current version (Alembic) when the store opens."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, url: str, clock: Callable[[], float] = time.time) -> None:
+        self.engine = db.connect(url)
+        self._write = db.writer(self.engine)
+        self._postgres = db.is_postgres(self.engine)
         self._clock = clock
-        self._local = threading.local()
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+        db.migrate(self.engine)
 
-    def _connect(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA busy_timeout=30000")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-        return db
-
-    def _tx(self):
-        return _Transaction(self._connect())
+    def close(self) -> None:
+        self.engine.dispose()
 
     @staticmethod
-    def _job(row: sqlite3.Row | None) -> Job | None:
+    def _job(row) -> Job | None:
         if row is None:
             return None
+        row = row._mapping
         return Job(
             job_id=row["job_id"], key_id=row["key_id"], state=row["state"],
             request=json.loads(row["request_json"]), callback_url=row["callback_url"],
@@ -151,135 +120,161 @@ class SqliteJobStore:
 
     def create(self, key_id, request, callback_url, idempotency_key=None, request_hash=None, max_active=0) -> Job:
         """A queued job; ``RATE_LIMITED`` if ``key_id`` already has ``max_active`` jobs queued or
-        running (0 = no limit). Counted and written in one transaction: concurrent submits of one
-        key cannot overshoot."""
+        running (0 = no limit). Counted and written in one transaction, serialised per key: concurrent
+        submits of one key cannot overshoot. ``DuplicateIdempotencyKey`` if the same key's
+        ``idempotency_key`` raced in from another request."""
         now = self._clock()
         job_id = f"job_{uuid.uuid4().hex}"
-        with self._tx() as db:
-            if max_active:
-                (active,) = db.execute(
-                    "SELECT COUNT(*) FROM jobs WHERE key_id=? AND state IN (?,?)", (key_id, QUEUED, RUNNING)
-                ).fetchone()
-                if active >= max_active:
-                    raise RateLimited(
-                        f"Over {max_active} queued or running jobs for this key: wait for some to finish",
-                        retry_after=5,
+        try:
+            with self._write.begin() as conn:
+                if max_active:
+                    db.advisory_lock(conn, f"jobs:{key_id}")
+                    active = conn.execute(
+                        select(func.count()).select_from(jobs)
+                        .where(jobs.c.key_id == key_id, jobs.c.state.in_((QUEUED, RUNNING)))
+                    ).scalar_one()
+                    if active >= max_active:
+                        raise RateLimited(
+                            f"Over {max_active} queued or running jobs for this key: wait for some to finish",
+                            retry_after=5,
+                        )
+                if idempotency_key is not None:
+                    # Past its window the key is free again, whether or not the sweep has run.
+                    conn.execute(
+                        update(jobs).values(idempotency_key=None).where(
+                            jobs.c.key_id == key_id, jobs.c.idempotency_key == idempotency_key,
+                            jobs.c.created_at <= now - IDEMPOTENCY_WINDOW_S,
+                        )
                     )
-            if idempotency_key is not None:
-                # Past its window the key is free again, whether or not the sweep has run.
-                db.execute(
-                    "UPDATE jobs SET idempotency_key=NULL WHERE key_id=? AND idempotency_key=? AND created_at<=?",
-                    (key_id, idempotency_key, now - IDEMPOTENCY_WINDOW_S),
-                )
-            db.execute(
-                "INSERT INTO jobs (job_id, key_id, state, request_json, callback_url, created_at, updated_at,"
-                " delivery_state, idempotency_key, request_hash) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (job_id, key_id, QUEUED, json.dumps(request), callback_url, now, now,
-                 NO_CALLBACK if callback_url is None else PENDING, idempotency_key, request_hash),
-            )
+                conn.execute(insert(jobs).values(
+                    job_id=job_id, key_id=key_id, state=QUEUED, request_json=json.dumps(request),
+                    callback_url=callback_url, created_at=now, updated_at=now,
+                    delivery_state=NO_CALLBACK if callback_url is None else PENDING,
+                    idempotency_key=idempotency_key, request_hash=request_hash,
+                ))
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            raise DuplicateIdempotencyKey(idempotency_key) from None
         return self.get(job_id)
 
     def get(self, job_id: str) -> Job | None:
-        return self._job(self._connect().execute("SELECT * FROM jobs WHERE job_id=?", (job_id,)).fetchone())
+        with self.engine.connect() as conn:
+            return self._job(conn.execute(select(jobs).where(jobs.c.job_id == job_id)).first())
 
     def find_idempotent(self, key_id: str, idempotency_key: str) -> tuple[Job, str] | None:
-        row = self._connect().execute(
-            "SELECT * FROM jobs WHERE key_id=? AND idempotency_key=? AND created_at>?",
-            (key_id, idempotency_key, self._clock() - IDEMPOTENCY_WINDOW_S),
-        ).fetchone()
-        return None if row is None else (self._job(row), row["request_hash"])
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(
+                jobs.c.key_id == key_id, jobs.c.idempotency_key == idempotency_key,
+                jobs.c.created_at > self._clock() - IDEMPOTENCY_WINDOW_S,
+            )).first()
+        return None if row is None else (self._job(row), row.request_hash)
 
     def forget_idempotency(self, older_than_s: float = IDEMPOTENCY_WINDOW_S) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE jobs SET idempotency_key=NULL WHERE created_at<?", (self._clock() - older_than_s,))
+        with self._write.begin() as conn:
+            conn.execute(update(jobs).values(idempotency_key=None).where(
+                jobs.c.idempotency_key.isnot(None), jobs.c.created_at < self._clock() - older_than_s))
 
     def claim(self, worker: str, lease_s: float) -> Job | None:
         now = self._clock()
-        with self._tx() as db:
-            # Fair across keys: the runnable job of the key with the fewest jobs running now,
-            # oldest first within a key. One key's thousand queued jobs do not starve the others.
-            row = db.execute(
-                "SELECT job_id FROM jobs AS j"
-                " WHERE (j.state=? AND j.not_before<=?) OR (j.state=? AND j.lease_expires_at<?)"
-                " ORDER BY (SELECT COUNT(*) FROM jobs AS r WHERE r.key_id=j.key_id AND r.state=?"
-                "           AND r.lease_expires_at>=?), j.created_at, j.rowid LIMIT 1",
-                (QUEUED, now, RUNNING, now, RUNNING, now),
-            ).fetchone()
-            if row is None:
+        runs = jobs.alias("runs")
+        # Fair across keys: the runnable job of the key with the fewest jobs running now,
+        # oldest first within a key. One key's thousand queued jobs do not starve the others.
+        running_now = (
+            select(func.count()).select_from(runs)
+            .where(runs.c.key_id == jobs.c.key_id, runs.c.state == RUNNING, runs.c.lease_expires_at >= now)
+            .scalar_subquery()
+        )
+        pick = (
+            select(jobs.c.job_id)
+            .where(or_(and_(jobs.c.state == QUEUED, jobs.c.not_before <= now),
+                       and_(jobs.c.state == RUNNING, jobs.c.lease_expires_at < now)))
+            .order_by(running_now, jobs.c.created_at, jobs.c.seq)
+            .limit(1)
+        )
+        if self._postgres:
+            # Rows another runner is claiming right now are skipped, not waited for; a row whose
+            # claim committed meanwhile is re-checked against the WHERE above (no double claim).
+            pick = pick.with_for_update(skip_locked=True, of=jobs)
+        with self._write.begin() as conn:
+            job_id = conn.execute(pick).scalar()
+            if job_id is None:
                 return None
-            db.execute(
-                "UPDATE jobs SET state=?, lease_owner=?, lease_expires_at=?, run_attempts=run_attempts+1,"
-                " updated_at=? WHERE job_id=?",
-                (RUNNING, worker, now + lease_s, now, row["job_id"]),
-            )
-        return self.get(row["job_id"])
+            conn.execute(update(jobs).where(jobs.c.job_id == job_id).values(
+                state=RUNNING, lease_owner=worker, lease_expires_at=now + lease_s,
+                run_attempts=jobs.c.run_attempts + 1, updated_at=now,
+            ))
+        return self.get(job_id)
+
+    def _held(self, job_id: str, worker: str):
+        return (jobs.c.job_id == job_id, jobs.c.state == RUNNING, jobs.c.lease_owner == worker)
 
     def renew(self, job_id: str, worker: str, lease_s: float) -> bool:
         now = self._clock()
-        with self._tx() as db:
-            cur = db.execute(
-                "UPDATE jobs SET lease_expires_at=?, updated_at=? WHERE job_id=? AND state=? AND lease_owner=?",
-                (now + lease_s, now, job_id, RUNNING, worker),
-            )
-        return cur.rowcount == 1
+        with self._write.begin() as conn:
+            done = conn.execute(update(jobs).where(*self._held(job_id, worker))
+                                .values(lease_expires_at=now + lease_s, updated_at=now))
+        return done.rowcount == 1
 
     def finish(self, job_id: str, worker: str, *, result=None, error=None) -> bool:
         """Record the outcome, only if ``worker`` still holds the job (else someone took over)."""
         now = self._clock()
-        state = COMPLETED if error is None else FAILED
-        with self._tx() as db:
-            cur = db.execute(
-                "UPDATE jobs SET state=?, result_json=?, error_json=?, lease_owner=NULL, lease_expires_at=NULL,"
-                " updated_at=?, delivery_next_at=CASE WHEN delivery_state=? THEN ? ELSE NULL END"
-                " WHERE job_id=? AND state=? AND lease_owner=?",
-                (state, json.dumps(result) if result is not None else None,
-                 json.dumps(error) if error is not None else None, now, PENDING, now, job_id, RUNNING, worker),
-            )
-        return cur.rowcount == 1
+        with self._write.begin() as conn:
+            done = conn.execute(update(jobs).where(*self._held(job_id, worker)).values(
+                state=COMPLETED if error is None else FAILED,
+                result_json=json.dumps(result) if result is not None else None,
+                error_json=json.dumps(error) if error is not None else None,
+                lease_owner=None, lease_expires_at=None, updated_at=now,
+                delivery_next_at=case((jobs.c.delivery_state == PENDING, now), else_=None),
+            ))
+        return done.rowcount == 1
 
     def requeue(self, job_id: str, worker: str, delay_s: float, count_attempt: bool = True) -> bool:
         """Back to the queue after ``delay_s``; ``count_attempt=False`` gives the run back (the
         workers were busy: no fault of the job's)."""
         now = self._clock()
-        with self._tx() as db:
-            cur = db.execute(
-                "UPDATE jobs SET state=?, lease_owner=NULL, lease_expires_at=NULL, not_before=?, updated_at=?,"
-                " run_attempts=run_attempts-? WHERE job_id=? AND state=? AND lease_owner=?",
-                (QUEUED, now + delay_s, now, 0 if count_attempt else 1, job_id, RUNNING, worker),
-            )
-        return cur.rowcount == 1
+        with self._write.begin() as conn:
+            done = conn.execute(update(jobs).where(*self._held(job_id, worker)).values(
+                state=QUEUED, lease_owner=None, lease_expires_at=None, not_before=now + delay_s, updated_at=now,
+                run_attempts=jobs.c.run_attempts - (0 if count_attempt else 1),
+            ))
+        return done.rowcount == 1
 
     def due_deliveries(self, limit: int) -> list[Job]:
-        rows = self._connect().execute(
-            "SELECT * FROM jobs WHERE delivery_state=? AND state IN (?,?) AND delivery_next_at<=?"
-            " ORDER BY delivery_next_at LIMIT ?",
-            (PENDING, COMPLETED, FAILED, self._clock(), limit),
-        ).fetchall()
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(jobs).where(jobs.c.delivery_state == PENDING, jobs.c.state.in_((COMPLETED, FAILED)),
+                                   jobs.c.delivery_next_at <= self._clock())
+                .order_by(jobs.c.delivery_next_at).limit(limit)
+            ).all()
         return [self._job(r) for r in rows]
+
+    def claim_delivery(self, job_id: str, attempts_seen: int, hold_s: float) -> bool:
+        """Take the delivery of ``job_id`` for ``hold_s`` (if no other runner took it since its
+        ``delivery_attempts`` was ``attempts_seen``): several runners share the store, and one
+        webhook attempt must go out once."""
+        now = self._clock()
+        with self._write.begin() as conn:
+            done = conn.execute(update(jobs).where(
+                jobs.c.job_id == job_id, jobs.c.delivery_state == PENDING,
+                jobs.c.delivery_attempts == attempts_seen, jobs.c.delivery_next_at <= now,
+            ).values(delivery_next_at=now + hold_s))
+        return done.rowcount == 1
 
     def delivery_result(self, job_id, *, delivered, status, error, next_at) -> None:
         state = DELIVERED if delivered else (PENDING if next_at is not None else DELIVERY_FAILED)
-        with self._tx() as db:
-            db.execute(
-                "UPDATE jobs SET delivery_state=?, delivery_attempts=delivery_attempts+1, delivery_next_at=?,"
-                " delivery_last_status=?, delivery_last_error=?, updated_at=? WHERE job_id=?",
-                (state, next_at, status, error, self._clock(), job_id),
-            )
+        with self._write.begin() as conn:
+            conn.execute(update(jobs).where(jobs.c.job_id == job_id).values(
+                delivery_state=state, delivery_attempts=jobs.c.delivery_attempts + 1, delivery_next_at=next_at,
+                delivery_last_status=status, delivery_last_error=error, updated_at=self._clock(),
+            ))
 
     def counts(self) -> dict[str, int]:
-        rows = self._connect().execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
-        return {r["state"]: r["n"] for r in rows}
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
+        return {state: n for state, n in rows}
 
 
-class _Transaction:
-    """BEGIN IMMEDIATE … COMMIT: one writer at a time, across processes."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+def open_job_store(settings) -> SqlJobStore:
+    """The store ``settings`` name: ``database_url``, else SQLite in ``data_dir``."""
+    return SqlJobStore(settings.job_database_url)

@@ -1,7 +1,11 @@
 """Per-key limits: requests per minute, concurrent requests, audio hours per UTC day.
 
 Pure logic with an injected clock. One ``LimitBook`` serves every ingress replica (it lives in a
-single Ray Serve deployment), so a limit holds whichever replica takes a request.
+single Ray Serve deployment), so a limit holds whichever replica takes a request. The audio
+charged per key and day can also go to a ``UsageLedger`` (the database): a restarted book reads
+it back, so a restart does not reset daily quotas. The rolling minute and the concurrency slots
+stay in memory: after a restart they start empty, which lets a key briefly exceed them by what
+was in flight — never the daily audio quota, which is what costs.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pipeline.core.errors import HarkError, RateLimited
 from pipeline.core.keys import key_id
@@ -18,6 +23,14 @@ from pipeline.core.settings import KeyLimits
 
 WINDOW_S = 60.0
 DAY_S = 86_400.0
+
+
+class UsageLedger(Protocol):
+    """Durable audio seconds per key and UTC day (``pipeline.service.usage.AudioUsageLedger``)."""
+
+    def charged(self, key_id: str, day: int) -> float: ...
+
+    def charge(self, key_id: str, day: int, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -53,10 +66,11 @@ def key_limits(settings) -> tuple[KeyLimits, dict[str, KeyLimits]]:
     return default, per_key
 
 
-def book_from_settings(settings, clock: Callable[[], float] | None = None) -> "LimitBook":
+def book_from_settings(settings, clock: Callable[[], float] | None = None,
+                       usage: UsageLedger | None = None) -> "LimitBook":
     """A ``LimitBook`` for ``Settings.limits``."""
     default, per_key = key_limits(settings)
-    return LimitBook(default, per_key, clock)
+    return LimitBook(default, per_key, clock, usage=usage)
 
 
 class LimitBook:
@@ -66,6 +80,7 @@ class LimitBook:
         per_key: dict[str, KeyLimits] | None = None,
         clock: Callable[[], float] | None = None,
         lease_ttl_s: float = 4 * 3600,
+        usage: UsageLedger | None = None,
     ) -> None:
         import time
 
@@ -75,6 +90,7 @@ class LimitBook:
         # A lease whose release never came (its ingress died) frees itself after this long.
         self._lease_ttl_s = lease_ttl_s
         self._keys: dict[str, _KeyState] = {}
+        self._usage = usage
         self.refusals: dict[str, int] = {"requests_per_minute": 0, "concurrent_requests": 0, "audio_hours_per_day": 0}
 
     def limits_for(self, key_id: str) -> KeyLimits:
@@ -92,7 +108,9 @@ class LimitBook:
                 del state.reserved[reservation_id]
         day = int(now // DAY_S)
         if day != state.day:
-            state.day, state.audio_s = day, 0.0
+            # A new day, or a key first seen since (re)start: what it was charged today so far.
+            state.audio_s = self._usage.charged(key_id, day) if self._usage is not None else 0.0
+            state.day = day
         return state
 
     def _headers(self, limits: KeyLimits, state: _KeyState, now: float) -> dict[str, str]:
@@ -178,6 +196,8 @@ class LimitBook:
         state = self._state(key_id, self._clock())
         state.reserved.pop(reservation_id, None)
         state.audio_s += seconds
+        if self._usage is not None:
+            self._usage.charge(key_id, state.day, seconds)
 
     def cancel_audio(self, key_id: str, reservation_id: str) -> None:
         """The work failed: nothing is charged."""

@@ -16,14 +16,11 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from standardwebhooks import Webhook
@@ -40,7 +37,8 @@ from pipeline.core.errors import (
 )
 from pipeline.core.settings import Settings
 from pipeline.core.types import Audio
-from pipeline.service.jobs import Job, JobStore
+from pipeline.service.blobs import BlobStore
+from pipeline.service.jobs import DuplicateIdempotencyKey, Job, JobStore
 from pipeline.service.limits import key_limits
 from pipeline.service.webhooks import Attempt, backoff_s, deliver, webhook_signer
 from pipeline.transcription.flow import Meter, TranscriptionFlow
@@ -128,8 +126,7 @@ class JobRunner:
                  on_lease_lost: Callable[[str, str], Awaitable[None]] | None = None) -> None:
         self._settings = settings
         self._store = store
-        self._audio_dir = settings.data_dir / "audio"
-        self._audio_dir.mkdir(parents=True, exist_ok=True)
+        self._blobs = BlobStore(settings.job_blob_url)
         self._audio = audio
         self._flow = flow
         self._meter_for = meter_for
@@ -192,9 +189,8 @@ class JobRunner:
                 return job.payload()
         stored: dict = {"params": request.params.model_dump(mode="json")}
         if request.audio is not None:
-            path = self._audio_dir / f"upload-{uuid.uuid4().hex}.bin"
-            await asyncio.to_thread(_write_durably, path, request.audio)
-            stored["audio_path"] = str(path)
+            # Durable before the 202, where every runner of the cluster can read it.
+            stored["audio_blob"] = await asyncio.to_thread(self._blobs.put, request.audio)
         else:
             stored["url"] = request.url
         try:
@@ -203,13 +199,11 @@ class JobRunner:
                 self._active_jobs_for(request.key_id),
             )
         except HarkError:
-            if "audio_path" in stored:
-                Path(stored["audio_path"]).unlink(missing_ok=True)
+            await self._drop_audio(stored)
             raise
-        except sqlite3.IntegrityError:
+        except DuplicateIdempotencyKey:
             # The same Idempotency-Key raced in twice: the first one's job is the answer.
-            if "audio_path" in stored:
-                Path(stored["audio_path"]).unlink(missing_ok=True)
+            await self._drop_audio(stored)
             found = await self._call(self._store.find_idempotent, request.key_id, request.idempotency_key)
             if found is None:
                 raise
@@ -226,6 +220,15 @@ class JobRunner:
         if payload["status"] == "failed":
             raise error_from_body(payload["error"])
         return payload["result"]
+
+    async def _drop_audio(self, request: dict) -> None:
+        """Delete a job's uploaded audio (it ran, or the job was never made)."""
+        url = request.get("audio_blob") or request.get("audio_path")
+        if url is not None:
+            try:
+                await asyncio.to_thread(BlobStore.delete, url)
+            except Exception:  # noqa: BLE001 - a leftover upload is not worth failing a job for
+                logger.exception("deleting %s failed", url)
 
     async def get(self, job_id: str, key_id: str) -> dict:
         job = await self._call(self._store.get, job_id)
@@ -300,8 +303,7 @@ class JobRunner:
                              count_attempt=requeue.count_attempt)
             return
         if await self._call(self._store.finish, job.job_id, self._worker, result=result, error=error):
-            if "audio_path" in job.request:
-                Path(job.request["audio_path"]).unlink(missing_ok=True)
+            await self._drop_audio(job.request)
         else:
             await self._lease_lost(job, "finish")
 
@@ -309,8 +311,9 @@ class JobRunner:
         """(result, error) of one run; raises ``_Requeue`` to give the job back untouched."""
         try:
             params = ListenParams.parse(job.request["params"])
-            if "audio_path" in job.request:
-                data = await asyncio.to_thread(Path(job.request["audio_path"]).read_bytes)
+            if "audio_blob" in job.request or "audio_path" in job.request:
+                # audio_path: a job accepted before uploads went to the blob store.
+                data = await asyncio.to_thread(BlobStore.get, job.request.get("audio_blob") or job.request["audio_path"])
                 audio = await self._audio.from_bytes(data)
             else:
                 audio = await self._audio.from_url(job.request["url"])
@@ -361,6 +364,9 @@ class JobRunner:
 
     async def _deliver(self, job: Job) -> None:
         s = self._settings
+        # Other runners read the same due deliveries: the one that takes it sends this attempt.
+        if not await self._call(self._store.claim_delivery, job.job_id, job.delivery_attempts, s.webhook_timeout_s + 30):
+            return
         signer = self._signer_for(job.key_id)
         if signer is None:
             attempt = Attempt(False, retry=False, error="No webhook secret for this key: deliveries cannot be signed")
@@ -390,12 +396,3 @@ class _Requeue(Exception):
     def __init__(self, count_attempt: bool) -> None:
         super().__init__()
         self.count_attempt = count_attempt
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.rename(path)
