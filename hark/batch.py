@@ -17,9 +17,10 @@ import io
 import json
 import math
 import os
+import posixpath
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,12 +304,52 @@ class PartWriter:
         self._last_flush = time.monotonic()
 
 
+class SubtitleWriter:
+    """One subtitle file per transcribed input (``--format srt|vtt``), named by the input's path
+    below the inputs' common folder plus the format's suffix (``wav/call.wav.srt``), so that no two
+    inputs share a file. Written by ``pipeline.transcription.subtitles``, the API's renderer."""
+
+    def __init__(self, output: str, fmt: str, uris: Sequence[str]) -> None:
+        self.fs, self.root = _fs(output)
+        self.fmt = fmt
+        paths = [_without_scheme(u) for u in uris]
+        self._common = posixpath.dirname(paths[0]) if len(paths) == 1 else posixpath.commonpath(paths) if paths else ""
+
+    def name(self, uri: str) -> str:
+        path = _without_scheme(uri)
+        rel = posixpath.relpath(path, self._common) if self._common else path.lstrip("/")
+        return f"{rel}.{self.fmt}"
+
+    def write(self, row: dict[str, Any]) -> None:
+        from pipeline.transcription.subtitles import render_body
+
+        target = f"{self.root}/{self.name(row['uri'])}"
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        with self.fs.open(target, "w", encoding="utf-8") as f:
+            f.write(render_body(row, self.fmt))
+
+
+def _without_scheme(uri: str) -> str:
+    return uri.split("://", 1)[1] if "://" in uri else os.path.abspath(uri).replace(os.sep, "/")
+
+
+SUBTITLE_FORMATS = ("srt", "vtt")
+
+
 def run_batch(source: str, output: str, settings: Settings, defaults: dict[str, Any] | None = None, *,
               fmt: str = "jsonl", retry_failed: bool = False, max_actors: int | None = None,
               num_gpus_per_actor: float = 0.0, progress: bool = True, limit: int | None = None) -> BatchSummary:
-    """Transcribe everything ``source`` names into ``output``; skips what ``output`` already holds."""
+    """Transcribe everything ``source`` names into ``output``; skips what ``output`` already holds.
+
+    ``fmt`` srt or vtt: also one subtitle file per transcribed input (word times are asked for);
+    the rows still go to JSONL part files, which hold the errors and let a re-run resume."""
     started = time.perf_counter()
     items = discover(source)
+    subtitle_writer = None
+    if fmt in SUBTITLE_FORMATS:
+        subtitle_writer = SubtitleWriter(output, fmt, [it.uri for it in items])
+        defaults = {**(defaults or {}), "timestamps": True}
+        fmt = "jsonl"
     previous = read_results(output)
     done_ok = {r["uri"] for r in previous if not r.get("error")}
     done_any = {r["uri"] for r in previous}
@@ -324,6 +365,8 @@ def run_batch(source: str, output: str, settings: Settings, defaults: dict[str, 
             for row in _rows(transcribe_dataset(todo, settings, defaults, max_actors=max_actors,
                                                 num_gpus_per_actor=num_gpus_per_actor)):
                 writer.add(row)
+                if subtitle_writer is not None and not row.get("error"):
+                    subtitle_writer.write(row)
                 if row.get("error"):
                     summary.failed += 1
                 else:

@@ -60,6 +60,7 @@ class Meter(Protocol):
 class TranscriptionResult:
     transcript: Transcript
     body: dict  # the /v1/listen response body, as JSON-ready values
+    word_speakers: tuple[str, ...] | None = None  # one label per transcript word, when diarized
 
 
 class TranscriptionFlow:
@@ -119,7 +120,7 @@ class TranscriptionFlow:
             timestamps=params.timestamps,
             word_speakers=word_speakers,
         ).to_json())
-        return TranscriptionResult(transcript, body)
+        return TranscriptionResult(transcript, body, word_speakers)
 
 
 class LocalRecognizer:

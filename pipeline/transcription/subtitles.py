@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pipeline.core.errors import InvalidParameter
 from pipeline.core.types import Transcript
+from pipeline.transcription.merge import group_turns
 from pipeline.transcription.render import strip_punctuation
 
 SubtitleFormat = Literal["srt", "vtt"]
@@ -343,3 +344,28 @@ def render_body(body: Mapping[str, Any], fmt: str) -> str:
         turns = [(t["speaker"], t["text"]) for t in body.get("speakers") or []]
         return plain_text(body.get("text", ""), turns)
     return subtitles(units_from_body(body), fmt, body.get("duration"))  # type: ignore[arg-type]
+
+
+def render_transcript(transcript: Transcript, fmt: str, *, word_speakers: Sequence[str] | None = None,
+                      punctuate: bool = True) -> str:
+    """A transcript (with one speaker label per word when diarized) as ``fmt``: srt, vtt or text."""
+    if fmt == "text":
+        turns = None
+        if word_speakers is not None:
+            turns = [(who, said) for who, said, _, _ in group_turns(transcript.words, word_speakers)]
+        clean = (lambda t: t) if punctuate else strip_punctuation
+        text = clean(transcript.text)
+        return plain_text(text, [(who, clean(said)) for who, said in turns] if turns else None)
+    units = units_from_transcript(transcript, word_speakers, punctuate=punctuate)
+    return subtitles(units, fmt, transcript.duration_s)  # type: ignore[arg-type]
+
+
+def parse_format(value: str | None) -> str:
+    """``format=`` of ``/v1/listen`` and ``GET /v1/jobs/{id}``: json (the default), srt, vtt, text."""
+    if value is None or value == "" or value == "json":
+        return "json"
+    if value not in FILE_FORMATS:
+        value = str(value)
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise InvalidParameter(f"Unknown format {shown!r}: use json, srt, vtt or text", param="format")
+    return value
