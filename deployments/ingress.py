@@ -22,6 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import adopt_serve_logging, replica_info
 from deployments.handles import HandleAudio, HandleMeter, HandleRecognizer, HandleSpeakers, call, unwrap
+from deployments.openai_api import OpenAIRoutes
+from deployments.openai_api import router as openai_router
 from pipeline.audio.fetch import UrlGuard
 from pipeline.core.errors import HarkError, InvalidParameter, MissingParameter
 from pipeline.core.settings import Settings
@@ -37,6 +39,7 @@ from pipeline.transcription.subtitles import FILE_FORMATS, parse_format, render_
 logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="Hark", version="0.1.0", description="Self-hosted speech-to-text.")
+app.include_router(openai_router)  # /v1/audio/transcriptions, /v1/audio/translations, /v1/models
 LISTEN_ROUTE = "/v1/listen"
 
 
@@ -102,7 +105,7 @@ class _WebSocketChannel:
     ray_actor_options={"num_cpus": 0.1},
 )
 @serve.ingress(app)
-class Ingress:
+class Ingress(OpenAIRoutes):
     def __init__(
         self,
         settings: Settings,

@@ -83,20 +83,22 @@ class TranscriptionFlow:
                     self._capabilities = await self._recognizer.capabilities()
         return self._capabilities
 
-    async def check(self, params: ListenParams) -> None:
+    async def check(self, params: ListenParams, *, task: str = "transcribe") -> None:
         """Refuse up front what cannot be served (before any audio is fetched)."""
         caps = await self.capabilities()
-        caps.refuse_unsupported(language=params.language, timestamps=params.timestamps, diarize=params.diarize)
+        caps.refuse_unsupported(language=params.language, timestamps=params.timestamps, diarize=params.diarize, task=task)
         if params.diarize:
             await self._speakers.check()
 
     async def run(self, audio: Audio, params: ListenParams, *, request_id: str,
-                  meter: Meter | None = None) -> TranscriptionResult:
+                  meter: Meter | None = None, asr_options: AsrOptions | None = None) -> TranscriptionResult:
+        """``asr_options``: what the engine is asked, where a caller says more than ``params``
+        (the OpenAI routes: prompt, temperature, translation); else ``params.asr_options()``."""
         # The quota on the decoded duration, reserved before any work: a refusal costs nothing.
         reservation = await meter.reserve(audio.duration_s) if meter is not None else None
         try:
             # No retry anywhere here: a transcription runs once.
-            asr = self._recognizer.transcribe(audio, params.asr_options())
+            asr = self._recognizer.transcribe(audio, asr_options or params.asr_options())
             word_speakers = None
             if params.diarize:
                 # Diarization runs beside ASR on the same decoded samples: no second fetch or decode.
