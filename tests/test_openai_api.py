@@ -6,8 +6,11 @@ Every request is made once, in module-scoped fixtures, and the tests assert on t
 
 from __future__ import annotations
 
-import io
+import json
+import shutil
+import subprocess
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -34,7 +37,11 @@ from textnorm import wer
 
 pytestmark = pytest.mark.serve
 
-SERVED = "whisper-base"  # the bundled model the shared app runs (HARK_ASR__MODEL's default)
+SERVED = "whisper-base"
+# The openai npm package's last line that runs on Node 20 (7.x needs Node 22); installed once
+# into the test-asset cache and reused by every later run.
+NPM_OPENAI = "6.30.1"
+NODE_SCRIPT = Path(__file__).parent / "node" / "transcribe.mjs"  # the bundled model the shared app runs (HARK_ASR__MODEL's default)
 
 
 def _seconds(stamp: str) -> float:
@@ -266,3 +273,36 @@ def test_finished_job_downloads_as_files(job_files, answers):
         (s.start, s.end, s.content) for s in srt.parse(answers["srt"].parse())]
     parse_vtt(job["vtt"].text, body["result"]["duration"])
     assert job["text"].text == body["result"]["text"] + "\n"
+
+
+@pytest.fixture(scope="module")
+def node_openai(tmp_path_factory) -> Path:
+    """A folder with the openai npm package, installed once into the test-asset cache."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.fail("Node 20 and npm are needed for the openai npm package test")
+    cached = assets.CACHE / "npm" / f"openai-{NPM_OPENAI}"
+    if not (cached / "node_modules" / "openai" / "package.json").exists():
+        staging = Path(str(cached) + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        subprocess.run(["npm", "install", "--prefix", str(staging), "--no-audit", "--no-fund", "--no-save",
+                        f"openai@{NPM_OPENAI}"], check=True, capture_output=True, timeout=300)
+        staging.rename(cached)
+    # Node resolves "openai" from a node_modules beside or above the script: a copy of it there.
+    work = tmp_path_factory.mktemp("node")
+    (work / "node_modules").symlink_to(cached / "node_modules")
+    shutil.copy(NODE_SCRIPT, work / NODE_SCRIPT.name)
+    return work / NODE_SCRIPT.name
+
+
+def test_openai_npm_package_under_node(node_openai, serve_app, clips, answers):
+    run = subprocess.run(["node", str(node_openai), f"{serve_app}/v1", API_KEYS[0], str(clips["fox"].path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["text"] == answers["json"].parse().text  # what the Python SDK got
+    assert out["usage"] == {"type": "duration", "seconds": int(np.ceil(answers["fox_duration"]))}
+    events = out["events"]
+    assert [e["type"] for e in events] == ["transcript.text.delta"] * (len(events) - 1) + ["transcript.text.done"]
+    assert "".join(e["delta"] for e in events[:-1]) == events[-1]["text"] == out["text"]
+    assert out["error"] == {"name": "NotFoundError", "status": 404, "code": "model_not_found", "param": "model"}

@@ -86,7 +86,8 @@ class TranscriptionFlow:
     async def check(self, params: ListenParams, *, task: str = "transcribe") -> None:
         """Refuse up front what cannot be served (before any audio is fetched)."""
         caps = await self.capabilities()
-        caps.refuse_unsupported(language=params.language, timestamps=params.timestamps, diarize=params.diarize, task=task)
+        caps.refuse_unsupported(language=params.language, timestamps=params.timestamps or params.utterances or params.paragraphs,
+                                diarize=params.diarize, task=task)
         if params.diarize:
             await self._speakers.check()
 
@@ -121,6 +122,9 @@ class TranscriptionFlow:
             punctuate=params.punctuate,
             timestamps=params.timestamps,
             word_speakers=word_speakers,
+            utterances=params.utterances,
+            utt_split_s=params.utt_split,
+            paragraphs=params.paragraphs,
         ).to_json())
         return TranscriptionResult(transcript, body, word_speakers)
 
