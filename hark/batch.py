@@ -34,7 +34,10 @@ from pipeline.transcription.schemas import ListenParams
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 # The API's result fields, plus the source, the error, and the seconds the ASR actor spent.
-ROW_FIELDS = ("uri", "request_id", "text", "confidence", "duration", "language", "words", "speakers", "error", "processing_s")
+ROW_FIELDS = ("uri", "request_id", "text", "confidence", "duration", "language", "words", "speakers",
+              "utterances", "paragraphs", "error", "processing_s")
+# Fields that hold lists or objects: JSON text in Ray Data's columns and in Parquet.
+JSON_FIELDS = ("words", "speakers", "utterances", "paragraphs", "error")
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,7 @@ class TranscribeActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = [self.transcribe_row(uri, opts, pcm, err)
                 for uri, opts, pcm, err in zip(batch["uri"], batch["options"], batch["pcm"], batch["error"])]
-        return {name: [json.dumps(r[name]) if name in ("words", "speakers", "error") else r[name] for r in rows]
+        return {name: [json.dumps(r[name]) if name in JSON_FIELDS else r[name] for r in rows]
                 for name in ROW_FIELDS}
 
     def transcribe_row(self, uri: str, options_json: str, pcm: bytes, error: str | None) -> dict[str, Any]:
@@ -223,7 +226,7 @@ def transcribe_dataset(items: Iterable[BatchItem], settings: Settings, defaults:
 # ---- output and resume -----------------------------------------------------------------------
 
 def _decode_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (json.loads(v) if k in ("words", "speakers", "error") and isinstance(v, str) else v) for k, v in row.items()}
+    return {k: (json.loads(v) if k in JSON_FIELDS and isinstance(v, str) else v) for k, v in row.items()}
 
 
 def read_results(output: str) -> list[dict[str, Any]]:
@@ -282,7 +285,7 @@ class PartWriter:
             import pyarrow.parquet as pq
 
             table = pa.Table.from_pylist([
-                {k: (json.dumps(v) if k in ("words", "speakers", "error") and v is not None else v) for k, v in r.items()}
+                {k: (json.dumps(v) if k in JSON_FIELDS and v is not None else v) for k, v in r.items()}
                 for r in self.pending
             ])
             buf = io.BytesIO()
