@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import numpy as np
 import pytest
 
 from pipeline.core.errors import InvalidParameter
-from pipeline.core.types import Segment, Transcript, Word
+from pipeline.core.types import Audio, Diarization, Segment, SpeakerTurn, Transcript, Word
+from pipeline.transcription.flow import TranscriptionFlow
 from pipeline.transcription.grouping import paragraphs, utterances
 from pipeline.transcription.render import render
 from pipeline.transcription.schemas import ListenParams
@@ -51,8 +55,9 @@ def test_paragraphs_hold_sentences_and_a_readable_transcript():
 def test_listen_body_and_params():
     params = ListenParams.parse({"utterances": "true", "utt_split": "0.5", "paragraphs": "true"})
     assert params.asr_options().word_timestamps is True
-    body = render(TRANSCRIPT, request_id="req_1", punctuate=True, timestamps=False, utterances=True,
-                  utt_split_s=params.utt_split, paragraphs=True).to_json()
+    body = render(TRANSCRIPT, request_id="req_1", punctuate=True, timestamps=False,
+                  utterances=utterances(WORDS, None, utt_split_s=params.utt_split),
+                  paragraphs=paragraphs(WORDS, None)).to_json()
     assert "words" not in body and len(body["utterances"]) == 3 and len(body["paragraphs"]["paragraphs"]) == 2
     # A stored result with utterances but no words still makes subtitles.
     assert render_body(body, "srt").count("-->") == 4
@@ -60,3 +65,28 @@ def test_listen_body_and_params():
         ListenParams.parse({"utt_split": "0"})
     assert err.value.extra["param"] == "utt_split"
     assert "utterances" not in render(TRANSCRIPT, request_id="r", punctuate=True, timestamps=True).to_json()
+
+
+def test_the_flow_adds_them_diarized_when_asked():
+    class Recognizer:  # the flow's Protocol seam
+        async def capabilities(self):
+            raise AssertionError("not asked by run()")
+
+        async def transcribe(self, audio, options):
+            assert options.word_timestamps  # groupings need word times
+            return TRANSCRIPT
+
+    class Speakers:
+        async def check(self):
+            return None
+
+        async def diarize(self, audio, num_speakers):
+            return Diarization((SpeakerTurn("x", 0.0, 1.6), SpeakerTurn("y", 2.2, 6.0)))
+
+    params = ListenParams.parse({"utterances": "true", "paragraphs": "true", "diarize": "true"})
+    result = asyncio.run(TranscriptionFlow(Recognizer(), Speakers()).run(
+        Audio(np.zeros(16000, np.float32)), params, request_id="req_1"))
+    assert [(u["speaker"], u["transcript"]) for u in result.body["utterances"]] == [
+        ("SPEAKER_00", "Hello there. How are you?"), ("SPEAKER_01", "Fine, thanks."), ("SPEAKER_01", "Good.")]
+    assert result.body["paragraphs"]["transcript"].startswith("\nSpeaker 0: Hello there.")
+    assert result.word_speakers == SPEAKERS

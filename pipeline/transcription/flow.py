@@ -18,6 +18,7 @@ from pipeline.core.errors import InvalidParameter
 from pipeline.core.settings import DiarizationSettings
 from pipeline.core.types import AsrOptions, Audio, Diarization, Transcript
 from pipeline.diarization.base import DiarizationOptions, Diarizer
+from pipeline.transcription import grouping
 from pipeline.transcription.merge import assign_word_speakers
 from pipeline.transcription.render import render
 from pipeline.transcription.schemas import ListenParams
@@ -122,9 +123,10 @@ class TranscriptionFlow:
             punctuate=params.punctuate,
             timestamps=params.timestamps,
             word_speakers=word_speakers,
-            utterances=params.utterances,
-            utt_split_s=params.utt_split,
-            paragraphs=params.paragraphs,
+            utterances=grouping.utterances(transcript.words, word_speakers, utt_split_s=params.utt_split,
+                                           punctuate=params.punctuate) if params.utterances else None,
+            paragraphs=grouping.paragraphs(transcript.words, word_speakers, punctuate=params.punctuate)
+            if params.paragraphs else None,
         ).to_json())
         return TranscriptionResult(transcript, body, word_speakers)
 

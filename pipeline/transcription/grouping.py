@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.core.types import Word
 from pipeline.transcription.render import api_words, strip_punctuation
+from pipeline.transcription.subtitles import speaker_name
 
 UTT_SPLIT_S = 0.8  # Deepgram's default pause that ends an utterance
 PARAGRAPH_PAUSE_S = 2.0  # a silence this long starts a new paragraph
@@ -63,8 +64,6 @@ def paragraphs(words: Sequence[Word], speakers: Sequence[str] | None, *, punctua
     """Deepgram's ``paragraphs``: ``{"transcript", "paragraphs": [{"sentences": [{"text", "start",
     "end"}], "num_words", "start", "end", "speaker"?}]}``; the transcript puts a blank line between
     paragraphs and, diarized, ``Speaker N:`` before each."""
-    from pipeline.transcription.subtitles import speaker_name
-
     out, lines = [], []
     for run in _runs(words, speakers, PARAGRAPH_PAUSE_S):
         sentences, current = [], []

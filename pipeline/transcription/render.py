@@ -101,14 +101,12 @@ def render(
     punctuate: bool,
     timestamps: bool,
     word_speakers: Sequence[str] | None = None,
-    utterances: bool = False,
-    utt_split_s: float = 0.8,
-    paragraphs: bool = False,
+    utterances: list[dict] | None = None,
+    paragraphs: dict | None = None,
 ) -> ListenResponse:
     """The response body. ``word_speakers`` (one label per transcript word, from
     ``merge.assign_word_speakers``) adds ``speakers`` and a ``speaker`` on each word;
-    ``utterances`` and ``paragraphs`` add Deepgram's groupings (``grouping``)."""
-    from pipeline.transcription import grouping  # it builds on this module's words
+    ``utterances`` and ``paragraphs`` are Deepgram's groupings (``grouping``), when asked for."""
     text = transcript.text if punctuate else strip_punctuation(transcript.text)
     speakers = None
     if word_speakers is not None:
@@ -124,7 +122,6 @@ def render(
         language=transcript.language,
         words=api_words(transcript.words, punctuate, word_speakers) if timestamps else None,
         speakers=speakers,
-        utterances=grouping.utterances(transcript.words, word_speakers, utt_split_s=utt_split_s, punctuate=punctuate)
-        if utterances else None,
-        paragraphs=grouping.paragraphs(transcript.words, word_speakers, punctuate=punctuate) if paragraphs else None,
+        utterances=utterances,
+        paragraphs=paragraphs,
     )
