@@ -24,6 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import adopt_serve_logging, replica_info
 from deployments.handles import HandleAudio, HandleMeter, HandleRecognizer, HandleSpeakers, call, unwrap
+from deployments.openai_api import OpenAIRoutes
+from deployments.openai_api import router as openai_router
 from pipeline.audio.fetch import UrlGuard
 from pipeline.core.errors import HarkError, InvalidParameter, MissingParameter
 from pipeline.core.settings import Settings
@@ -34,10 +36,12 @@ from pipeline.streaming.limits import StreamLimits
 from pipeline.streaming.server import ChannelClosed, StreamParams, StreamServer
 from pipeline.transcription.flow import TranscriptionFlow
 from pipeline.transcription.schemas import ListenParams
+from pipeline.transcription.subtitles import FILE_FORMATS, parse_format, render_body, render_transcript
 
 logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="Hark", version="0.1.0", description="Self-hosted speech-to-text.")
+app.include_router(openai_router)  # /v1/audio/transcriptions, /v1/audio/translations, /v1/models
 LISTEN_ROUTE = "/v1/listen"
 # The web playground: static files shipped in the package, served without a key (the page asks
 # for one and sends it with each API call).
@@ -65,6 +69,14 @@ class _Answer:
     body: dict
     headers: dict[str, str] = field(default_factory=dict)
     audio_s: float = 0.0  # decoded audio transcribed, for the metrics
+    file: str | None = None  # the answer as a file (format=srt|vtt|text) instead of the JSON body
+    file_format: str = "json"
+
+    def response(self) -> Response:
+        if self.file is None:
+            return JSONResponse(self.body, status_code=self.status, headers=self.headers)
+        return Response(self.file, status_code=self.status, headers=self.headers,
+                        media_type=FILE_FORMATS[self.file_format])
 
 
 class _WebSocketChannel:
@@ -98,7 +110,7 @@ class _WebSocketChannel:
     ray_actor_options={"num_cpus": 0.1},
 )
 @serve.ingress(app)
-class Ingress:
+class Ingress(OpenAIRoutes):
     def __init__(
         self,
         settings: Settings,
@@ -162,7 +174,7 @@ class Ingress:
         audio_s = 0.0
         try:
             answer = await self._listen(request)
-            response = JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
+            response = answer.response()
             code, audio_s = "", answer.audio_s
         except asyncio.CancelledError:
             raise
@@ -175,10 +187,18 @@ class Ingress:
         return response
 
     @app.get("/v1/jobs/{job_id}")
-    async def job(self, job_id: str, request: Request) -> JSONResponse:
+    async def job(self, job_id: str, request: Request) -> Response:
         key_id = self._keys.authenticate(request.headers.get("authorization"))
         try:
-            return JSONResponse(await call(self._jobs.get.remote(job_id, key_id), self._retry))
+            fmt = parse_format(request.query_params.get("format"))
+            payload = await call(self._jobs.get.remote(job_id, key_id), self._retry)
+            if fmt == "json":
+                return JSONResponse(payload)
+            if payload["status"] != "completed":
+                raise InvalidParameter(f"Job {job_id} is {payload['status']}: format={fmt} is served once it has completed",
+                                       param="format")
+            text = await asyncio.to_thread(render_body, payload["result"], fmt)
+            return _Answer(200, {}, file=text, file_format=fmt).response()
         except HarkError as err:
             return _error_response(err)
 
@@ -221,13 +241,20 @@ class Ingress:
         if source.url is None and source.audio is None:
             raise MissingParameter()
         params = ListenParams.parse({**request.query_params, **source.fields})
+        fmt = parse_format(source.fields.get("format", request.query_params.get("format")))
+        if fmt in ("srt", "vtt") and not params.timestamps and (await self._flow.capabilities()).word_timestamps:
+            # Subtitles are cut by word times; a job keeps them in its result for GET /v1/jobs/{id}?format=.
+            params = params.model_copy(update={"timestamps": True})
         await self._flow.check(params)
         if source.url is not None:
             self._guard.check_form(source.url)
         idempotency_key = request.headers.get("idempotency-key")
         if params.callback_url is not None or idempotency_key:
             job = JobRequest(key_id, params, url=source.url, audio=source.audio, idempotency_key=idempotency_key)
-            return await self._as_job(job)
+            answer = await self._as_job(job)
+            if fmt != "json" and answer.status == 200:
+                answer.file, answer.file_format = await asyncio.to_thread(render_body, answer.body, fmt), fmt
+            return answer
         if source.url is not None:
             audio = await self._audio.from_url(source.url)
         else:
@@ -237,7 +264,12 @@ class Ingress:
         # request enters before its input exists, so a full queue would never refuse it.
         result = await self._flow.run(audio, params, request_id=f"req_{uuid.uuid4().hex}",
                                       meter=HandleMeter(self._accounting, key_id, self._retry))
-        return _Answer(200, result.body, audio_s=result.transcript.duration_s)
+        answer = _Answer(200, result.body, audio_s=result.transcript.duration_s)
+        if fmt != "json":
+            answer.file, answer.file_format = await asyncio.to_thread(
+                render_transcript, result.transcript, fmt, word_speakers=result.word_speakers, punctuate=params.punctuate,
+            ), fmt
+        return answer
 
     async def _as_job(self, job: JobRequest) -> _Answer:
         """A job: answered 202 at once with a callback_url; else (an Idempotency-Key alone)

@@ -17,9 +17,10 @@ import io
 import json
 import math
 import os
+import posixpath
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,10 @@ from pipeline.transcription.schemas import ListenParams
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 # The API's result fields, plus the source, the error, and the seconds the ASR actor spent.
-ROW_FIELDS = ("uri", "request_id", "text", "confidence", "duration", "language", "words", "speakers", "error", "processing_s")
+ROW_FIELDS = ("uri", "request_id", "text", "confidence", "duration", "language", "words", "speakers",
+              "utterances", "paragraphs", "error", "processing_s")
+# Fields that hold lists or objects: JSON text in Ray Data's columns and in Parquet.
+JSON_FIELDS = ("words", "speakers", "utterances", "paragraphs", "error")
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,7 @@ class TranscribeActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = [self.transcribe_row(uri, opts, pcm, err)
                 for uri, opts, pcm, err in zip(batch["uri"], batch["options"], batch["pcm"], batch["error"])]
-        return {name: [json.dumps(r[name]) if name in ("words", "speakers", "error") else r[name] for r in rows]
+        return {name: [json.dumps(r[name]) if name in JSON_FIELDS else r[name] for r in rows]
                 for name in ROW_FIELDS}
 
     def transcribe_row(self, uri: str, options_json: str, pcm: bytes, error: str | None) -> dict[str, Any]:
@@ -222,7 +226,7 @@ def transcribe_dataset(items: Iterable[BatchItem], settings: Settings, defaults:
 # ---- output and resume -----------------------------------------------------------------------
 
 def _decode_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (json.loads(v) if k in ("words", "speakers", "error") and isinstance(v, str) else v) for k, v in row.items()}
+    return {k: (json.loads(v) if k in JSON_FIELDS and isinstance(v, str) else v) for k, v in row.items()}
 
 
 def read_results(output: str) -> list[dict[str, Any]]:
@@ -281,7 +285,7 @@ class PartWriter:
             import pyarrow.parquet as pq
 
             table = pa.Table.from_pylist([
-                {k: (json.dumps(v) if k in ("words", "speakers", "error") and v is not None else v) for k, v in r.items()}
+                {k: (json.dumps(v) if k in JSON_FIELDS and v is not None else v) for k, v in r.items()}
                 for r in self.pending
             ])
             buf = io.BytesIO()
@@ -303,12 +307,52 @@ class PartWriter:
         self._last_flush = time.monotonic()
 
 
+class SubtitleWriter:
+    """One subtitle file per transcribed input (``--format srt|vtt``), named by the input's path
+    below the inputs' common folder plus the format's suffix (``wav/call.wav.srt``), so that no two
+    inputs share a file. Written by ``pipeline.transcription.subtitles``, the API's renderer."""
+
+    def __init__(self, output: str, fmt: str, uris: Sequence[str]) -> None:
+        self.fs, self.root = _fs(output)
+        self.fmt = fmt
+        paths = [_without_scheme(u) for u in uris]
+        self._common = posixpath.dirname(paths[0]) if len(paths) == 1 else posixpath.commonpath(paths) if paths else ""
+
+    def name(self, uri: str) -> str:
+        path = _without_scheme(uri)
+        rel = posixpath.relpath(path, self._common) if self._common else path.lstrip("/")
+        return f"{rel}.{self.fmt}"
+
+    def write(self, row: dict[str, Any]) -> None:
+        from pipeline.transcription.subtitles import render_body
+
+        target = f"{self.root}/{self.name(row['uri'])}"
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        with self.fs.open(target, "w", encoding="utf-8") as f:
+            f.write(render_body(row, self.fmt))
+
+
+def _without_scheme(uri: str) -> str:
+    return uri.split("://", 1)[1] if "://" in uri else os.path.abspath(uri).replace(os.sep, "/")
+
+
+SUBTITLE_FORMATS = ("srt", "vtt")
+
+
 def run_batch(source: str, output: str, settings: Settings, defaults: dict[str, Any] | None = None, *,
               fmt: str = "jsonl", retry_failed: bool = False, max_actors: int | None = None,
               num_gpus_per_actor: float = 0.0, progress: bool = True, limit: int | None = None) -> BatchSummary:
-    """Transcribe everything ``source`` names into ``output``; skips what ``output`` already holds."""
+    """Transcribe everything ``source`` names into ``output``; skips what ``output`` already holds.
+
+    ``fmt`` srt or vtt: also one subtitle file per transcribed input (word times are asked for);
+    the rows still go to JSONL part files, which hold the errors and let a re-run resume."""
     started = time.perf_counter()
     items = discover(source)
+    subtitle_writer = None
+    if fmt in SUBTITLE_FORMATS:
+        subtitle_writer = SubtitleWriter(output, fmt, [it.uri for it in items])
+        defaults = {**(defaults or {}), "timestamps": True}
+        fmt = "jsonl"
     previous = read_results(output)
     done_ok = {r["uri"] for r in previous if not r.get("error")}
     done_any = {r["uri"] for r in previous}
@@ -324,6 +368,8 @@ def run_batch(source: str, output: str, settings: Settings, defaults: dict[str, 
             for row in _rows(transcribe_dataset(todo, settings, defaults, max_actors=max_actors,
                                                 num_gpus_per_actor=num_gpus_per_actor)):
                 writer.add(row)
+                if subtitle_writer is not None and not row.get("error"):
+                    subtitle_writer.write(row)
                 if row.get("error"):
                     summary.failed += 1
                 else:

@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = sub.add_parser("batch", help="transcribe a corpus with Ray Data")
     batch.add_argument("input", help="directory, glob, s3:// prefix, or manifest (.csv / .jsonl with a uri column)")
     batch.add_argument("output", help="directory (local or s3://) for part files of result rows")
-    batch.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
+    batch.add_argument("--format", choices=["jsonl", "parquet", "srt", "vtt"], default="jsonl",
+                       help="part files of result rows; srt/vtt: also one subtitle file per input")
     batch.add_argument("--language")
     batch.add_argument("--timestamps", action="store_true")
     batch.add_argument("--no-punctuate", action="store_true")

@@ -29,6 +29,7 @@ LIMITED_KEYS = {
     "retry-key": {"requests_per_minute": 0, "concurrent_requests": 1},
     "disc-key": {"requests_per_minute": 0, "concurrent_requests": 1},
     "pg-quota-key": {"requests_per_minute": 0, "audio_hours_per_day": 1 / 3600},  # test_playground
+    "openai-rpm-key": {"requests_per_minute": 1},
 }
 S3_BUCKET = "hark-audio"
 WEBHOOK_SECRET = "whsec_" + __import__("base64").b64encode(b"hark-test-webhook-secret").decode()

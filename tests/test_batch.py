@@ -133,3 +133,22 @@ def test_bad_manifest_lines_become_error_items(tmp_path):
     table.write_text("uri,language\na.wav,en\n,fr\nc.wav,\n")
     items = read_manifest(str(table))
     assert [(it.uri, (it.error or {}).get("code")) for it in items] == [("a.wav", None), (f"{table}:3", "INVALID_PARAMETER"), ("c.wav", None)]
+
+
+def test_subtitle_format_writes_one_file_per_input(serve_app, corpus, tmp_path):
+    import webvtt
+
+    out = tmp_path / "subs"
+    pattern = str(corpus / "wav" / "[bf]*.wav")  # beckett and fox
+    summary = run_batch(pattern, str(out), Settings(), fmt="vtt", progress=False)
+    assert (summary.done, summary.failed) == (2, 0)
+    assert sorted(p.name for p in out.glob("*.vtt")) == ["beckett.wav.vtt", "fox.wav.vtt"]
+    rows = by_uri(read_results(str(out)))  # the JSONL rows are kept: they hold errors and resume runs
+    for name in ("beckett", "fox"):
+        captions = webvtt.WebVTT.from_string((out / f"{name}.wav.vtt").read_text(), strict=True)
+        row = rows[str(corpus / "wav" / f"{name}.wav")]
+        assert " ".join(c.text.replace("\n", " ") for c in captions) == row["text"]
+        assert captions[-1].end_in_seconds <= row["duration"]
+    assert len(webvtt.WebVTT.from_string((out / "beckett.wav.vtt").read_text())) >= 3
+    again = run_batch(pattern, str(out), Settings(), fmt="vtt", progress=False)
+    assert again.skipped == 2 and again.done == 0

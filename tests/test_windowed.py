@@ -9,6 +9,7 @@ import pytest
 from pipeline.asr.chunking import windows
 from pipeline.asr.windowed import Decoded, WhisperTokens, WindowedEngine
 from pipeline.asr.models import resolve_model
+from pipeline.core.errors import InvalidParameter
 from pipeline.core.settings import AsrSettings
 from pipeline.core.types import AsrOptions, Audio
 
@@ -103,3 +104,23 @@ def test_overlapping_or_nested_speech_regions_give_disjoint_windows():
     assert spans == [(0, 470000), (470000, 500000)]
     nested = windows(audio, speech=lambda s: [(0, 100000), (50000, 80000)])
     assert nested == [(0, 100000)]
+
+
+def test_translate_task_and_a_starting_temperature_reach_the_decoder(tokens):
+    vocab = tokens.tokenizer.get_vocab(with_added_tokens=True)
+    prompt = tokens.prompt("es", None, "translate")
+    assert prompt[-2:] == [vocab["<|translate|>"], vocab["<|notimestamps|>"]] and vocab["<|es|>"] in prompt
+    assert vocab["<|transcribe|>"] in tokens.prompt("es", None)
+    engine = FakeEngine(tokens, {0.0: (" Hello.", -0.2), 0.6: (" Hello.", -0.2)})
+    audio = Audio(np.ones(SR * 2, np.float32))
+    engine.transcribe([audio, audio], [AsrOptions(task="translate"), AsrOptions(temperature=0.6)])
+    # One decoding call per requested temperature, each with its own windows.
+    assert engine.calls == [(0.0, 1), (0.6, 1)]
+    english_only = FakeEngine(WhisperTokens(tokens_path(), 51864), {0.0: (" Hello.", -0.2)})
+    with pytest.raises(InvalidParameter) as err:
+        english_only.transcribe([audio], [AsrOptions(language="en", task="translate")])
+    assert err.value.extra["param"] == "task"
+
+
+def tokens_path():
+    return Path(resolve_model("whisper-base", AsrSettings().model_cache_dir)) / "tokenizer.json"

@@ -60,9 +60,12 @@ class Capabilities:
         )
 
     def refuse_unsupported(
-        self, *, language: str | None, timestamps: bool = False, diarize: bool = False, streaming: bool = False
+        self, *, language: str | None, timestamps: bool = False, diarize: bool = False, streaming: bool = False,
+        task: str = "transcribe",
     ) -> None:
         """``INVALID_PARAMETER`` naming the first option this engine cannot honour."""
+        if task == "translate" and self.languages == frozenset({"en"}):
+            raise InvalidParameter("The loaded model is English-only: it cannot translate", param="task")
         if language is not None and language not in self.languages:
             only = " (it is English-only)" if self.languages == frozenset({"en"}) else ""
             raise InvalidParameter(f"The loaded model cannot transcribe language {language!r}{only}", param="language")

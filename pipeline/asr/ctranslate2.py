@@ -50,7 +50,7 @@ class CTranslate2Engine:
 
     def check(self, options: AsrOptions) -> None:
         Capabilities.of(self, self._settings.engine).refuse_unsupported(
-            language=options.language, timestamps=options.word_timestamps
+            language=options.language, timestamps=options.word_timestamps, task=options.task
         )
 
     def transcribe(self, batch: Sequence[Audio], options: Sequence[AsrOptions]) -> list[Transcript]:
@@ -85,10 +85,10 @@ class CTranslate2Engine:
         segments_iter, info = self._model.transcribe(
             samples,
             language=options.language,
-            task="transcribe",
+            task=options.task,
             beam_size=options.beam_size or self._settings.beam_size,
             initial_prompt=options.prompt,
-            temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0) if options.temperature_fallback else 0.0,
+            temperature=_temperatures(options),
             max_new_tokens=options.max_new_tokens,
             # Always on: the alignment pass costs ~1 % here, and word probabilities give the
             # overall confidence the same meaning whether or not words are returned.
@@ -124,6 +124,13 @@ class CTranslate2Engine:
             language_probability=1.0 if options.language else float(info.language_probability),
             duration_s=duration,
         )
+
+
+def _temperatures(options: AsrOptions) -> float | tuple[float, ...]:
+    """Whisper's fallback ladder from the requested temperature up (0 → 0.0, 0.2, ..., 1.0)."""
+    if not options.temperature_fallback:
+        return options.temperature
+    return (options.temperature, *(t for t in (0.2, 0.4, 0.6, 0.8, 1.0) if t > options.temperature))
 
 
 def _clamp(t: float, duration: float) -> float:

@@ -45,6 +45,7 @@ class WhisperTokens:
         self.sot = vocab["<|startoftranscript|>"]
         self.sot_prev = vocab["<|startofprev|>"]
         self.transcribe = vocab["<|transcribe|>"]
+        self.translate = vocab["<|translate|>"]
         self.no_timestamps = vocab["<|notimestamps|>"]
         # Language tokens sit between <|startoftranscript|> and <|translate|>.
         self.language_ids = {
@@ -56,15 +57,16 @@ class WhisperTokens:
         # tokenizers list the language tokens too, but the models never learned them).
         self.multilingual = vocab_size >= 51865
 
-    def prompt(self, language: str, previous_text: str | None) -> list[int]:
-        """Decoder prompt: ``<|startofprev|> text <|startoftranscript|><|xx|><|transcribe|><|notimestamps|>``."""
+    def prompt(self, language: str, previous_text: str | None, task: str = "transcribe") -> list[int]:
+        """Decoder prompt: ``<|startofprev|> text <|startoftranscript|><|xx|><|transcribe|><|notimestamps|>``
+        (``<|translate|>`` for the translate task)."""
         ids: list[int] = []
         if previous_text:
             text_ids = self.tokenizer.encode(" " + previous_text.strip(), add_special_tokens=False).ids
             ids = [self.sot_prev, *text_ids[-_MAX_PROMPT_TOKENS:]]
         ids.append(self.sot)
         if self.multilingual:
-            ids += [self.language_ids[language], self.transcribe]
+            ids += [self.language_ids[language], self.translate if task == "translate" else self.transcribe]
         ids.append(self.no_timestamps)
         return ids
 
@@ -156,7 +158,7 @@ class WindowedEngine(ABC):
 
     def check(self, options: AsrOptions) -> None:
         Capabilities.of(self, self._settings.engine).refuse_unsupported(
-            language=options.language, timestamps=options.word_timestamps
+            language=options.language, timestamps=options.word_timestamps, task=options.task
         )
 
     def transcribe(self, batch: Sequence[Audio], options: Sequence[AsrOptions]) -> list[Transcript]:
@@ -171,12 +173,17 @@ class WindowedEngine(ABC):
                 samples=audio.samples[start:end],
                 options=opts,
                 language=languages[i][0],
-                prompt=tuple(self._tokens.prompt(languages[i][0], opts.prompt)),
+                prompt=tuple(self._tokens.prompt(languages[i][0], opts.prompt, opts.task)),
             )
             for i, (audio, opts) in enumerate(zip(batch, options, strict=True))
             for start, end in spans[i]
         ]
-        decoded = self._decode(work, 0.0) if work else []
+        # One decoding call per requested temperature (almost always one: 0).
+        decoded: list[Decoded] = [None] * len(work)  # type: ignore[list-item]  # every slot is filled below
+        for temperature in sorted({w.options.temperature for w in work}):
+            chosen = [i for i, w in enumerate(work) if w.options.temperature == temperature]
+            for i, d in zip(chosen, self._decode([work[i] for i in chosen], temperature), strict=True):
+                decoded[i] = d
         decoded = self._fallback(work, decoded)
         per_audio: list[list[Segment]] = [[] for _ in batch]
         for window, result in zip(work, decoded, strict=True):
@@ -219,7 +226,8 @@ class WindowedEngine(ABC):
 
         decoded = list(decoded)
         for temperature in _FALLBACK_TEMPERATURES:
-            redo = [i for i, d in enumerate(decoded) if work[i].options.temperature_fallback and bad(d)]
+            redo = [i for i, d in enumerate(decoded)
+                    if work[i].options.temperature_fallback and temperature > work[i].options.temperature and bad(d)]
             if not redo:
                 break
             again = self._decode([replace(work[i], options=replace(work[i].options, beam_size=1)) for i in redo], temperature)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -80,6 +81,8 @@ class AsrOptions:
     prompt: str | None = None  # text said just before this audio
     temperature_fallback: bool = True  # re-decode hotter when the output looks degenerate
     max_new_tokens: int | None = None  # a bound on tokens per window (streaming sets one)
+    task: Literal["transcribe", "translate"] = "transcribe"  # translate: Whisper's any-language → English
+    temperature: float = 0.0  # the first decoding's sampling temperature (0: greedy/beam); fallback goes hotter
 
 
 @dataclass(frozen=True)

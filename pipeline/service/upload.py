@@ -33,6 +33,8 @@ class ListenInput:
     fields: dict[str, Any] = field(default_factory=dict)  # options found in the body
     url: str | None = None
     audio: bytes | bytearray | None = None
+    # Form fields named "name[]" (sent once per value: OpenAI's timestamp_granularities[]), in order.
+    lists: dict[str, list[str]] = field(default_factory=dict)
 
 
 async def read_listen_input(
@@ -42,12 +44,15 @@ async def read_listen_input(
     content_length: int | None,
     max_bytes: int,
     max_mb: int,
+    audio_field: str = AUDIO_FIELD,
 ) -> ListenInput:
+    """The body's options, URL and audio bytes; the audio of a form is in ``audio_field``
+    (``audio`` on /v1/listen, ``file`` on the OpenAI routes)."""
     media_type = (content_type or "").split(";")[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
         return _from_json(await _read_capped(body, MAX_JSON_BYTES, content_length, lambda: _json_too_large()))
     if media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        return await _from_form(content_type or "", body, content_length, max_bytes, max_mb)
+        return await _from_form(content_type or "", body, content_length, max_bytes, max_mb, audio_field)
     too_large = lambda: FileTooLarge(max_mb)  # noqa: E731
     data = await _read_capped(body, max_bytes, content_length, too_large)
     # Raw audio in the body (Deepgram's way: Content-Type audio/*, or none at all).
@@ -88,13 +93,15 @@ def _from_json(raw: bytes) -> ListenInput:
 
 
 async def _from_form(
-    content_type: str, body: AsyncIterator[bytes], content_length: int | None, max_bytes: int, max_mb: int
+    content_type: str, body: AsyncIterator[bytes], content_length: int | None, max_bytes: int, max_mb: int,
+    audio_field: str = AUDIO_FIELD,
 ) -> ListenInput:
     cap = max_bytes + FORM_OVERHEAD_BYTES
     if content_length is not None and content_length > cap:
         raise FileTooLarge(max_mb)
     urlencoded = content_type.split(";")[0].strip().lower() == "application/x-www-form-urlencoded"
     raw_fields: dict[str, bytes] = {}
+    lists: dict[str, list[bytes]] = {}
     files: dict[str, Any] = {}
     parts = 0
     ended = []  # the parser saw the end of the form (for multipart: its closing boundary)
@@ -107,7 +114,11 @@ async def _from_form(
         return _form_decode(f.field_name, urlencoded).decode()  # strict: a name that is not UTF-8 is refused
 
     def on_field(f) -> None:
-        raw_fields[name_of(f)] = _form_decode(f.value or b"", urlencoded)
+        name, value = name_of(f), _form_decode(f.value or b"", urlencoded)
+        if name.endswith("[]"):
+            lists.setdefault(name, []).append(value)
+        else:
+            raw_fields[name] = value
 
     def on_file(f) -> None:
         name = name_of(f)
@@ -145,9 +156,9 @@ async def _from_form(
             # answered as if it had sent no audio at all. (An empty body is simply no input.)
             raise InvalidParameter("Malformed form body: it ends before its closing boundary", param="body")
         # A part without a filename arrives as a plain field: take its bytes as the audio too.
-        audio = raw_fields.pop(AUDIO_FIELD, None)
-        if AUDIO_FIELD in files:
-            audio = await asyncio.to_thread(_read_spooled, files[AUDIO_FIELD])
+        audio = raw_fields.pop(audio_field, None)
+        if audio_field in files:
+            audio = await asyncio.to_thread(_read_spooled, files[audio_field])
     finally:
         # Refused or not, no spooled upload outlives the request.
         for upload in files.values():
@@ -156,7 +167,8 @@ async def _from_form(
         raise FileTooLarge(max_mb)
     fields = {name: value.decode("utf-8", "replace") for name, value in raw_fields.items()}
     url = fields.pop("url", None) or None
-    return ListenInput(fields=fields, url=url, audio=audio)
+    return ListenInput(fields=fields, url=url, audio=audio,
+                       lists={name: [v.decode("utf-8", "replace") for v in values] for name, values in lists.items()})
 
 
 def _finish(parser, rest: bytes) -> None:

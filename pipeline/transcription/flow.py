@@ -18,6 +18,7 @@ from pipeline.core.errors import InvalidParameter
 from pipeline.core.settings import DiarizationSettings
 from pipeline.core.types import AsrOptions, Audio, Diarization, Transcript
 from pipeline.diarization.base import DiarizationOptions, Diarizer
+from pipeline.transcription import grouping
 from pipeline.transcription.merge import assign_word_speakers
 from pipeline.transcription.render import render
 from pipeline.transcription.schemas import ListenParams
@@ -60,6 +61,7 @@ class Meter(Protocol):
 class TranscriptionResult:
     transcript: Transcript
     body: dict  # the /v1/listen response body, as JSON-ready values
+    word_speakers: tuple[str, ...] | None = None  # one label per transcript word, when diarized
 
 
 class TranscriptionFlow:
@@ -82,20 +84,23 @@ class TranscriptionFlow:
                     self._capabilities = await self._recognizer.capabilities()
         return self._capabilities
 
-    async def check(self, params: ListenParams) -> None:
+    async def check(self, params: ListenParams, *, task: str = "transcribe") -> None:
         """Refuse up front what cannot be served (before any audio is fetched)."""
         caps = await self.capabilities()
-        caps.refuse_unsupported(language=params.language, timestamps=params.timestamps, diarize=params.diarize)
+        caps.refuse_unsupported(language=params.language, timestamps=params.timestamps or params.utterances or params.paragraphs,
+                                diarize=params.diarize, task=task)
         if params.diarize:
             await self._speakers.check()
 
     async def run(self, audio: Audio, params: ListenParams, *, request_id: str,
-                  meter: Meter | None = None) -> TranscriptionResult:
+                  meter: Meter | None = None, asr_options: AsrOptions | None = None) -> TranscriptionResult:
+        """``asr_options``: what the engine is asked, where a caller says more than ``params``
+        (the OpenAI routes: prompt, temperature, translation); else ``params.asr_options()``."""
         # The quota on the decoded duration, reserved before any work: a refusal costs nothing.
         reservation = await meter.reserve(audio.duration_s) if meter is not None else None
         try:
             # No retry anywhere here: a transcription runs once.
-            asr = self._recognizer.transcribe(audio, params.asr_options())
+            asr = self._recognizer.transcribe(audio, asr_options or params.asr_options())
             word_speakers = None
             if params.diarize:
                 # Diarization runs beside ASR on the same decoded samples: no second fetch or decode.
@@ -118,8 +123,12 @@ class TranscriptionFlow:
             punctuate=params.punctuate,
             timestamps=params.timestamps,
             word_speakers=word_speakers,
+            utterances=grouping.utterances(transcript.words, word_speakers, utt_split_s=params.utt_split,
+                                           punctuate=params.punctuate) if params.utterances else None,
+            paragraphs=grouping.paragraphs(transcript.words, word_speakers, punctuate=params.punctuate)
+            if params.paragraphs else None,
         ).to_json())
-        return TranscriptionResult(transcript, body)
+        return TranscriptionResult(transcript, body, word_speakers)
 
 
 class LocalRecognizer:

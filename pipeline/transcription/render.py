@@ -101,9 +101,12 @@ def render(
     punctuate: bool,
     timestamps: bool,
     word_speakers: Sequence[str] | None = None,
+    utterances: list[dict] | None = None,
+    paragraphs: dict | None = None,
 ) -> ListenResponse:
     """The response body. ``word_speakers`` (one label per transcript word, from
-    ``merge.assign_word_speakers``) adds ``speakers`` and a ``speaker`` on each word."""
+    ``merge.assign_word_speakers``) adds ``speakers`` and a ``speaker`` on each word;
+    ``utterances`` and ``paragraphs`` are Deepgram's groupings (``grouping``), when asked for."""
     text = transcript.text if punctuate else strip_punctuation(transcript.text)
     speakers = None
     if word_speakers is not None:
@@ -119,4 +122,6 @@ def render(
         language=transcript.language,
         words=api_words(transcript.words, punctuate, word_speakers) if timestamps else None,
         speakers=speakers,
+        utterances=utterances,
+        paragraphs=paragraphs,
     )

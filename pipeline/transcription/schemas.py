@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.core.errors import InvalidParameter
 from pipeline.core.languages import normalize_language
@@ -27,6 +27,10 @@ class ListenParams(BaseModel):
     num_speakers: int | None = None
     timestamps: bool = False
     callback_url: str | None = None
+    # Deepgram's groupings (API.md is silent on them): utterances split on pauses of utt_split s.
+    utterances: bool = False
+    utt_split: float = Field(0.8, gt=0, le=60)
+    paragraphs: bool = False
 
     @field_validator("language", mode="before")
     @classmethod
@@ -57,8 +61,14 @@ class ListenParams(BaseModel):
             raise InvalidParameter(f"Invalid value for {param!r}: {first['msg']}", param=param) from None
 
     def asr_options(self) -> AsrOptions:
-        # Diarization needs word times to give each word its speaker.
-        return AsrOptions(language=self.language, word_timestamps=self.timestamps or self.diarize)
+        # Diarization needs word times to give each word its speaker, utterances and paragraphs
+        # to place their bounds.
+        return AsrOptions(language=self.language, word_timestamps=self.word_times)
+
+    @property
+    def word_times(self) -> bool:
+        """Whether the answer needs the engine to time words."""
+        return self.timestamps or self.diarize or self.utterances or self.paragraphs
 
 
 class WordOut(BaseModel):
@@ -84,6 +94,8 @@ class ListenResponse(BaseModel):
     language: str
     words: list[WordOut] | None = None
     speakers: list[SpeakerTurnOut] | None = None
+    utterances: list[dict[str, Any]] | None = None  # pipeline.transcription.grouping
+    paragraphs: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         # `words` and `speakers` appear only when asked for; a word's `speaker` only with diarize.
