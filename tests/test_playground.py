@@ -230,7 +230,6 @@ def test_downloads_are_offered(browser, file_result):
     assert json.loads(blob_text(browser, links["json"].get_attribute("href"))) == file_result
 
 
-@pytest.mark.xfail(strict=False, reason="needs #18 format=")
 def test_subtitle_downloads_hold_the_transcript(browser, file_result):
     links = {a.get_attribute("data-format"): a.get_attribute("href") for a in all_of(browser, "#downloads a")}
     srt, vtt, txt = (blob_text(browser, links[f]) for f in ("srt", "vtt", "txt"))
