@@ -9,9 +9,9 @@ from concurrent.futures import CancelledError
 import numpy as np
 import pytest
 
-from pipeline.asr.scheduler import InterimSkipped, WindowEngine, WindowResult, WindowScheduler, WindowTask
+from pipeline.asr.scheduler import InterimSkipped, WindowEngine, WindowResult, WindowScheduler, window_engine
 from pipeline.core.errors import InvalidParameter
-from pipeline.core.types import AsrOptions, Audio, Segment
+from pipeline.core.types import AsrOptions, Audio, Segment, Transcript
 
 SR = 16000
 
@@ -256,3 +256,32 @@ def test_the_observer_sees_batch_sizes_queue_times_and_answers():
     assert observer.steps == [(2, 40.0, 3), (1, 30.0, 1)]
     assert observer.waits == [1.5, 1.5]
     assert sorted(observer.answers) == [(10.0, 1.5), (60.0, 1.5)]
+
+
+class WholeEngine:
+    """An engine that takes whole audios only (as transformers and vLLM do here)."""
+
+    supports_word_timestamps = False
+    supports_language_detection = True
+    languages = frozenset({"en"})
+
+    def __init__(self):
+        self.calls = []
+
+    def check(self, options):
+        pass
+
+    def transcribe(self, batch, options):
+        self.calls.append([(len(a.samples), o.language) for a, o in zip(batch, options)])
+        return [Transcript((Segment(f" {len(a.samples)}", 0, 1, -0.1, 1),), "en", 0.5, a.duration_s) for a in batch]
+
+
+def test_engines_that_take_whole_audios_plug_in_with_a_request_as_one_window():
+    engine = WholeEngine()
+    adapted = window_engine(engine)
+    assert isinstance(adapted, WindowEngine) and window_engine(FakeEngine()).__class__ is FakeEngine
+    s = WindowScheduler(adapted, max_batch_windows=2, max_batch_audio_s=float("inf"))
+    futures = [s.submit(clip(1, 100 * i), AsrOptions()) for i in (1, 2, 3)]
+    drain(s)
+    assert engine.calls == [[(1600000, None), (3200000, None)], [(4800000, None)]]
+    assert [f.result(0).text for f in futures] == ["1600000", "3200000", "4800000"]

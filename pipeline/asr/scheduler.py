@@ -24,13 +24,17 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
-from typing import ClassVar, Protocol, runtime_checkable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
 from pipeline.asr.base import check_audio
+from pipeline.core.errors import HarkError
 from pipeline.core.types import SAMPLE_RATE, AsrOptions, Audio, Segment, Transcript
+
+if TYPE_CHECKING:
+    from pipeline.asr.base import AsrEngine
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +84,12 @@ class WindowEngine(Protocol):
         ...
 
 
-class InterimSkipped(Exception):
+class InterimSkipped(HarkError):
     """A stream's interim decode that newer audio of the same stream replaced before it ran
     (the stream catches it; it never reaches a client)."""
+
+    code = "INTERIM_SKIPPED"
+    status = 503
 
 
 class SchedulerObserver(Protocol):
@@ -343,3 +350,34 @@ class WindowScheduler:
             language_probability=probability,
             duration_s=request.audio.duration_s,
         )
+
+
+class WholeAudio:
+    """A ``WindowEngine`` over an engine that only takes whole audios (``AsrEngine``): each
+    request is one "window" of any length, which the engine cuts itself. The scheduler's order,
+    priorities and cancellation still apply; its batches are then batches of requests."""
+
+    def __init__(self, engine: "AsrEngine") -> None:
+        self._engine = engine
+        self.supports_word_timestamps = engine.supports_word_timestamps
+        self.supports_language_detection = engine.supports_language_detection
+
+    @property
+    def languages(self) -> frozenset[str]:
+        return self._engine.languages
+
+    def check(self, options: AsrOptions) -> None:
+        self._engine.check(options)
+
+    def cut(self, audio: Audio) -> list[tuple[int, int]]:
+        return [(0, len(audio.samples))] if len(audio.samples) else []
+
+    def decode(self, tasks: Sequence[WindowTask]) -> list[WindowResult]:
+        options = [replace(t.options, language=t.language) for t in tasks]
+        transcripts = self._engine.transcribe([Audio(t.samples) for t in tasks], options)
+        return [WindowResult(t.segments, t.language, t.language_probability) for t in transcripts]
+
+
+def window_engine(engine: "AsrEngine | WindowEngine") -> WindowEngine:
+    """The engine itself where it decodes windows, else ``WholeAudio`` over it."""
+    return engine if isinstance(engine, WindowEngine) else WholeAudio(engine)  # type: ignore[arg-type]

@@ -80,6 +80,8 @@ class AsrOptions:
     prompt: str | None = None  # text said just before this audio
     temperature_fallback: bool = True  # re-decode hotter when the output looks degenerate
     max_new_tokens: int | None = None  # a bound on tokens per window (streaming sets one)
+    stream: str | None = None  # the live stream this decode is for: served before files
+    interim: bool = False  # a stream's interim decode: a newer one of the same stream replaces it
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,64 @@
+"""The CTranslate2 engine's batched path (``ctranslate2.models.Whisper`` driven directly, windows
+of several requests in one step) against faster-whisper's own ``WhisperModel.transcribe`` on the
+same model and speech. CTranslate2-only: its own file, as tests/test_engine.py also runs in the
+vLLM environment."""
+
+import numpy as np
+import pytest
+
+from pipeline.asr.factory import build_engine
+from pipeline.asr.scheduler import WindowEngine, WindowTask
+from pipeline.audio.decode import decode
+from pipeline.core.settings import AsrSettings
+from pipeline.core.types import AsrOptions
+from textnorm import wer
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return build_engine(AsrSettings(engine="ctranslate2"))
+
+
+def load(clip):
+    return decode(clip.path, max_duration_s=7200)
+
+
+def test_windows_of_several_requests_and_languages_in_one_step_match_faster_whisper(engine, clips):
+    assert isinstance(engine, WindowEngine)
+    names = ["sample", "beckett", "spanish", "fox"]
+    audios = [load(clips[n]) for n in names]
+    calls = []
+    decode_windows = engine.decode
+    engine.decode = lambda tasks: calls.append(len(tasks)) or decode_windows(tasks)
+    try:
+        out = engine.transcribe(audios, [AsrOptions(word_timestamps=True)] * len(audios))
+    finally:
+        del engine.decode
+    # Language unknown: each request's first window alone in one step (detection), then the rest.
+    assert calls[0] == len(names) and sum(calls) > len(names)
+    assert [t.language for t in out] == ["en", "en", "es", "en"]
+    for name, audio, t in zip(names, audios, out, strict=True):
+        segments, info = engine._model.transcribe(audio.samples, word_timestamps=True, vad_filter=True)
+        reference = "".join(s.text for s in segments)
+        assert wer(reference, t.text) <= 0.05, (name, reference, t.text)
+        assert wer(clips[name].text, t.text) <= wer(clips[name].text, reference) + 0.05, name
+        words = t.words
+        assert words and all(0 <= w.start <= w.end <= audio.duration_s for w in words), name
+        assert all(a.start <= b.start for a, b in zip(words, words[1:])), name
+        assert all(s.start <= s.end for s in t.segments)
+
+
+def test_a_given_language_decodes_without_detection_and_windows_keep_absolute_times(engine, clips):
+    beckett = load(clips["beckett"])
+    gap = np.zeros(16000 * 40, np.float32)  # two windows, the second 50 s in
+    samples = np.concatenate([beckett.samples, gap, beckett.samples])
+    spans = engine.cut(type(beckett)(samples))
+    assert len(spans) == 2 and spans[1][0] > 45 * 16000
+    tasks = [
+        WindowTask(samples[s:e], s, AsrOptions(language="en", beam_size=1), "en", len(samples) / 16000) for s, e in spans
+    ]
+    first, second = engine.decode(tasks)
+    assert first.language == second.language == "en" and first.language_probability == 1.0
+    assert wer(clips["beckett"].text, "".join(s.text for s in second.segments)) <= 0.1
+    assert second.segments[0].words[0].start >= spans[1][0] / 16000 - 0.5
+    assert second.segments[-1].words[-1].end <= len(samples) / 16000
