@@ -120,12 +120,12 @@ class CTranslate2Engine:
 
     def decode(self, tasks: Sequence[WindowTask]) -> list[WindowResult]:
         work = [self._features(t) for t in tasks]
-        # One generate call per set of decoding options; windows of different requests and
-        # languages share it (the language is a token of each window's own prompt).
+        # One generate call per set of decoding options (and encoded length); windows of different
+        # requests and languages share it (the language is a token of each window's own prompt).
         groups: dict[tuple, list[_Work]] = defaultdict(list)
         for w in work:
             o = w.task.options
-            groups[(o.beam_size, o.max_new_tokens, o.prompt, o.temperature_fallback)].append(w)
+            groups[(o.beam_size, o.max_new_tokens, o.prompt, o.temperature_fallback, w.features.shape[-1])].append(w)
         for group in groups.values():
             self._decode_group(group)
         return [self._result(w) for w in work]
@@ -134,7 +134,16 @@ class CTranslate2Engine:
     def _features(self, task: WindowTask) -> _Work:
         mel = self._model.feature_extractor(task.samples)[..., :-1]  # (n_mels, frames)
         frames = min(mel.shape[-1], _FRAMES)
-        return _Work(task=task, features=pad_or_trim(mel, _FRAMES), frames=frames)
+        return _Work(task=task, features=pad_or_trim(mel, self._encoded_frames(frames)), frames=frames)
+
+    def _encoded_frames(self, frames: int) -> int:
+        """Mel frames the encoder sees for a window holding ``frames``: 30 s, or with short windows
+        on, the window rounded up to whole seconds and at least the floor (CTranslate2 encodes
+        fewer frames than 3000; below ~10 s Whisper's accuracy drops)."""
+        floor = int(self._settings.min_window_s * 100)
+        if floor <= 0:
+            return _FRAMES
+        return min(_FRAMES, max(floor, -(-frames // 100) * 100))
 
     def _tokenizer(self, language: str) -> Tokenizer:
         if language not in self._tokenizers:
@@ -202,7 +211,11 @@ class CTranslate2Engine:
         fw_options = self._options(options, tokenizers[0])
         prompts = [self._prompt(t, options) for t in tokenizers]
         max_length = len(prompts[0]) + options.max_new_tokens if options.max_new_tokens else model.max_length
-        max_length = min(max_length, model.max_length)
+        if max_length > model.max_length:  # faster-whisper's own refusal, in its words
+            raise ValueError(
+                f"The length of the prompt is {len(prompts[0])}, and the `max_new_tokens` {options.max_new_tokens}: "
+                f"together more than the `max_length` of the Whisper model, {model.max_length}."
+            )
         results = model.model.generate(
             encoder_output,
             prompts,

@@ -50,6 +50,13 @@ class AsrSettings(BaseModel):
         8, ge=1, description="Windows (≤ 30 s each, from all requests in flight) decoded in one step "
         "(CTranslate2); transformers: windows in one forward pass."
     )
+    min_window_s: float = Field(
+        0.0,
+        ge=0,
+        le=30,
+        description="CTranslate2: encode a short window as this many seconds at least instead of "
+        "padding it to 30 s (faster on short audio); 0 = off, every window is 30 s.",
+    )
     max_batch_audio_s: float = Field(
         240.0,
         gt=0,
