@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.asr.scheduler import InterimSkipped, WindowEngine, WindowResult, WindowScheduler, window_engine
 from pipeline.core.errors import InvalidParameter
-from pipeline.core.types import AsrOptions, Audio, Segment, Transcript
+from pipeline.core.types import AsrOptions, Audio, Segment, Transcript, Word
 
 SR = 16000
 
@@ -285,3 +285,39 @@ def test_engines_that_take_whole_audios_plug_in_with_a_request_as_one_window():
     drain(s)
     assert engine.calls == [[(1600000, None), (3200000, None)], [(4800000, None)]]
     assert [f.result(0).text for f in futures] == ["1600000", "3200000", "4800000"]
+
+
+def test_a_stream_marks_its_decodes_and_an_interim_replaced_by_newer_audio_costs_it_nothing():
+    """The streaming session names its stream and its interims to the scheduler; an interim the
+    scheduler skipped (newer audio of the stream won) gives no results, and the finals still come."""
+    import asyncio
+
+    from pipeline.streaming.session import StreamingSession, StreamOptions
+
+    seen = []
+
+    async def transcribe(audio, opts):
+        seen.append((opts.stream, opts.interim))
+        if opts.interim:
+            raise InterimSkipped("newer audio won")
+        words = (Word(" hello", 0.1, 0.5, 0.9),)
+        return Transcript((Segment(" hello", 0.1, 0.5, -0.1, 1, words),), "en", 1.0, audio.duration_s)
+
+    def vad(samples):
+        nonzero = np.flatnonzero(samples)
+        return [(int(nonzero[0]), int(nonzero[-1]) + 1)] if len(nonzero) else []
+
+    session = StreamingSession(transcribe, StreamOptions(interim_every_s=0.5, endpointing_ms=300), vad=vad)
+    speech = np.full(SR * 2, 0.1, np.float32)
+    silence = np.zeros(SR, np.float32)
+
+    async def go():
+        events = []
+        for chunk in np.split(np.concatenate([speech, silence]), 30):
+            events += await session.feed(chunk)
+        return events
+
+    events = asyncio.run(go())
+    assert {s for s, _ in seen} == {session.stream_id} and (session.stream_id, True) in seen
+    finals = [e for e in events if e.get("is_final")]
+    assert [e["text"].strip() for e in finals if e["text"]] == ["hello"]
