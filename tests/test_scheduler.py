@@ -321,3 +321,17 @@ def test_a_stream_marks_its_decodes_and_an_interim_replaced_by_newer_audio_costs
     assert {s for s, _ in seen} == {session.stream_id} and (session.stream_id, True) in seen
     finals = [e for e in events if e.get("is_final")]
     assert [e["text"].strip() for e in finals if e["text"]] == ["hello"]
+
+
+def test_a_fault_outside_the_engine_fails_the_step_s_requests_and_the_scheduler_goes_on():
+    class Broken(Observer):
+        def step(self, windows, audio_s, queued_windows):
+            raise RuntimeError("metrics backend down")
+
+    s = WindowScheduler(FakeEngine(), max_batch_windows=1, observer=Broken())
+    first = s.submit(clip(1, 5), AsrOptions(language="en"))
+    second = s.submit(clip(2, 5), AsrOptions(language="en"))
+    assert s.step() and s.step() and not s.step()
+    for f in (first, second):
+        with pytest.raises(RuntimeError, match="metrics backend"):
+            f.result(0)

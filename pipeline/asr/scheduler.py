@@ -247,6 +247,15 @@ class WindowScheduler:
             if not picked:
                 return False
             now = self._now()
+        try:
+            self._run(picked, queued, now)
+        except Exception as exc:  # noqa: BLE001 - a fault here must not strand these requests
+            logger.exception("A decoding step failed outside the engine")
+            for request, index in picked:
+                self._finish(request, index, exc)
+        return True
+
+    def _run(self, picked: list[tuple[_Request, int]], queued: int, now: float) -> None:
         tasks = [
             WindowTask(
                 samples=r.audio.samples[r.spans[i][0] : r.spans[i][1]],
@@ -262,9 +271,9 @@ class WindowScheduler:
             for r, i in picked:
                 if i == 0:
                     self._observer.queued(now - r.submitted)
-        for (request, index), outcome in zip(picked, self._decode(tasks), strict=True):
+        outcomes = self._decode(tasks)
+        for (request, index), outcome in zip(picked, outcomes, strict=True):
             self._finish(request, index, outcome)
-        return True
 
     def _pick(self) -> list[tuple[_Request, int]]:
         """The next batch: streams first, then the request least served (virtual time), one
