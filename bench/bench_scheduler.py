@@ -15,7 +15,7 @@ timestamps, the configured beam) on each request in turn. Figures:
 The machine's load average is printed with the figures: ratios of runs made side by side are what
 count on a shared machine.
 
-Usage: python bench/bench_scheduler.py [--batch-windows 8] [--batch-audio-s 240] [--skip-long]
+Usage: python bench/bench_scheduler.py [--batch-windows 8] [--batch-audio-s 60] [--skip-long]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def loadavg() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch-windows", type=int, default=8)
-    parser.add_argument("--batch-audio-s", type=float, default=240.0)
+    parser.add_argument("--batch-audio-s", type=float, default=60.0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--skip-long", action="store_true", help="leave out the 10-minute file")
     parser.add_argument("--only-long", action="store_true", help="only the 10-minute file scenario")

@@ -39,7 +39,7 @@ class FakeEngine:
 
     def cut(self, audio: Audio) -> list[tuple[int, int]]:
         n, step = len(audio.samples), 30 * SR
-        return [(i, min(i + step, n)) for i in range(0, n, step)]
+        return [((i, min(i + step, n)),) for i in range(0, n, step)]
 
     def decode(self, tasks):
         self.batches.append([(int(t.samples[0]), t.offset_s) for t in tasks])
@@ -80,7 +80,7 @@ def test_the_fake_engine_fits_the_seam():
 
 def test_windows_of_several_requests_share_a_batch_and_each_is_answered_with_its_own():
     engine = FakeEngine()
-    s = WindowScheduler(engine, max_batch_windows=8)
+    s = WindowScheduler(engine, max_batch_windows=8, max_batch_audio_s=240)
     long = s.submit(clip(1, 95), AsrOptions(language="en"))  # 4 windows
     short = s.submit(clip(2, 5), AsrOptions(language="en"))
     assert s.queued_windows() == 5
@@ -207,7 +207,7 @@ def test_bad_input_is_refused_at_submit_and_silence_is_answered_at_once():
 
 def test_the_language_is_detected_on_the_first_window_only_and_used_for_the_rest():
     engine = FakeEngine()
-    s = WindowScheduler(engine, max_batch_windows=8)
+    s = WindowScheduler(engine, max_batch_windows=8, max_batch_audio_s=240)
     result = s.submit(clip(1, 95), AsrOptions())  # 4 windows, language unknown
     assert s.step() and engine.batches[0] == [(1, 0)]  # the first window alone: it finds the language
     assert s.step() and len(engine.batches[1]) == 3

@@ -22,10 +22,10 @@ from faster_whisper import WhisperModel
 from faster_whisper.audio import pad_or_trim
 from faster_whisper.tokenizer import Tokenizer
 from faster_whisper.transcribe import TranscriptionOptions, get_compression_ratio, get_suppressed_tokens
-from faster_whisper.vad import VadOptions, get_speech_timestamps
+from faster_whisper.vad import SpeechTimestampsMap, VadOptions, get_speech_timestamps
 
 from pipeline.asr.base import Capabilities
-from pipeline.asr.chunking import windows
+from pipeline.asr.chunking import WINDOW_S, split_span, windows
 from pipeline.asr.models import resolve_model
 from pipeline.asr.scheduler import WindowResult, WindowScheduler, WindowTask
 from pipeline.core.settings import AsrSettings
@@ -100,9 +100,25 @@ class CTranslate2Engine:
         return [f.result() for f in futures]
 
     # --- the WindowEngine Protocol -------------------------------------------------------------
-    def cut(self, audio: Audio) -> list[tuple[int, int]]:
-        speech = self._speech_spans if self._settings.vad_filter else None
-        return windows(audio.samples, speech)
+    def cut(self, audio: Audio) -> list[tuple[tuple[int, int], ...]]:
+        """Windows of the speech only, as faster-whisper's VAD filter decodes it: speech regions
+        (a region over 30 s cut at a quiet point) joined while they fit in 30 s, the silence
+        between them left out."""
+        samples = audio.samples
+        if not self._settings.vad_filter:
+            return [((start, end),) for start, end in windows(samples)]
+        limit = int(WINDOW_S * SAMPLE_RATE)
+        packed: list[list[tuple[int, int]]] = []
+        length = 0
+        for region in self._speech_spans(samples):
+            for start, end in split_span(samples, region[0], region[1], limit):
+                if packed and length + (end - start) <= limit:
+                    packed[-1].append((start, end))
+                    length += end - start
+                else:
+                    packed.append([(start, end)])
+                    length = end - start
+        return [tuple(w) for w in packed]
 
     def _speech_spans(self, samples: np.ndarray) -> list[tuple[int, int]]:
         """Speech spans (samples) of the whole audio, found block by block; spans that meet at a
@@ -268,7 +284,7 @@ class CTranslate2Engine:
             pieces, _, single_ending = model._split_segments_by_timestamps(
                 tokenizer=tokenizer,
                 tokens=w.tokens,
-                time_offset=w.task.offset_s,
+                time_offset=0.0,  # times within the joined pieces; mapped back in _result
                 segment_size=segment_size,
                 segment_duration=duration,
                 seek=0,
@@ -278,11 +294,10 @@ class CTranslate2Engine:
                 # Batched decoding never seeks back: text after the last timestamp pair is kept,
                 # ending with the window.
                 rest = w.tokens[used:]
-                start = pieces[-1]["end"] if pieces else w.task.offset_s
-                pieces.append({"start": start, "end": w.task.offset_s + duration, "tokens": rest})
-            seek = int(round(w.task.offset_s * model.frames_per_second))
+                start = pieces[-1]["end"] if pieces else 0.0
+                pieces.append({"start": start, "end": duration, "tokens": rest})
             w.segments = [
-                dict(p, seek=seek, text=tokenizer.decode(p["tokens"]))
+                dict(p, seek=0, text=tokenizer.decode(p["tokens"]))
                 for p in pieces
                 if tokenizer.decode(p["tokens"]).strip()
             ]
@@ -304,28 +319,33 @@ class CTranslate2Engine:
                 [w.frames for w in ordered],
                 o.prepend_punctuations,
                 o.append_punctuations,
-                ordered[0].task.offset_s,
+                0.0,
             )
 
     def _result(self, w: _Work) -> WindowResult:
         duration = w.task.duration_s
         tokenizer = self._tokenizer(w.language)
+        # Times within the joined pieces → times in the request's audio (faster-whisper's map).
+        spans = w.task.pieces or ((w.task.start, w.task.start + len(w.task.samples)),)
+        times = SpeechTimestampsMap([{"start": a, "end": b} for a, b in spans], SAMPLE_RATE)
+
+        def word(x: dict) -> Word:
+            piece = times.get_chunk_index(x["start"])  # a word stays in one piece
+            start = times.get_original_time(x["start"], piece)
+            end = times.get_original_time(x["end"], piece)
+            return Word(text=x["word"], start=_clamp(start, duration), end=_clamp(max(end, start), duration),
+                        probability=float(x["probability"]))
+
         segments = []
         for piece in w.segments:
-            words = tuple(
-                Word(
-                    text=x["word"],
-                    start=_clamp(x["start"], duration),
-                    end=_clamp(max(x["end"], x["start"]), duration),
-                    probability=float(x["probability"]),
-                )
-                for x in piece.get("words") or ()
-            )
+            words = tuple(word(x) for x in piece.get("words") or ())
+            start = times.get_original_time(piece["start"])
+            end = times.get_original_time(piece["end"], is_end=True)
             segments.append(
                 Segment(
                     text=piece["text"],
-                    start=_clamp(piece["start"], duration),
-                    end=_clamp(piece["end"], duration),
+                    start=_clamp(start, duration),
+                    end=_clamp(max(end, start), duration),
                     avg_logprob=float(w.avg_logprob),
                     num_tokens=len([t for t in piece["tokens"] if t < tokenizer.eot]),
                     words=words,

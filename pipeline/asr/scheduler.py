@@ -43,11 +43,14 @@ logger = logging.getLogger(__name__)
 class WindowTask:
     """One window of one request, as the engine decodes it."""
 
-    samples: np.ndarray  # (n,) float32 16 kHz: the window's audio only
+    samples: np.ndarray  # (n,) float32 16 kHz: the window's audio only (its pieces, joined)
     start: int  # samples from the start of the request's audio
     options: AsrOptions
     language: str | None  # None: detect it from this window
     duration_s: float  # of the whole audio: times are clamped to it
+    # [start, end) samples of the request's audio that ``samples`` joins (the speech, silence
+    # between left out); one piece ``(start, start + len(samples))`` when nothing was left out.
+    pieces: tuple[tuple[int, int], ...] = ()
 
     @property
     def offset_s(self) -> float:
@@ -75,8 +78,8 @@ class WindowEngine(Protocol):
         """Raise ``InvalidParameter`` for options this engine and model cannot honour."""
         ...
 
-    def cut(self, audio: Audio) -> list[tuple[int, int]]:
-        """Spans (samples) of at most 30 s covering the speech, in order, never overlapping."""
+    def cut(self, audio: Audio) -> list[tuple[tuple[int, int], ...]]:
+        """Windows in order, each the [start, end) sample pieces it joins (≤ 30 s in all)."""
         ...
 
     def decode(self, tasks: Sequence[WindowTask]) -> list[WindowResult]:
@@ -111,7 +114,7 @@ class _Request:
     audio: Audio
     options: AsrOptions
     priority: int
-    spans: list[tuple[int, int]]
+    spans: list[tuple[tuple[int, int], ...]]  # each window's pieces
     future: Future
     clock: float  # virtual time: audio seconds served, from the scheduler's clock at arrival
     submitted: float  # time.monotonic()
@@ -136,7 +139,7 @@ class WindowScheduler:
         engine: WindowEngine,
         *,
         max_batch_windows: int = 8,
-        max_batch_audio_s: float = 240.0,
+        max_batch_audio_s: float = 60.0,
         observer: SchedulerObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -258,11 +261,12 @@ class WindowScheduler:
     def _run(self, picked: list[tuple[_Request, int]], queued: int, now: float) -> None:
         tasks = [
             WindowTask(
-                samples=r.audio.samples[r.spans[i][0] : r.spans[i][1]],
-                start=r.spans[i][0],
+                samples=_join(r.audio.samples, r.spans[i]),
+                start=r.spans[i][0][0],
                 options=r.options,
                 language=r.language[0] if r.language else None,
                 duration_s=r.audio.duration_s,
+                pieces=tuple(r.spans[i]),
             )
             for r, i in picked
         ]
@@ -286,12 +290,12 @@ class WindowScheduler:
                 break
             # Ties go to the request served least: a new arrival before a running file.
             r = min(ready, key=lambda r: (r.priority, r.clock, r.next, r.seq))
-            start, end = r.spans[r.next]
-            if picked and audio + (end - start) > self._max_audio:
+            length = sum(end - start for start, end in r.spans[r.next])
+            if picked and audio + length > self._max_audio:
                 break
             picked.append((r, r.next))
-            audio += end - start
-            r.clock += (end - start) / SAMPLE_RATE
+            audio += length
+            r.clock += length / SAMPLE_RATE
             self._vclock = max(self._vclock, r.clock)
             r.next += 1
             r.running += 1
@@ -361,6 +365,12 @@ class WindowScheduler:
         )
 
 
+def _join(samples: np.ndarray, pieces: Sequence[tuple[int, int]]) -> np.ndarray:
+    if len(pieces) == 1:
+        return samples[pieces[0][0] : pieces[0][1]]  # a view: no copy
+    return np.concatenate([samples[a:b] for a, b in pieces])
+
+
 class WholeAudio:
     """A ``WindowEngine`` over an engine that only takes whole audios (``AsrEngine``): each
     request is one "window" of any length, which the engine cuts itself. The scheduler's order,
@@ -378,8 +388,8 @@ class WholeAudio:
     def check(self, options: AsrOptions) -> None:
         self._engine.check(options)
 
-    def cut(self, audio: Audio) -> list[tuple[int, int]]:
-        return [(0, len(audio.samples))] if len(audio.samples) else []
+    def cut(self, audio: Audio) -> list[tuple[tuple[int, int], ...]]:
+        return [((0, len(audio.samples)),)] if len(audio.samples) else []
 
     def decode(self, tasks: Sequence[WindowTask]) -> list[WindowResult]:
         options = [replace(t.options, language=t.language) for t in tasks]

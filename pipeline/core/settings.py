@@ -58,7 +58,7 @@ class AsrSettings(BaseModel):
         "padding it to 30 s (faster on short audio); 0 = off, every window is 30 s.",
     )
     max_batch_audio_s: float = Field(
-        240.0,
+        60.0,
         gt=0,
         description="Audio seconds decoded in one step at most (a lone longer window still runs): "
         "a smaller budget answers a short request sooner while a long file is being decoded.",
