@@ -1,46 +1,66 @@
-"""ASR deployment: holds one engine, gathers concurrent requests into batches."""
+"""ASR deployment: holds one engine and the window scheduler that feeds it.
+
+Requests arrive on the replica's event loop and are queued as windows (``WindowScheduler``); one
+worker thread decodes the next batch of windows from all requests in flight, so a request that
+joins while a batch runs goes into the next step, and each is answered when its own last window
+is done.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from ray import serve
 
-from deployments import replica_info
+from deployments import adopt_serve_logging, replica_info
 
-from pipeline.asr.base import transcribe_each
 from pipeline.core.settings import Settings
 from pipeline.core.types import AsrOptions, Audio, Transcript
 
 
 @serve.deployment(
     name="ASR",
-    max_ongoing_requests=8,
-    max_queued_requests=32,
+    max_ongoing_requests=32,
+    max_queued_requests=64,
     graceful_shutdown_timeout_s=900,
     ray_actor_options={"num_cpus": 1},
 )
 class AsrDeployment:
     def __init__(self, settings: Settings) -> None:
+        from deployments.metrics import AsrMetrics
         from pipeline.asr.factory import build_engine
+        from pipeline.asr.scheduler import WindowScheduler, window_engine
 
+        adopt_serve_logging()
         self._settings = settings
         self._engine = build_engine(settings.asr)
-        self._batched.set_max_batch_size(settings.asr.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(settings.asr.batch_wait_s)
+        windows = window_engine(self._engine)
+        self._metrics = AsrMetrics(serve.get_replica_context().replica_id.unique_id)
+        self._scheduler = WindowScheduler(
+            windows,
+            # A "window" of an engine that cuts audio itself is a whole request.
+            max_batch_windows=(
+                settings.asr.window_batch_size if windows is self._engine else settings.asr.max_batch_size
+            ),
+            max_batch_audio_s=settings.asr.max_batch_audio_s if windows is self._engine else float("inf"),
+            observer=self._metrics,
+        )
+        # The engine blocks for seconds a step: it runs off the event loop, which keeps taking
+        # requests and answering health checks.
+        self._worker = threading.Thread(target=self._scheduler.run, name="asr-scheduler", daemon=True)
+        self._worker.start()
 
     async def transcribe(self, audio: Audio, options: AsrOptions) -> Transcript:
-        # Options the model cannot honour are refused before the request waits for a batch.
-        self._engine.check(options)
-        outcome = await self._batched(audio, options)
-        if isinstance(outcome, Exception):  # this request's own error, not its batch's
-            raise outcome
-        return outcome
-
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
-    async def _batched(self, audios: list[Audio], options: list[AsrOptions]) -> list[Transcript | Exception]:
-        # The engine blocks for seconds: run it off the event loop so health checks still answer.
-        return await asyncio.to_thread(transcribe_each, self._engine, audios, options)
+        # Cutting (the VAD pass) runs in a thread of its own, beside the decoding steps.
+        future = await asyncio.to_thread(
+            self._scheduler.submit, audio, options, stream=options.stream, interim=options.interim
+        )
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # the caller hung up: its windows not yet started are dropped
+            self._scheduler.cancel(future)
+            raise
 
     def capabilities(self):
         from pipeline.asr.base import Capabilities
@@ -49,3 +69,11 @@ class AsrDeployment:
 
     def describe(self) -> dict:
         return replica_info(self._settings, languages=sorted(self._engine.languages))
+
+    def metrics_text(self) -> bytes:
+        return self._metrics.render()
+
+    def __del__(self) -> None:
+        scheduler = getattr(self, "_scheduler", None)
+        if scheduler is not None:
+            scheduler.close()

@@ -131,6 +131,7 @@ class Ingress(OpenAIRoutes):
         self._flow = TranscriptionFlow(HandleRecognizer(asr, retry), HandleSpeakers(diarization, retry))
         self._streams = StreamServer(self._flow, StreamLimits.from_settings(settings))
         self._accounting = accounting
+        self._asr = asr
         self._jobs = jobs
         self._background: set[asyncio.Task] = set()
 
@@ -166,6 +167,7 @@ class Ingress(OpenAIRoutes):
     @app.get("/metrics")
     async def prometheus(self) -> Response:
         text = await self._accounting.metrics_text.remote()
+        text += await self._asr.metrics_text.remote()  # one ASR replica's scheduler, labelled by replica
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.post(LISTEN_ROUTE)

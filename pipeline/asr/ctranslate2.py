@@ -1,24 +1,56 @@
-"""CTranslate2 Whisper through faster-whisper: the CPU default (int8), also fine on CUDA."""
+"""CTranslate2 Whisper: the CPU default (int8), also fine on CUDA.
+
+Windows of many requests share one forward pass: the engine drives ``ctranslate2.models.Whisper``
+directly (batched ``encode``, ``generate``, ``align``, ``detect_language``), as faster-whisper's
+``BatchedInferencePipeline`` does within one file, and reuses faster-whisper's pieces for the rest:
+its feature extractor, tokenizer, prompt, timestamp splitting, temperature fallback, token
+suppression and word timing. What it keeps of ``WhisperModel.transcribe``: Silero VAD, timestamp
+tokens (segments), the fallback to hotter decodes when a window's output looks degenerate, the
+no-speech skip, and word timings from cross-attention alignment.
+"""
 
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
 from faster_whisper import WhisperModel
-from faster_whisper.transcribe import restore_speech_timestamps
-from faster_whisper.vad import VadOptions, get_speech_timestamps
+from faster_whisper.audio import pad_or_trim
+from faster_whisper.tokenizer import Tokenizer
+from faster_whisper.transcribe import TranscriptionOptions, get_compression_ratio, get_suppressed_tokens
+from faster_whisper.vad import SpeechTimestampsMap, VadOptions, get_speech_timestamps
 
 from pipeline.asr.base import Capabilities
+from pipeline.asr.chunking import WINDOW_S, split_span, windows
 from pipeline.asr.models import resolve_model
+from pipeline.asr.scheduler import WindowResult, WindowScheduler, WindowTask
 from pipeline.core.settings import AsrSettings
 from pipeline.core.types import SAMPLE_RATE, AsrOptions, Audio, Segment, Transcript, Word
 
 # Silero VAD runs over blocks this long: faster-whisper's own VAD pass pads and re-frames the
 # whole array at once, two extra copies of it (~1 GB for a 2 h file).
 VAD_BLOCK_S = 600
+_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # faster-whisper's default fallback ladder
+_FRAMES = 3000  # mel frames of a 30 s window: what the encoder expects
+
+
+@dataclass
+class _Work:
+    """One window on its way through a batch."""
+
+    task: WindowTask
+    features: np.ndarray  # (n_mels, 3000)
+    frames: int  # mel frames holding audio
+    language: str = "en"
+    language_probability: float = 1.0
+    tokens: list[int] | None = None
+    avg_logprob: float = 0.0
+    no_speech_prob: float = 0.0
+    segments: list[dict] = field(default_factory=list)  # faster-whisper's segment dicts
 
 
 class CTranslate2Engine:
@@ -30,6 +62,8 @@ class CTranslate2Engine:
         self._settings = settings
         self._vad = VadOptions(min_silence_duration_ms=settings.vad_min_silence_ms)
         self._languages = frozenset(model.supported_languages)
+        self._multilingual = model.model.is_multilingual
+        self._tokenizers: dict[str, Tokenizer] = {}
 
     @classmethod
     def from_settings(cls, settings: AsrSettings) -> "CTranslate2Engine":
@@ -53,85 +87,293 @@ class CTranslate2Engine:
             language=options.language, timestamps=options.word_timestamps, task=options.task
         )
 
+    # --- the AsrEngine Protocol: a batch of whole audios, through a scheduler of its own -------
     def transcribe(self, batch: Sequence[Audio], options: Sequence[AsrOptions]) -> list[Transcript]:
-        # CTranslate2 parallelises inside one call (intra-op threads); running the batch in turn
-        # keeps every core busy without oversubscribing them.
-        return [self._transcribe_one(audio, opts) for audio, opts in zip(batch, options, strict=True)]
-
-    def _speech_chunks(self, samples: np.ndarray) -> list[dict[str, int]]:
-        """Speech spans (sample indices) of the whole audio, found block by block; spans that
-        meet at a block border are joined."""
-        block = VAD_BLOCK_S * SAMPLE_RATE
-        chunks: list[dict[str, int]] = []
-        for offset in range(0, len(samples), block):
-            for found in get_speech_timestamps(samples[offset:offset + block], self._vad):
-                start, end = found["start"] + offset, found["end"] + offset
-                if chunks and start <= chunks[-1]["end"]:
-                    chunks[-1]["end"] = max(chunks[-1]["end"], end)
-                else:
-                    chunks.append({"start": start, "end": end})
-        return chunks
-
-    def _transcribe_one(self, audio: Audio, options: AsrOptions) -> Transcript:
-        self.check(options)
-        duration = audio.duration_s
-        samples, chunks = audio.samples, None
-        if self._settings.vad_filter:
-            # What faster-whisper's vad_filter does (decode the speech only, then map its times
-            # back), with the VAD pass in blocks.
-            chunks = self._speech_chunks(samples)
-            spans = [samples[c["start"]:c["end"]] for c in chunks]
-            samples = np.concatenate(spans) if spans else np.zeros(0, np.float32)
-        segments_iter, info = self._model.transcribe(
-            samples,
-            language=options.language,
-            task=options.task,
-            beam_size=options.beam_size or self._settings.beam_size,
-            initial_prompt=options.prompt,
-            temperature=_temperatures(options),
-            max_new_tokens=options.max_new_tokens,
-            # Always on: the alignment pass costs ~1 % here, and word probabilities give the
-            # overall confidence the same meaning whether or not words are returned.
-            word_timestamps=True,
-            vad_filter=False,
+        scheduler = WindowScheduler(
+            self,
+            max_batch_windows=self._settings.window_batch_size,
+            max_batch_audio_s=self._settings.max_batch_audio_s,
         )
-        if chunks:
-            segments_iter = restore_speech_timestamps(segments_iter, chunks, SAMPLE_RATE)
-        segments = []
-        for seg in segments_iter:  # a generator: decoding happens while iterating
-            words = tuple(
-                Word(
-                    text=w.word,
-                    start=_clamp(w.start, duration),
-                    end=_clamp(max(w.end, w.start), duration),
-                    probability=float(w.probability),
-                )
-                for w in (seg.words or ())
+        futures = [scheduler.submit(audio, opts) for audio, opts in zip(batch, options, strict=True)]
+        while scheduler.step():
+            pass
+        return [f.result() for f in futures]
+
+    # --- the WindowEngine Protocol -------------------------------------------------------------
+    def cut(self, audio: Audio) -> list[tuple[tuple[int, int], ...]]:
+        """Windows of the speech only, as faster-whisper's VAD filter decodes it: speech regions
+        (a region over 30 s cut at a quiet point) joined while they fit in 30 s, the silence
+        between them left out."""
+        samples = audio.samples
+        if not self._settings.vad_filter:
+            return [((start, end),) for start, end in windows(samples)]
+        limit = int(WINDOW_S * SAMPLE_RATE)
+        packed: list[list[tuple[int, int]]] = []
+        length = 0
+        for region in self._speech_spans(samples):
+            for start, end in split_span(samples, region[0], region[1], limit):
+                if packed and length + (end - start) <= limit:
+                    packed[-1].append((start, end))
+                    length += end - start
+                else:
+                    packed.append([(start, end)])
+                    length = end - start
+        return [tuple(w) for w in packed]
+
+    def _speech_spans(self, samples: np.ndarray) -> list[tuple[int, int]]:
+        """Speech spans (samples) of the whole audio, found block by block; spans that meet at a
+        block border are joined."""
+        block = VAD_BLOCK_S * SAMPLE_RATE
+        spans: list[tuple[int, int]] = []
+        for offset in range(0, len(samples), block):
+            for found in get_speech_timestamps(samples[offset : offset + block], self._vad):
+                start, end = found["start"] + offset, found["end"] + offset
+                if spans and start <= spans[-1][1]:
+                    spans[-1] = (spans[-1][0], max(spans[-1][1], end))
+                else:
+                    spans.append((start, end))
+        return spans
+
+    def decode(self, tasks: Sequence[WindowTask]) -> list[WindowResult]:
+        work = [self._features(t) for t in tasks]
+        # One generate call per set of decoding options (and encoded length); windows of different
+        # requests and languages share it (the language is a token of each window's own prompt).
+        groups: dict[tuple, list[_Work]] = defaultdict(list)
+        for w in work:
+            o = w.task.options
+            key = (o.beam_size, o.max_new_tokens, o.prompt, o.temperature_fallback, o.task, o.temperature, w.features.shape[-1])
+            groups[key].append(w)
+        for group in groups.values():
+            self._decode_group(group)
+        return [self._result(w) for w in work]
+
+    # --- steps ---------------------------------------------------------------------------------
+    def _features(self, task: WindowTask) -> _Work:
+        mel = self._model.feature_extractor(task.samples)[..., :-1]  # (n_mels, frames)
+        frames = min(mel.shape[-1], _FRAMES)
+        return _Work(task=task, features=pad_or_trim(mel, self._encoded_frames(frames)), frames=frames)
+
+    def _encoded_frames(self, frames: int) -> int:
+        """Mel frames the encoder sees for a window holding ``frames``: 30 s, or with short windows
+        on, the window rounded up to whole seconds and at least the floor (CTranslate2 encodes
+        fewer frames than 3000; below ~10 s Whisper's accuracy drops)."""
+        floor = int(self._settings.min_window_s * 100)
+        if floor <= 0:
+            return _FRAMES
+        return min(_FRAMES, max(floor, -(-frames // 100) * 100))
+
+    def _tokenizer(self, language: str, task: str = "transcribe") -> Tokenizer:
+        if (language, task) not in self._tokenizers:
+            self._tokenizers[(language, task)] = Tokenizer(
+                self._model.hf_tokenizer, self._multilingual, task=task, language=language
             )
+        return self._tokenizers[(language, task)]
+
+    def _options(self, options: AsrOptions, tokenizer: Tokenizer) -> TranscriptionOptions:
+        """faster-whisper's own options, with its ``transcribe`` defaults."""
+        return TranscriptionOptions(
+            beam_size=options.beam_size or self._settings.beam_size,
+            best_of=5,
+            patience=1,
+            length_penalty=1,
+            repetition_penalty=1,
+            no_repeat_ngram_size=0,
+            log_prob_threshold=-1.0,
+            no_speech_threshold=0.6,
+            compression_ratio_threshold=2.4,
+            condition_on_previous_text=False,
+            prompt_reset_on_temperature=0.5,
+            temperatures=_temperatures(options),
+            initial_prompt=options.prompt,
+            prefix=None,
+            suppress_blank=True,
+            suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
+            without_timestamps=False,
+            max_initial_timestamp=1.0,
+            word_timestamps=True,
+            prepend_punctuations="\"'“¿([{-",
+            append_punctuations="\"'.。,，!！?？:：”)]}、",
+            multilingual=False,
+            max_new_tokens=options.max_new_tokens,
+            clip_timestamps="0",
+            hallucination_silence_threshold=None,
+            hotwords=None,
+        )
+
+    def _prompt(self, tokenizer: Tokenizer, options: AsrOptions) -> list[int]:
+        previous = tokenizer.encode(" " + options.prompt.strip()) if options.prompt else []
+        return self._model.get_prompt(tokenizer, previous, without_timestamps=False)
+
+    def _encode(self, group: list[_Work]):
+        return self._model.encode(np.stack([w.features for w in group]))
+
+    def _decode_group(self, group: list[_Work]) -> None:
+        model = self._model
+        encoder_output = self._encode(group)
+        # Languages: given, or detected on this window (the scheduler sends a request's first
+        # window alone until its language is known).
+        unknown = [i for i, w in enumerate(group) if w.task.language is None]
+        for w in group:
+            w.language = w.task.language or "en"
+        if unknown and self._multilingual:
+            detected = model.model.detect_language(encoder_output)
+            for i in unknown:
+                token, probability = detected[i][0]
+                group[i].language, group[i].language_probability = token[2:-2], float(probability)
+        elif unknown:
+            for i in unknown:
+                group[i].language_probability = 1.0
+        options = group[0].task.options
+        tokenizers = [self._tokenizer(w.language, options.task) for w in group]
+        fw_options = self._options(options, tokenizers[0])
+        prompts = [self._prompt(t, options) for t in tokenizers]
+        max_length = len(prompts[0]) + options.max_new_tokens if options.max_new_tokens else model.max_length
+        if max_length > model.max_length:  # faster-whisper's own refusal, in its words
+            raise ValueError(
+                f"The length of the prompt is {len(prompts[0])}, and the `max_new_tokens` {options.max_new_tokens}: "
+                f"together more than the `max_length` of the Whisper model, {model.max_length}."
+            )
+        if options.temperature > 0:
+            # A temperature asked for (the OpenAI API's ``temperature``): faster-whisper's own
+            # sampling decode and ladder upwards from it, window by window.
+            for w, tokenizer, prompt in zip(group, tokenizers, prompts, strict=True):
+                result, w.avg_logprob, _, _ = model.generate_with_fallback(
+                    model.encode(w.features), prompt, tokenizer, fw_options)
+                w.tokens, w.no_speech_prob = result.sequences_ids[0], result.no_speech_prob
+            self._align(group, encoder_output, fw_options)
+            return
+        results = model.model.generate(
+            encoder_output,
+            prompts,
+            beam_size=fw_options.beam_size,
+            patience=fw_options.patience,
+            length_penalty=fw_options.length_penalty,
+            max_length=max_length,
+            suppress_blank=fw_options.suppress_blank,
+            suppress_tokens=fw_options.suppress_tokens,
+            return_scores=True,
+            return_no_speech_prob=True,
+            max_initial_timestamp_index=int(round(fw_options.max_initial_timestamp / model.time_precision)),
+        )
+        for w, tokenizer, prompt, result in zip(group, tokenizers, prompts, results, strict=True):
+            tokens = result.sequences_ids[0]
+            w.tokens = tokens
+            w.avg_logprob = result.scores[0] * len(tokens) ** fw_options.length_penalty / (len(tokens) + 1)
+            w.no_speech_prob = result.no_speech_prob
+            if len(fw_options.temperatures) > 1 and self._degenerate(w, tokenizer, fw_options):
+                # Rare: faster-whisper's own ladder of hotter decodes, on this window alone.
+                single = model.encode(w.features)
+                again, w.avg_logprob, _, _ = model.generate_with_fallback(
+                    single, prompt, tokenizer, replace(fw_options, temperatures=fw_options.temperatures[1:])
+                )
+                w.tokens, w.no_speech_prob = again.sequences_ids[0], again.no_speech_prob
+        self._align(group, encoder_output, fw_options)
+
+    @staticmethod
+    def _degenerate(w: _Work, tokenizer: Tokenizer, o: TranscriptionOptions) -> bool:
+        """faster-whisper's test for a decode worth redoing hotter (repetitive or unlikely), except
+        where it is silence."""
+        text = tokenizer.decode(w.tokens or []).strip()
+        unlikely = w.avg_logprob < o.log_prob_threshold
+        if w.no_speech_prob > o.no_speech_threshold and unlikely:
+            return False
+        return get_compression_ratio(text) > o.compression_ratio_threshold or unlikely
+
+    def _align(self, group: list[_Work], encoder_output, o: TranscriptionOptions) -> None:
+        """Segments by timestamp tokens, and word times from cross-attention, per language (the
+        alignment's start sequence names it)."""
+        model = self._model
+        for w in group:
+            w.segments = []
+            silent = w.no_speech_prob > o.no_speech_threshold and w.avg_logprob < o.log_prob_threshold
+            if silent:  # faster-whisper skips such a window as silence
+                continue
+            tokenizer = self._tokenizer(w.language, w.task.options.task)
+            duration = len(w.task.samples) / SAMPLE_RATE
+            segment_size = int(np.ceil(duration) * model.frames_per_second)
+            pieces, _, single_ending = model._split_segments_by_timestamps(
+                tokenizer=tokenizer,
+                tokens=w.tokens,
+                time_offset=0.0,  # times within the joined pieces; mapped back in _result
+                segment_size=segment_size,
+                segment_duration=duration,
+                seek=0,
+            )
+            used = sum(len(p["tokens"]) for p in pieces)
+            if used < len(w.tokens):
+                # Batched decoding never seeks back: text after the last timestamp pair is kept,
+                # ending with the window.
+                rest = w.tokens[used:]
+                start = pieces[-1]["end"] if pieces else 0.0
+                pieces.append({"start": start, "end": duration, "tokens": rest})
+            w.segments = [
+                dict(p, seek=0, text=tokenizer.decode(p["tokens"]))
+                for p in pieces
+                if tokenizer.decode(p["tokens"]).strip()
+            ]
+        # One align call per language; an unusual mix (detected languages differ) re-encodes.
+        by_language: dict[str, list[int]] = defaultdict(list)
+        for i, w in enumerate(group):
+            if w.segments:
+                by_language[w.language].append(i)
+        for language, members in by_language.items():
+            if len(members) == len(group):
+                output = encoder_output
+            else:
+                output = self._encode([group[i] for i in members])
+            ordered = [group[i] for i in members]
+            model.add_word_timestamps(
+                [w.segments for w in ordered],
+                self._tokenizer(language),
+                output,
+                [w.frames for w in ordered],
+                o.prepend_punctuations,
+                o.append_punctuations,
+                0.0,
+            )
+
+    def _result(self, w: _Work) -> WindowResult:
+        duration = w.task.duration_s
+        tokenizer = self._tokenizer(w.language)
+        # Times within the joined pieces → times in the request's audio (faster-whisper's map).
+        spans = w.task.pieces or ((w.task.start, w.task.start + len(w.task.samples)),)
+        times = SpeechTimestampsMap([{"start": a, "end": b} for a, b in spans], SAMPLE_RATE)
+
+        def word(x: dict) -> Word:
+            piece = times.get_chunk_index(x["start"])  # a word stays in one piece
+            start = times.get_original_time(x["start"], piece)
+            end = times.get_original_time(x["end"], piece)
+            return Word(text=x["word"], start=_clamp(start, duration), end=_clamp(max(end, start), duration),
+                        probability=float(x["probability"]))
+
+        segments = []
+        for piece in w.segments:
+            words = tuple(word(x) for x in piece.get("words") or ())
+            start = times.get_original_time(piece["start"])
+            end = times.get_original_time(piece["end"], is_end=True)
             segments.append(
                 Segment(
-                    text=seg.text,
-                    start=_clamp(seg.start, duration),
-                    end=_clamp(seg.end, duration),
-                    avg_logprob=float(seg.avg_logprob),
-                    num_tokens=len(seg.tokens),
+                    text=piece["text"],
+                    start=_clamp(start, duration),
+                    end=_clamp(max(end, start), duration),
+                    avg_logprob=float(w.avg_logprob),
+                    num_tokens=len([t for t in piece["tokens"] if t < tokenizer.eot]),
                     words=words,
                 )
             )
-        return Transcript(
+        return WindowResult(
             segments=tuple(segments),
-            language=options.language or info.language,
-            language_probability=1.0 if options.language else float(info.language_probability),
-            duration_s=duration,
+            language=w.language,
+            language_probability=w.language_probability if w.task.language is None else 1.0,
         )
-
-
-def _temperatures(options: AsrOptions) -> float | tuple[float, ...]:
-    """Whisper's fallback ladder from the requested temperature up (0 → 0.0, 0.2, ..., 1.0)."""
-    if not options.temperature_fallback:
-        return options.temperature
-    return (options.temperature, *(t for t in (0.2, 0.4, 0.6, 0.8, 1.0) if t > options.temperature))
 
 
 def _clamp(t: float, duration: float) -> float:
     return float(min(max(t, 0.0), duration))
+
+
+def _temperatures(options: AsrOptions) -> list[float]:
+    """Whisper's fallback ladder from the requested temperature up (0 → 0.0, 0.2, ..., 1.0)."""
+    if not options.temperature_fallback:
+        return [options.temperature]
+    return [options.temperature, *(t for t in _TEMPERATURES if t > options.temperature)]

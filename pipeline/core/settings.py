@@ -47,7 +47,21 @@ class AsrSettings(BaseModel):
         "auto", description="transformers/vLLM weights: auto = float16 on CUDA, float32 on CPU."
     )
     window_batch_size: int = Field(
-        8, ge=1, description="transformers: 30 s windows decoded together (from all requests of a batch)."
+        8, ge=1, description="Windows (≤ 30 s each, from all requests in flight) decoded in one step "
+        "(CTranslate2); transformers: windows in one forward pass."
+    )
+    min_window_s: float = Field(
+        0.0,
+        ge=0,
+        le=30,
+        description="CTranslate2: encode a short window as this many seconds at least instead of "
+        "padding it to 30 s (faster on short audio); 0 = off, every window is 30 s.",
+    )
+    max_batch_audio_s: float = Field(
+        60.0,
+        gt=0,
+        description="Audio seconds decoded in one step at most (a lone longer window still runs): "
+        "a smaller budget answers a short request sooner while a long file is being decoded.",
     )
     vllm_memory_utilization: float | None = Field(
         None,
@@ -63,8 +77,9 @@ class AsrSettings(BaseModel):
         True, description="Drop non-speech with Silero VAD before decoding (stops looping on silence)."
     )
     vad_min_silence_ms: int = Field(500, ge=0, description="Silence that splits VAD speech chunks.")
-    max_batch_size: int = Field(4, ge=1, description="Requests gathered into one engine call.")
-    batch_wait_s: float = Field(0.02, ge=0, description="How long a batch waits to fill up.")
+    max_batch_size: int = Field(
+        4, ge=1, description="Engines that take whole requests (transformers, vLLM): requests in one engine call."
+    )
     model_cache_dir: Path = Field(
         _CACHE_HOME / "models", description="Where bundled models are assembled and hub models cached."
     )

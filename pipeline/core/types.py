@@ -83,6 +83,8 @@ class AsrOptions:
     max_new_tokens: int | None = None  # a bound on tokens per window (streaming sets one)
     task: Literal["transcribe", "translate"] = "transcribe"  # translate: Whisper's any-language → English
     temperature: float = 0.0  # the first decoding's sampling temperature (0: greedy/beam); fallback goes hotter
+    stream: str | None = None  # the live stream this decode is for: served before files
+    interim: bool = False  # a stream's interim decode: a newer one of the same stream replaces it
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ event loop that serves every stream of the process.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.transcription.render import api_words, strip_punctuation
+from pipeline.asr.scheduler import InterimSkipped
 from pipeline.audio.vad import silero_speech
 from pipeline.core.types import SAMPLE_RATE, AsrOptions, Audio, Transcript, Word
 
@@ -68,6 +70,9 @@ class StreamingSession:
     _vad_checked: int = 0  # buffer[:_vad_checked] has been through the VAD
     _speech_end: int = 0  # buffer index where the last speech seen ends
     language: str | None = None
+    # Names this stream's decodes to the ASR scheduler: served before files, a newer interim
+    # replacing one not yet started.
+    stream_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # feed and finish run one at a time, in call order: each awaits the VAD and the recogniser.
     _turn: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -144,7 +149,7 @@ class StreamingSession:
 
     # ---- decoding -------------------------------------------------------------------------------
 
-    async def _decode(self, beam_size: int | None) -> list[Word]:
+    async def _decode(self, beam_size: int | None, interim: bool = False) -> list[Word]:
         self._decoded_len = len(self.buffer)
         duration = len(self.buffer) / SAMPLE_RATE
         # Latency first: one temperature, and a token budget far above speech rates (~4 tokens/s)
@@ -152,6 +157,7 @@ class StreamingSession:
         opts = AsrOptions(
             language=self.language, word_timestamps=True, beam_size=beam_size,
             temperature_fallback=False, max_new_tokens=int(20 + 10 * duration),
+            stream=self.stream_id, interim=interim,
         )
         transcript = await self.transcribe(Audio(self.buffer.copy()), opts)
         if self.language is None and transcript.words:
@@ -170,7 +176,10 @@ class StreamingSession:
         return fresh
 
     async def _interim(self) -> list[dict[str, Any]]:
-        hypothesis = await self._decode(beam_size=1)
+        try:
+            hypothesis = await self._decode(beam_size=1, interim=True)
+        except InterimSkipped:  # newer audio of this stream is being decoded instead
+            return []
         events = []
         live_edge = self.offset_s + len(self.buffer) / SAMPLE_RATE
         agreed: list[Word] = []

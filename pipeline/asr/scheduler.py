@@ -1,0 +1,402 @@
+"""Continuous batching across requests: the ASR replica schedules windows, not requests.
+
+A request is cut into windows (≤ 30 s spans with absolute offsets, ``pipeline.asr.chunking``);
+the windows of every request in flight wait in one queue; each step the engine decodes the next
+batch of them, and a request is answered the moment its own last window is done. A request that
+arrives while a batch runs joins the next step; nothing waits for a whole "request batch".
+
+Order of service: live-stream decodes first, then a fair share per request. Each request carries
+a virtual clock of the audio seconds it has been served, started at the scheduler's clock when it
+arrives (a virtual clock that advances with the work served, as in fair queueing): a new short
+request is served next, yet a flood of short ones only takes turns with a long file, never
+starves it.
+
+The engine seam is ``WindowEngine``: cut an audio into spans, decode a batch of windows (detecting
+the language of a window that has none). Thread-safe; ``run`` is the worker loop, ``step`` one
+batch (tests call it directly).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from pipeline.asr.base import check_audio
+from pipeline.core.errors import HarkError
+from pipeline.core.types import SAMPLE_RATE, AsrOptions, Audio, Segment, Transcript
+
+if TYPE_CHECKING:
+    from pipeline.asr.base import AsrEngine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WindowTask:
+    """One window of one request, as the engine decodes it."""
+
+    samples: np.ndarray  # (n,) float32 16 kHz: the window's audio only (its pieces, joined)
+    start: int  # samples from the start of the request's audio
+    options: AsrOptions
+    language: str | None  # None: detect it from this window
+    duration_s: float  # of the whole audio: times are clamped to it
+    # [start, end) samples of the request's audio that ``samples`` joins (the speech, silence
+    # between left out); one piece ``(start, start + len(samples))`` when nothing was left out.
+    pieces: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def offset_s(self) -> float:
+        return self.start / SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    segments: tuple[Segment, ...]  # at absolute times in the request's audio
+    language: str
+    language_probability: float
+
+
+@runtime_checkable
+class WindowEngine(Protocol):
+    """An engine that decodes windows of many requests in one batch."""
+
+    supports_word_timestamps: ClassVar[bool]
+    supports_language_detection: ClassVar[bool]
+
+    @property
+    def languages(self) -> frozenset[str]: ...
+
+    def check(self, options: AsrOptions) -> None:
+        """Raise ``InvalidParameter`` for options this engine and model cannot honour."""
+        ...
+
+    def cut(self, audio: Audio) -> list[tuple[tuple[int, int], ...]]:
+        """Windows in order, each the [start, end) sample pieces it joins (≤ 30 s in all)."""
+        ...
+
+    def decode(self, tasks: Sequence[WindowTask]) -> list[WindowResult]:
+        """One result per window; windows may belong to different requests and languages."""
+        ...
+
+
+class InterimSkipped(HarkError):
+    """A stream's interim decode that newer audio of the same stream replaced before it ran
+    (the stream catches it; it never reaches a client)."""
+
+    code = "INTERIM_SKIPPED"
+    status = 503
+
+
+class SchedulerObserver(Protocol):
+    """Where the scheduler reports what it does (the deployment's Prometheus metrics)."""
+
+    def step(self, windows: int, audio_s: float, queued_windows: int) -> None: ...
+
+    def queued(self, wait_s: float) -> None: ...
+
+    def answered(self, audio_s: float, elapsed_s: float) -> None: ...
+
+
+STREAM, FILE = 0, 1  # priorities: lower is served first
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: int
+    audio: Audio
+    options: AsrOptions
+    priority: int
+    spans: list[tuple[tuple[int, int], ...]]  # each window's pieces
+    future: Future
+    clock: float  # virtual time: audio seconds served, from the scheduler's clock at arrival
+    submitted: float  # time.monotonic()
+    stream: str | None = None
+    interim: bool = False
+    next: int = 0  # first window not yet started
+    running: int = 0  # windows in the engine now
+    results: list[WindowResult | None] = field(default_factory=list)
+    language: tuple[str, float] | None = None
+    done: bool = False
+
+    def ready(self) -> bool:
+        """Has a window that may start now: the first one alone while the language is unknown."""
+        if self.done or self.next >= len(self.spans):
+            return False
+        return self.language is not None or (self.next == 0 and self.running == 0)
+
+
+class WindowScheduler:
+    def __init__(
+        self,
+        engine: WindowEngine,
+        *,
+        max_batch_windows: int = 8,
+        max_batch_audio_s: float = 60.0,
+        observer: SchedulerObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._engine = engine
+        self._max_windows = max_batch_windows
+        self._max_audio = max_batch_audio_s * SAMPLE_RATE
+        self._observer = observer
+        self._now = clock
+        self._requests: list[_Request] = []
+        self._by_future: dict[int, _Request] = {}
+        self._seq = itertools.count()
+        self._vclock = 0.0
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+
+    # --- requests ------------------------------------------------------------------------------
+    def submit(self, audio: Audio, options: AsrOptions, *, stream: str | None = None, interim: bool = False) -> Future:
+        """Queue one request; its future gets the ``Transcript`` or the request's own error.
+
+        Cuts the audio (VAD) in the caller's thread, so a long file's VAD pass never holds up
+        the batches of others. ``stream`` marks a live stream's decode (served first); a newer
+        ``interim`` decode of the same stream replaces one that has not started (it fails with
+        ``InterimSkipped``): the newest audio wins, and a stream never queues behind itself.
+        """
+        future: Future = Future()
+        check_audio(audio)
+        self._engine.check(options)
+        spans = self._engine.cut(audio)
+        if not spans:  # nothing said: Whisper's own default language, with no confidence
+            future.set_result(Transcript((), options.language or "en", 1.0 if options.language else 0.0, audio.duration_s))
+            return future
+        skipped = []
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("The scheduler is closed")
+            if stream is not None and interim:
+                for old in self._requests:
+                    if old.stream == stream and old.interim and old.next == 0 and old.running == 0:
+                        old.done = True
+                        skipped.append(old)
+                self._forget(skipped)
+            request = _Request(
+                seq=next(self._seq),
+                audio=audio,
+                options=options,
+                priority=STREAM if stream is not None else FILE,
+                spans=spans,
+                future=future,
+                clock=self._vclock,
+                submitted=self._now(),
+                stream=stream,
+                interim=interim,
+                results=[None] * len(spans),
+                language=(options.language, 1.0) if options.language else None,
+            )
+            self._requests.append(request)
+            self._by_future[id(future)] = request
+            self._wake.notify()
+        for old in skipped:
+            old.future.set_exception(InterimSkipped("Newer audio of this stream replaced this interim decode"))
+        future.add_done_callback(self._cancelled)
+        return future
+
+    def cancel(self, future: Future) -> None:
+        """Drop the windows of this request that have not started (its client hung up)."""
+        future.cancel()
+        with self._lock:
+            request = self._by_future.get(id(future))
+            if request is not None:
+                request.done = True
+                self._forget([request])
+
+    def _cancelled(self, future: Future) -> None:
+        if future.cancelled():
+            self.cancel(future)
+
+    def _forget(self, requests: list[_Request]) -> None:
+        for r in requests:
+            self._by_future.pop(id(r.future), None)
+        self._requests = [r for r in self._requests if not r.done]
+
+    def queued_windows(self) -> int:
+        with self._lock:
+            return sum(len(r.spans) - r.next for r in self._requests if not r.done)
+
+    # --- the worker ----------------------------------------------------------------------------
+    def run(self) -> None:
+        """Decode batches until ``close``; the replica runs this in its worker thread."""
+        while True:
+            with self._lock:
+                while not self._closed and not any(r.ready() for r in self._requests):
+                    self._wake.wait()
+                if self._closed:
+                    return
+            self.step()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+
+    def step(self) -> bool:
+        """Decode one batch of windows; False when no window was ready."""
+        with self._lock:
+            queued = sum(len(r.spans) - r.next for r in self._requests if not r.done)
+            picked = self._pick()
+            if not picked:
+                return False
+            now = self._now()
+        try:
+            self._run(picked, queued, now)
+        except Exception as exc:  # noqa: BLE001 - a fault here must not strand these requests
+            logger.exception("A decoding step failed outside the engine")
+            for request, index in picked:
+                self._finish(request, index, exc)
+        return True
+
+    def _run(self, picked: list[tuple[_Request, int]], queued: int, now: float) -> None:
+        tasks = [
+            WindowTask(
+                samples=_join(r.audio.samples, r.spans[i]),
+                start=r.spans[i][0][0],
+                options=r.options,
+                language=r.language[0] if r.language else None,
+                duration_s=r.audio.duration_s,
+                pieces=tuple(r.spans[i]),
+            )
+            for r, i in picked
+        ]
+        if self._observer is not None:
+            self._observer.step(len(tasks), sum(len(t.samples) for t in tasks) / SAMPLE_RATE, queued)
+            for r, i in picked:
+                if i == 0:
+                    self._observer.queued(now - r.submitted)
+        outcomes = self._decode(tasks)
+        for (request, index), outcome in zip(picked, outcomes, strict=True):
+            self._finish(request, index, outcome)
+
+    def _pick(self) -> list[tuple[_Request, int]]:
+        """The next batch: streams first, then the request least served (virtual time), one
+        window at a time, within the window and audio budgets (at least one window)."""
+        picked: list[tuple[_Request, int]] = []
+        audio = 0
+        while len(picked) < self._max_windows:
+            ready = [r for r in self._requests if r.ready()]
+            if not ready:
+                break
+            # Ties go to the request served least: a new arrival before a running file.
+            r = min(ready, key=lambda r: (r.priority, r.clock, r.next, r.seq))
+            length = sum(end - start for start, end in r.spans[r.next])
+            if picked and audio + length > self._max_audio:
+                break
+            picked.append((r, r.next))
+            audio += length
+            r.clock += length / SAMPLE_RATE
+            self._vclock = max(self._vclock, r.clock)
+            r.next += 1
+            r.running += 1
+        return picked
+
+    def _decode(self, tasks: list[WindowTask]) -> list[WindowResult | Exception]:
+        """Each window's result, or the error it alone raised: when the batch fails, each
+        window runs again on its own to find whose error it was."""
+        try:
+            results = self._engine.decode(tasks)
+            if len(results) != len(tasks):
+                raise RuntimeError(f"The engine answered {len(results)} windows for {len(tasks)}")
+            return list(results)
+        except Exception as exc:  # noqa: BLE001 - whose error it is, is found below
+            if len(tasks) == 1:
+                return [exc]
+            logger.warning("A batch of %d windows failed (%r): decoding each on its own", len(tasks), exc)
+        outcomes: list[WindowResult | Exception] = []
+        for task in tasks:
+            try:
+                [result] = self._engine.decode([task])
+                outcomes.append(result)
+            except Exception as alone:  # noqa: BLE001 - this window's own error
+                outcomes.append(alone)
+        return outcomes
+
+    def _finish(self, request: _Request, index: int, outcome: WindowResult | Exception) -> None:
+        answer: Transcript | Exception | None = None
+        with self._lock:
+            request.running -= 1
+            if request.done:  # cancelled or failed meanwhile: nothing to answer
+                return
+            if isinstance(outcome, Exception):
+                request.done = True
+                answer = outcome
+            else:
+                request.results[index] = outcome
+                if request.language is None:
+                    request.language = (outcome.language, outcome.language_probability)
+                    self._wake.notify()
+                if request.next >= len(request.spans) and request.running == 0:
+                    request.done = True
+                    answer = self._transcript(request)
+            if request.done:
+                self._forget([request])
+                self._wake.notify()
+        if answer is None:
+            return
+        if isinstance(answer, Transcript) and self._observer is not None:
+            self._observer.answered(request.audio.duration_s, self._now() - request.submitted)
+        try:
+            if isinstance(answer, Exception):
+                request.future.set_exception(answer)
+            else:
+                request.future.set_result(answer)
+        except InvalidStateError:  # cancelled by its caller just now
+            pass
+
+    @staticmethod
+    def _transcript(request: _Request) -> Transcript:
+        language, probability = request.language or ("en", 0.0)
+        return Transcript(
+            segments=tuple(s for r in request.results if r is not None for s in r.segments),
+            language=language,
+            language_probability=probability,
+            duration_s=request.audio.duration_s,
+        )
+
+
+def _join(samples: np.ndarray, pieces: Sequence[tuple[int, int]]) -> np.ndarray:
+    if len(pieces) == 1:
+        return samples[pieces[0][0] : pieces[0][1]]  # a view: no copy
+    return np.concatenate([samples[a:b] for a, b in pieces])
+
+
+class WholeAudio:
+    """A ``WindowEngine`` over an engine that only takes whole audios (``AsrEngine``): each
+    request is one "window" of any length, which the engine cuts itself. The scheduler's order,
+    priorities and cancellation still apply; its batches are then batches of requests."""
+
+    def __init__(self, engine: "AsrEngine") -> None:
+        self._engine = engine
+        self.supports_word_timestamps = engine.supports_word_timestamps
+        self.supports_language_detection = engine.supports_language_detection
+
+    @property
+    def languages(self) -> frozenset[str]:
+        return self._engine.languages
+
+    def check(self, options: AsrOptions) -> None:
+        self._engine.check(options)
+
+    def cut(self, audio: Audio) -> list[tuple[tuple[int, int], ...]]:
+        return [((0, len(audio.samples)),)] if len(audio.samples) else []
+
+    def decode(self, tasks: Sequence[WindowTask]) -> list[WindowResult]:
+        options = [replace(t.options, language=t.language) for t in tasks]
+        transcripts = self._engine.transcribe([Audio(t.samples) for t in tasks], options)
+        return [WindowResult(t.segments, t.language, t.language_probability) for t in transcripts]
+
+
+def window_engine(engine: "AsrEngine | WindowEngine") -> WindowEngine:
+    """The engine itself where it decodes windows, else ``WholeAudio`` over it."""
+    return engine if isinstance(engine, WindowEngine) else WholeAudio(engine)  # type: ignore[arg-type]

@@ -1,0 +1,71 @@
+"""The CTranslate2 engine's batched path (``ctranslate2.models.Whisper`` driven directly, windows
+of several requests in one step) against faster-whisper's own ``WhisperModel.transcribe`` on the
+same model and speech. CTranslate2-only: its own file, as tests/test_engine.py also runs in the
+vLLM environment."""
+
+import numpy as np
+import pytest
+
+from pipeline.asr.factory import build_engine
+from pipeline.asr.scheduler import WindowEngine, WindowTask
+from pipeline.audio.decode import decode
+from pipeline.core.settings import AsrSettings
+from pipeline.core.types import AsrOptions
+from textnorm import wer
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return build_engine(AsrSettings(engine="ctranslate2"))
+
+
+def load(clip):
+    return decode(clip.path, max_duration_s=7200)
+
+
+def test_windows_of_several_requests_and_languages_in_one_step_match_faster_whisper(engine, clips):
+    assert isinstance(engine, WindowEngine)
+    names = ["sample", "beckett", "spanish", "fox"]
+    audios = [load(clips[n]) for n in names]
+    calls = []
+    decode_windows = engine.decode
+    engine.decode = lambda tasks: calls.append(len(tasks)) or decode_windows(tasks)
+    try:
+        # Greedy on both sides keeps the test cheap; tests/test_engine.py covers the beam.
+        out = engine.transcribe(audios, [AsrOptions(word_timestamps=True, beam_size=1)] * len(audios))
+    finally:
+        del engine.decode
+    # One window each (VAD packs up to 30 s), all four in one step, their languages detected there.
+    assert calls == [len(names)]
+    assert [t.language for t in out] == ["en", "en", "es", "en"]
+    for name, audio, t in zip(names, audios, out, strict=True):
+        segments, info = engine._model.transcribe(audio.samples, beam_size=1, word_timestamps=True, vad_filter=True)
+        reference = "".join(s.text for s in segments)
+        assert wer(reference, t.text) <= 0.05, (name, reference, t.text)
+        assert wer(clips[name].text, t.text) <= wer(clips[name].text, reference) + 0.05, name
+        words = t.words
+        assert words and all(0 <= w.start <= w.end <= audio.duration_s for w in words), name
+        assert all(a.start <= b.start for a, b in zip(words, words[1:])), name
+        assert all(s.start <= s.end for s in t.segments)
+
+
+def test_a_given_language_decodes_without_detection_and_times_map_back_through_the_speech_pieces(engine, clips):
+    beckett = load(clips["beckett"])
+    gap = np.zeros(16000 * 40, np.float32)
+    samples = np.concatenate([beckett.samples, gap, beckett.samples])
+    [window] = engine.cut(type(beckett)(samples))
+    # Speech only, as faster-whisper's VAD filter decodes it: both copies in one window, the
+    # 40 s of silence (and the pauses between phrases) left out.
+    assert len(window) >= 2 and window[-1][1] > 50 * 16000
+    assert sum(b - a for a, b in window) < 2 * len(beckett.samples)
+    task = WindowTask(np.concatenate([samples[a:b] for a, b in window]), window[0][0],
+                      AsrOptions(language="en", beam_size=1), "en", len(samples) / 16000, window)
+    [result] = engine.decode([task])
+    assert result.language == "en" and result.language_probability == 1.0
+    text = "".join(s.text for s in result.segments)
+    assert wer(clips["beckett"].text + " " + clips["beckett"].text, text) <= 0.1, text
+    words = [w for s in result.segments for w in s.words]
+    assert all(a.start <= b.start for a, b in zip(words, words[1:]))
+    # Each word lies in a piece of speech (not in the gap): times mapped back to the audio.
+    assert all(any(a / 16000 - 0.2 <= w.start and w.end <= b / 16000 + 0.2 for a, b in window) for w in words)
+    assert sum(w.start > 45 for w in words) == len(words) // 2
