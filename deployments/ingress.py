@@ -167,7 +167,12 @@ class Ingress(OpenAIRoutes):
     @app.get("/metrics")
     async def prometheus(self) -> Response:
         text = await self._accounting.metrics_text.remote()
-        text += await self._asr.metrics_text.remote()  # one ASR replica's scheduler, labelled by replica
+        try:
+            # One ASR replica's scheduler, labelled by replica. A busy ASR queue must not hold or
+            # fail the service's own metrics: without an answer at once, they go without it.
+            text += await asyncio.wait_for(self._asr.metrics_text.remote(), timeout=2)
+        except Exception as exc:  # noqa: BLE001 - timeout, back-pressure, a replica restarting
+            logger.warning("/metrics: no scheduler figures from ASR: %r", exc)
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.post(LISTEN_ROUTE)
