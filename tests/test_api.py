@@ -42,6 +42,7 @@ def test_health_ready_metrics_need_no_key(serve_app):
     assert httpx.get(f"{serve_app}/ready").status_code == 200
     metrics = httpx.get(f"{serve_app}/metrics")
     assert metrics.status_code == 200 and "hark_requests_total" in metrics.text
+    assert "hark_asr_windows_queued" in metrics.text  # the ASR scheduler's own figures
 
 
 def test_unknown_route_is_json(serve_app):
