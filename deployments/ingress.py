@@ -31,7 +31,7 @@ from pipeline.core.errors import HarkError, InvalidParameter, MissingParameter
 from pipeline.core.settings import Settings
 from pipeline.service.auth import KeyRing
 from pipeline.service.runner import JobRequest, refuse_unrunnable
-from pipeline.service.upload import read_listen_input
+from pipeline.service.upload import AUDIO_FIELD, ListenInput, read_listen_input
 from pipeline.streaming.limits import StreamLimits
 from pipeline.streaming.server import ChannelClosed, StreamParams, StreamServer
 from pipeline.transcription.flow import TranscriptionFlow
@@ -234,15 +234,21 @@ class Ingress(OpenAIRoutes):
         self._background.add(task := asyncio.get_running_loop().create_task(run(), context=contextvars.Context()))
         task.add_done_callback(self._background.discard)
 
-    async def _transcribe(self, request: Request, key_id: str) -> _Answer:
+    async def _read_body(self, request: Request, audio_field: str = AUDIO_FIELD) -> ListenInput:
+        """The request's body as options, a URL and audio bytes, within the upload cap (the form's
+        audio in ``audio_field``): for /v1/listen and the OpenAI routes alike."""
         declared = request.headers.get("content-length")
-        source = await read_listen_input(
+        return await read_listen_input(
             request.headers.get("content-type"),
             request.stream(),
             content_length=int(declared) if declared and declared.isdigit() else None,
             max_bytes=self._settings.max_file_bytes,
             max_mb=self._settings.max_file_mb,
+            audio_field=audio_field,
         )
+
+    async def _transcribe(self, request: Request, key_id: str) -> _Answer:
+        source = await self._read_body(request)
         if source.url is not None and source.audio is not None:
             raise InvalidParameter("Send either a url or an audio file, not both", param="url")
         if source.url is None and source.audio is None:

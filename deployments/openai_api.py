@@ -19,7 +19,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from deployments.handles import HandleMeter, call, unwrap
 from pipeline.core.errors import HarkError, InvalidParameter, MissingParameter
-from pipeline.service.upload import read_listen_input
 from pipeline.transcription import openai_format
 from pipeline.transcription.openai_format import OpenAIParams, Task
 
@@ -85,15 +84,7 @@ class OpenAIRoutes:
         return response
 
     async def _openai_transcribe(self, request: Request, key_id: str, task: Task) -> tuple[Response, float]:
-        declared = request.headers.get("content-length")
-        source = await read_listen_input(
-            request.headers.get("content-type"),
-            request.stream(),
-            content_length=int(declared) if declared and declared.isdigit() else None,
-            max_bytes=self._settings.max_file_bytes,
-            max_mb=self._settings.max_file_mb,
-            audio_field="file",
-        )
+        source = await self._read_body(request, audio_field="file")
         params = OpenAIParams.parse(source.fields, source.lists, task)
         openai_format.check_model(params.model, self._settings.asr.model)
         if source.audio is None:
