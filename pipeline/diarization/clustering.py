@@ -37,6 +37,7 @@ from pipeline.diarization.base import DiarizationOptions
 
 FRAME_S = 0.01  # mel hop, and the resolution of the output
 WINDOW_FRAMES = 160  # 1.6 s: what the encoder was trained on
+_MEL_BLOCK_FRAMES = 1000  # 10 s of 10 ms frames
 MAX_WINDOWS = 2500  # bounds the (windows x windows) affinity matrix: 25 MB
 
 
@@ -89,13 +90,25 @@ class SpeakerEncoder:
         # Resemblyzer's mel: 25 ms Hann windows every 10 ms, 40 Slaney mel bands, power 2.
         self._mel_basis = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=400, n_mels=40).astype(np.float32)
 
-    def mel(self, samples: np.ndarray) -> np.ndarray:
-        """(frames, 40) power mel spectrogram; frame i is centred at i * 10 ms."""
-        padded = np.pad(samples, 200)
-        n_frames = 1 + (len(padded) - 400) // 160
-        idx = np.arange(400)[None, :] + 160 * np.arange(n_frames)[:, None]
-        spectrum = np.abs(np.fft.rfft(padded[idx] * np.hanning(401)[:-1].astype(np.float32), n=400)) ** 2
-        return (spectrum.astype(np.float32) @ self._mel_basis.T).astype(np.float32)
+    def mel(self, samples: np.ndarray, gain: float = 1.0) -> np.ndarray:
+        """(frames, 40) power mel spectrogram of ``samples * gain``; frame i is centred at i * 10 ms.
+
+        Worked out 10 s of frames at a time: the framed spectrum of a whole region would be ~40x
+        its audio (a 2 h region of speech, tens of GB)."""
+        n_frames = 1 + len(samples) // 160  # frames of the audio padded by 200 samples each side
+        out = np.empty((n_frames, 40), np.float32)
+        window = np.hanning(401)[:-1].astype(np.float32)
+        for f0 in range(0, n_frames, _MEL_BLOCK_FRAMES):
+            f1 = min(n_frames, f0 + _MEL_BLOCK_FRAMES)
+            first, last = 160 * f0 - 200, 160 * (f1 - 1) + 200  # the block's samples, padding included
+            piece = np.zeros(last - first, np.float32)
+            a, b = max(first, 0), min(last, len(samples))
+            piece[a - first : b - first] = samples[a:b]
+            piece *= gain
+            idx = np.arange(400)[None, :] + 160 * np.arange(f1 - f0)[:, None]
+            spectrum = np.abs(np.fft.rfft(piece[idx] * window, n=400)) ** 2
+            out[f0:f1] = spectrum.astype(np.float32) @ self._mel_basis.T
+        return out
 
     def embed(self, windows: np.ndarray, batch: int = 256) -> np.ndarray:
         torch = self._torch
@@ -362,11 +375,15 @@ class SegmentationDiarizer:
 def _speech_mels(encoder: SpeakerEncoder, samples: np.ndarray, regions, cfg: ClusteringConfig):
     """(first sample, mel) of each speech region long enough to embed, at the loudness
     Resemblyzer's training data had (-30 dBFS over the speech), and the seconds of speech."""
-    speech = np.concatenate([samples[s:e] for s, e in regions])
-    rms = float(np.sqrt(np.mean(speech.astype(np.float64) ** 2))) or 1.0
-    gain = 10 ** (-30 / 20) / rms
-    mels = [(s, encoder.mel(samples[s:e] * gain)) for s, e in regions if (e - s) / SAMPLE_RATE >= cfg.min_region_s]
-    return mels, len(speech) / SAMPLE_RATE
+    # 30 s at a time: the speech of a long file (one region may be all of it) is never copied whole.
+    step = 30 * SAMPLE_RATE
+    pieces = (samples[a : min(a + step, e)].astype(np.float64) for s, e in regions for a in range(s, e, step))
+    energy = sum(float(np.dot(x, x)) for x in pieces)
+    n = sum(e - s for s, e in regions)
+    rms = float(np.sqrt(energy / n)) if n else 0.0
+    gain = 10 ** (-30 / 20) / (rms or 1.0)
+    mels = [(s, encoder.mel(samples[s:e], gain)) for s, e in regions if (e - s) / SAMPLE_RATE >= cfg.min_region_s]
+    return mels, n / SAMPLE_RATE
 
 
 def _centroids(embeddings: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
