@@ -52,9 +52,13 @@ def test_local_corpus_resumes_after_an_interrupted_run(serve_app, corpus, tmp_pa
     items = discover(str(corpus))
     assert len(items) == len(CLIPS) * len(ENCODINGS) + len(CORRUPT) >= 20
     out = tmp_path / "out"
-    # A run interrupted after its first part file: the CLI in its own process, stopped by SIGINT.
+    # A run interrupted after its first part file: the CLI in its own process (a driver of the
+    # session's Ray cluster, so it does not start a Ray of its own), killed.
+    import ray
+
     env = {**os.environ, "HARK_LICENSE_KEYS": "x"}
-    proc = subprocess.Popen([sys.executable, "-m", "hark.cli", "batch", str(corpus), str(out), "--max-actors", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "hark.cli", "batch", str(corpus), str(out), "--max-actors", "1",
+                             "--address", ray.get_runtime_context().gcs_address],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_until(lambda: out.exists() and any(p.name.startswith("part-") for p in out.iterdir()), 300, what="a first part file")
