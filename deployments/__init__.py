@@ -23,6 +23,27 @@ def replica_info(settings: Settings, **extra) -> dict:
     }
 
 
+def yield_cpu_to_the_front(settings: Settings) -> None:
+    """Lower this replica's CPU priority by ``compute_nice`` (called by the compute-heavy
+    replicas: decoding, ASR, diarization). Their work only waits a little longer when the machine
+    is saturated, while the proxy and ingress, which answer every request and ``/health``, are
+    scheduled ahead of it. Any process may lower its own priority.
+
+    On Linux a priority belongs to a thread (``os.nice`` changes only the caller's, and Serve runs
+    a replica's constructor on a thread of its own), so every thread of the process is lowered;
+    threads started later inherit it from the thread that starts them. (Ray runs its own threads at
+    nice 0 and the Python threads of a worker at 15; 19 is the lowest priority there is.)"""
+    if not settings.compute_nice:
+        return
+    tasks = f"/proc/{os.getpid()}/task"
+    for tid in (int(t) for t in os.listdir(tasks)) if os.path.isdir(tasks) else [0]:
+        try:
+            now = os.getpriority(os.PRIO_PROCESS, tid)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, now + settings.compute_nice))
+        except OSError:  # the thread has ended meanwhile
+            continue
+
+
 def adopt_serve_logging() -> None:
     """Route the core's loggers (``pipeline.*``) to this replica's Serve log handlers, so that
     what the job runner or the diarizer logs lands in the replica's log like Serve's own lines.

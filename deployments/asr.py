@@ -13,7 +13,7 @@ import threading
 
 from ray import serve
 
-from deployments import adopt_serve_logging, replica_info
+from deployments import adopt_serve_logging, replica_info, yield_cpu_to_the_front
 
 from pipeline.core.settings import Settings
 from pipeline.core.types import AsrOptions, Audio, Transcript
@@ -34,6 +34,7 @@ class AsrDeployment:
 
         adopt_serve_logging()
         self._settings = settings
+        yield_cpu_to_the_front(settings)
         self._engine = build_engine(settings.asr)
         windows = window_engine(self._engine)
         self._metrics = AsrMetrics(serve.get_replica_context().replica_id.unique_id)

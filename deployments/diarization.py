@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray import serve
 
-from deployments import adopt_serve_logging, replica_info
+from deployments import adopt_serve_logging, replica_info, yield_cpu_to_the_front
 from pipeline.core.settings import Settings
 from pipeline.core.types import Audio, Diarization
 from pipeline.transcription.flow import LocalSpeakers
@@ -20,6 +20,7 @@ class DiarizationDeployment:
     def __init__(self, settings: Settings) -> None:
         adopt_serve_logging()
         self._settings = settings
+        yield_cpu_to_the_front(settings)
         # Built now; without its packages the app still serves transcription and diarize
         # requests get a clear refusal.
         self._speakers = LocalSpeakers(settings.diarization, eager=True)

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from ray import serve
 
-from deployments import replica_info
+from deployments import replica_info, yield_cpu_to_the_front
 
 from pipeline.audio.loader import AudioLoader
 from pipeline.core.settings import Settings
@@ -24,6 +24,7 @@ from pipeline.core.types import Audio
 class AudioFetchDeployment:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        yield_cpu_to_the_front(settings)
         self._loader = AudioLoader(settings)
         # Downloads wait on the network: more threads than cores, one per ongoing request.
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fetch")

@@ -178,6 +178,14 @@ class Settings(BaseSettings):
     )
     fetch_max_redirects: int = Field(5, ge=0, description="Redirects followed, each re-checked.")
     retry_after_s: int = Field(30, ge=1, description="Retry-After sent with 503 when queues are full.")
+    compute_nice: int = Field(
+        5,
+        ge=0,
+        le=19,
+        description="CPU priority the decoding, ASR and diarization replicas lower themselves by (Unix nice), "
+        "so that on a saturated machine the HTTP front (proxy, ingress, /health) is served first; 0: "
+        "the same priority as the rest.",
+    )
     data_dir: Path = Field(
         Path.home() / ".local" / "share" / "hark",
         description="Durable state: the job store (jobs.sqlite3) and audio kept for unfinished jobs.",
