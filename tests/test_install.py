@@ -105,8 +105,9 @@ def test_unknown_import_path_exits_with_the_cause(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_replica_that_cannot_start_exits_with_the_cause(tmp_path):
-    # Valid as a setting, refused by CTranslate2 when the ASR replica loads the model.
-    run = _serve(tmp_path, 240, HARK_ASR__COMPUTE_TYPE="no_such_type")
+    # Valid as a setting, refused by CTranslate2 when the ASR replica loads the model. (Serve tries
+    # a failing replica 3 times before it gives the deployment up; once is enough to see the cause.)
+    run = _serve(tmp_path, 240, HARK_ASR__COMPUTE_TYPE="no_such_type", RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT="1")
     assert run.returncode == 4, run.stderr[-3000:]
     assert "failed to deploy" in run.stderr and "ASR" in run.stderr
     assert "no_such_type" in run.stderr
