@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 
@@ -51,6 +52,12 @@ def _patient_get_node(get_node):
                 time.sleep(0.2)
 
     return wrapped
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _name(value) -> str:
@@ -91,6 +98,8 @@ def main(dashboard_port: int, object_store_mb: int) -> None:
         head_node_args={
             **node_args, "resources": {"head": 1},
             "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
+            # Ray's fixed default (52365) may be taken by another Ray on this machine.
+            "dashboard_agent_listen_port": _free_port(),
         },
     )
     try:

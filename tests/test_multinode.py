@@ -31,6 +31,8 @@ import yaml
 from conftest import S3_BUCKET, WEBHOOK_SECRET, free_port, wait_until
 from textnorm import wer
 
+pytestmark = pytest.mark.multinode
+
 ROOT = Path(__file__).parent.parent
 KEY = "multinode-key"
 START_TIMEOUT_S = 240
