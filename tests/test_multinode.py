@@ -14,6 +14,7 @@ worker nodes, each with its own raylet and object store), deployed with ``serve 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import shutil
@@ -32,6 +33,7 @@ from conftest import S3_BUCKET, WEBHOOK_SECRET, free_port, wait_until
 from textnorm import wer
 
 pytestmark = pytest.mark.multinode
+log = logging.getLogger(__name__)  # the measured times: pytest -o log_cli=true --log-cli-level=INFO
 
 ROOT = Path(__file__).parent.parent
 KEY = "multinode-key"
@@ -98,12 +100,12 @@ class RunningCluster:
         env = {**without_settings(os.environ), "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(workdir),
                "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", **NODE_DEATH_DETECTION}
         helper = Path(__file__).parent / "multinode_cluster.py"
-        self.log = open(workdir / "cluster.log", "w")  # noqa: SIM115 - closed in close()
+        self.log_file = open(workdir / "cluster.log", "w")  # noqa: SIM115 - closed in close()
         # The node environment: the env file sourced before the nodes start (cluster/README.md).
         self.process = subprocess.Popen(
             ["bash", "-c", f'set -a && . "{env_file}" && set +a && exec "{sys.executable}" "{helper}" '
                            f"{dashboard_port} 80"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=workdir,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file, text=True, env=env, cwd=workdir,
         )
         self.workdir = workdir
         self.info = self._answer(START_TIMEOUT_S)
@@ -133,7 +135,7 @@ class RunningCluster:
         try:
             self.process.wait(timeout=120)
         finally:
-            self.log.close()
+            self.log_file.close()
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +154,7 @@ def cluster(postgres, s3_server):
     started = time.monotonic()
     running = RunningCluster(workdir, env_file, free_port())
     running.database_url = database_url
-    print(f"\nmulti-node cluster up in {time.monotonic() - started:.1f} s")
+    log.info(f"multi-node cluster up in {time.monotonic() - started:.1f} s")
     yield running
     running.close()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -178,7 +180,7 @@ def app(cluster, tmp_path_factory):
     wait_until(running, 300, interval_s=1, what="the deployed app to run")
     base = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.get(f"{base}/ready", timeout=10).status_code == 200, 60, what="/ready")
-    print(f"\nserve deploy to running in {time.monotonic() - started:.1f} s")
+    log.info(f"serve deploy to running in {time.monotonic() - started:.1f} s")
     return base
 
 
@@ -233,8 +235,8 @@ def test_requests_cross_nodes_and_asr_scales_up_under_load_and_back_down(app, cl
     assert [closest(clips, ["fox", "stella"], text) for text in texts] == ["fox", "stella"] * (len(texts) // 2), texts
     wait_until(lambda: (seen.append(cluster.asr()) or seen[-1][0] == {"RUNNING": 1}), 60, interval_s=0.5,
                what="ASR to scale back down")
-    print(f"\nASR scaled up after {up_s:.1f} s of load ({len(texts)} requests), down "
-          f"{time.monotonic() - started - up_s:.1f} s after it")
+    log.info(f"ASR scaled up after {up_s:.1f} s of load ({len(texts)} requests), down "
+             f"{time.monotonic() - started - up_s:.1f} s after it")
 
 
 def test_losing_a_worker_node_mid_load_completes_every_job_once(app, cluster, clips, media_server, receiver, postgres):
@@ -298,5 +300,6 @@ def test_losing_a_worker_node_mid_load_completes_every_job_once(app, cluster, cl
     # What is left runs on the surviving worker only.
     status = cluster.ask("status")
     assert {r["node"] for r in status["replicas"] if r["deployment"] in ("ASR", "Jobs")} == {survivor}
-    print(f"\n{len(expected)} jobs submitted in {submitted_s:.1f} s, both runners busy at {busy_s:.1f} s; node {victim} removed with {len(running_at_removal)} jobs running; all {len(expected)} jobs "
-          f"completed and delivered {recovered_s:.1f} s later, {len(reruns)} run again")
+    log.info(f"{len(expected)} jobs submitted in {submitted_s:.1f} s, both runners busy at {busy_s:.1f} s; "
+             f"node {victim} removed with {len(running_at_removal)} jobs running; all {len(expected)} jobs "
+             f"completed and delivered {recovered_s:.1f} s later, {len(reruns)} run again")
