@@ -32,12 +32,13 @@ import yaml
 from conftest import S3_BUCKET, WEBHOOK_SECRET, free_port, wait_until
 from textnorm import wer
 
-pytestmark = pytest.mark.multinode
+# The cluster and the app start in the first test's setup: minutes on 2 busy cores.
+pytestmark = [pytest.mark.multinode, pytest.mark.timeout(900)]
 log = logging.getLogger(__name__)  # the measured times: pytest -o log_cli=true --log-cli-level=INFO
 
 ROOT = Path(__file__).parent.parent
 KEY = "multinode-key"
-START_TIMEOUT_S = 240
+START_TIMEOUT_S = 300
 # The GCS declares a node dead after 3 missed health checks 1 s apart (Ray's default: 5 checks,
 # 3 s apart), so the test waits seconds, not tens of seconds, for Ray to notice the lost node.
 NODE_DEATH_DETECTION = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
@@ -152,12 +153,14 @@ def cluster(postgres, s3_server):
         *(f"{k}={v}" for k, v in os.environ.items() if k.startswith("AWS_")),
     ]) + "\n")
     started = time.monotonic()
-    running = RunningCluster(workdir, env_file, free_port())
-    running.database_url = database_url
-    log.info(f"multi-node cluster up in {time.monotonic() - started:.1f} s")
-    yield running
-    running.close()
-    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        running = RunningCluster(workdir, env_file, free_port())
+        running.database_url = database_url
+        log.info(f"multi-node cluster up in {time.monotonic() - started:.1f} s")
+        yield running
+        running.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
