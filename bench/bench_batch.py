@@ -41,7 +41,7 @@ def plain_loop(files: list[Path], settings: Settings) -> tuple[float, float]:
     from pipeline.asr.models import resolve_model
 
     started = time.perf_counter()
-    model = WhisperModel(resolve_model(settings.asr.model, settings.asr.model_cache_dir), device="cpu",
+    model = WhisperModel(resolve_model(settings.asr.model, settings.asr.resolved_model_cache_dir), device="cpu",
                          compute_type=settings.asr.compute_type, cpu_threads=os.cpu_count())
     vad = VadOptions(min_silence_duration_ms=settings.asr.vad_min_silence_ms)
     audio_s = 0.0

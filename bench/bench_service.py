@@ -56,7 +56,7 @@ def raw_engine(settings: Settings):
     from pipeline.asr.models import resolve_model
 
     model = WhisperModel(
-        resolve_model(settings.asr.model, settings.asr.model_cache_dir),
+        resolve_model(settings.asr.model, settings.asr.resolved_model_cache_dir),
         device="cpu", compute_type=settings.asr.compute_type, cpu_threads=os.cpu_count(),
     )
 

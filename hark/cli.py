@@ -20,7 +20,7 @@ def _models(args: argparse.Namespace) -> int:
         print("hark models: one model name, or: hark models convert SOURCE DEST", file=sys.stderr)
         return 2
     if args.name:
-        print(resolve_model(args.name, settings.asr.model_cache_dir))
+        print(resolve_model(args.name, settings.asr.resolved_model_cache_dir))
     else:
         for name, model in BUNDLED.items():
             kind = "multilingual" if model.multilingual else "English-only"
@@ -39,7 +39,7 @@ def _convert(args: list[str], settings: Settings) -> int:
     if len(args) != 2:
         print("usage: hark models convert SOURCE DEST  (SOURCE: a CTranslate2 directory or a bundled name)", file=sys.stderr)
         return 2
-    source = resolve_model(args[0], settings.asr.model_cache_dir)
+    source = resolve_model(args[0], settings.asr.resolved_model_cache_dir)
     if not Path(source).is_dir():
         print(f"hark models convert: {args[0]!r} is neither a directory nor a bundled model", file=sys.stderr)
         return 2

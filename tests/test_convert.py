@@ -27,7 +27,7 @@ def converted(tmp_path_factory):
 def test_converted_model_is_exact(converted, clips):
     from pipeline.audio.decode import decode
 
-    source = resolve_model("whisper-base", Settings().asr.model_cache_dir)
+    source = resolve_model("whisper-base", Settings().asr.resolved_model_cache_dir)
     model = WhisperForConditionalGeneration.from_pretrained(converted).eval()
     samples = decode(clips["beckett"].path, max_duration_s=60).samples
     features = WhisperFeatureExtractor.from_pretrained(converted)(
@@ -93,7 +93,7 @@ def test_resolution_converts_once_and_uses_transformers_directories_in_place(tmp
 
 
 def test_reader_resolves_the_tied_alias():
-    source = Path(resolve_model("whisper-base", Settings().asr.model_cache_dir))
+    source = Path(resolve_model("whisper-base", Settings().asr.resolved_model_cache_dir))
     spec, variables = read_ct2_model(source / "model.bin")
     assert spec == "WhisperSpec"
     assert variables["decoder/projection/weight"] is variables["decoder/embeddings/weight"]

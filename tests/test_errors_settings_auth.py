@@ -77,6 +77,26 @@ def test_settings_defaults_and_overrides(monkeypatch):
     assert pickle.loads(pickle.dumps(s)) == s
 
 
+def test_home_defaults_resolve_where_the_settings_are_used_not_where_the_app_was_built(monkeypatch, tmp_path):
+    # Regression: `serve run` on a workstation baked the workstation's $HOME into data_dir and
+    # model_cache_dir of every replica on the cluster.
+    for name in ("HARK_DATA_DIR", "HARK_ASR__MODEL_CACHE_DIR", "HARK_DATABASE_URL", "HARK_BLOB_URL"):
+        monkeypatch.delenv(name, raising=False)
+    builder, node = tmp_path / "workstation", tmp_path / "node"
+    monkeypatch.setenv("HOME", str(builder))
+    shipped = pickle.dumps(Settings())  # built by the app builder, shipped to a replica (as Ray does)
+    explicit = pickle.dumps(Settings(data_dir=tmp_path / "data", asr={"model_cache_dir": tmp_path / "models"}))
+    monkeypatch.setenv("HOME", str(node))  # the replica's node
+    there = pickle.loads(shipped)
+    assert there.resolved_data_dir == node / ".local" / "share" / "hark"
+    assert there.asr.resolved_model_cache_dir == node / ".cache" / "hark" / "models"
+    assert there.job_database_url == f"sqlite:///{node}/.local/share/hark/jobs.sqlite3"
+    assert there.job_blob_url == f"{node}/.local/share/hark/audio"
+    # Set paths are kept as they were given.
+    given = pickle.loads(explicit)
+    assert given.resolved_data_dir == tmp_path / "data" and given.asr.resolved_model_cache_dir == tmp_path / "models"
+
+
 def test_settings_reject_bad_values(monkeypatch):
     monkeypatch.setenv("HARK_URL_ALLOWLIST", "not-a-network")
     with pytest.raises(ValueError):

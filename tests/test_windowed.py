@@ -18,7 +18,7 @@ SR = 16000
 
 @pytest.fixture(scope="module")
 def tokens():
-    model = Path(resolve_model("whisper-base", AsrSettings().model_cache_dir))
+    model = Path(resolve_model("whisper-base", AsrSettings().resolved_model_cache_dir))
     return WhisperTokens(model / "tokenizer.json", 51865)
 
 
@@ -123,4 +123,4 @@ def test_translate_task_and_a_starting_temperature_reach_the_decoder(tokens):
 
 
 def tokens_path():
-    return Path(resolve_model("whisper-base", AsrSettings().model_cache_dir)) / "tokenizer.json"
+    return Path(resolve_model("whisper-base", AsrSettings().resolved_model_cache_dir)) / "tokenizer.json"

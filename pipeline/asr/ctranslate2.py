@@ -68,14 +68,14 @@ class CTranslate2Engine:
 
     @classmethod
     def from_settings(cls, settings: AsrSettings) -> "CTranslate2Engine":
-        model_path = resolve_model(settings.model, settings.model_cache_dir)
+        model_path = resolve_model(settings.model, settings.resolved_model_cache_dir)
         threads = settings.cpu_threads or (os.cpu_count() or 1)
         model = WhisperModel(
             model_path,
             device=settings.device,
             compute_type=settings.compute_type,
             cpu_threads=threads,
-            download_root=str(settings.model_cache_dir),
+            download_root=str(settings.resolved_model_cache_dir),
         )
         return cls(model, settings)
 

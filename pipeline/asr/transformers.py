@@ -52,16 +52,16 @@ class TransformersEngine(WindowedEngine):
 
     @classmethod
     def from_settings(cls, settings: AsrSettings) -> "TransformersEngine":
-        path = resolve_transformers_model(settings.model, settings.model_cache_dir)
+        path = resolve_transformers_model(settings.model, settings.resolved_model_cache_dir)
         device = resolve_device(settings.device)
         if device == "cpu":
             torch.set_num_threads(settings.cpu_threads or (os.cpu_count() or 1))
         model = WhisperForConditionalGeneration.from_pretrained(
-            path, dtype=getattr(torch, resolve_dtype(settings.dtype, device)), cache_dir=str(settings.model_cache_dir)
+            path, dtype=getattr(torch, resolve_dtype(settings.dtype, device)), cache_dir=str(settings.resolved_model_cache_dir)
         )
         model = model.to(device).eval()
-        features = WhisperFeatureExtractor.from_pretrained(path, cache_dir=str(settings.model_cache_dir))
-        tokens = WhisperTokens(model_file(path, "tokenizer.json", settings.model_cache_dir), model.config.vocab_size)
+        features = WhisperFeatureExtractor.from_pretrained(path, cache_dir=str(settings.resolved_model_cache_dir))
+        tokens = WhisperTokens(model_file(path, "tokenizer.json", settings.resolved_model_cache_dir), model.config.vocab_size)
         return cls(model, features, tokens, settings)
 
     def transcribe(self, batch, options):

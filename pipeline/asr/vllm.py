@@ -46,7 +46,7 @@ class VllmEngine(WindowedEngine):
     def from_settings(cls, settings: AsrSettings) -> "VllmEngine":
         from vllm import LLM
 
-        path = resolve_transformers_model(settings.model, settings.model_cache_dir)
+        path = resolve_transformers_model(settings.model, settings.resolved_model_cache_dir)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         options: dict[str, Any] = dict(
@@ -55,7 +55,7 @@ class VllmEngine(WindowedEngine):
             limit_mm_per_prompt={"audio": 1},
             dtype=dtype,
             max_num_seqs=settings.vllm_max_num_seqs,
-            download_dir=str(settings.model_cache_dir),
+            download_dir=str(settings.resolved_model_cache_dir),
             # CUDA graphs on GPUs; the CPU backend runs eagerly.
             enforce_eager=device != "cuda",
         )
@@ -69,7 +69,7 @@ class VllmEngine(WindowedEngine):
                 os.environ.setdefault("OMP_NUM_THREADS", str(settings.cpu_threads))
         llm = LLM(**options)
         vocab_size = llm.llm_engine.model_config.hf_config.vocab_size
-        tokens = WhisperTokens(model_file(path, "tokenizer.json", settings.model_cache_dir), vocab_size)
+        tokens = WhisperTokens(model_file(path, "tokenizer.json", settings.resolved_model_cache_dir), vocab_size)
         return cls(llm, tokens, settings)
 
     @staticmethod

@@ -1,7 +1,9 @@
 """Hark's configuration: one ``Settings`` object, read from ``HARK_*`` variables.
 
 The app builder constructs it once and passes it to every deployment, so each replica runs with
-exactly the settings of the process that deployed the app, wherever in the cluster it lands.
+exactly the settings of the process that built the app, wherever in the cluster it lands. Path
+defaults under ``$HOME`` are the exception: left unset, they resolve where they are used, on the
+replica's own node.
 """
 
 from __future__ import annotations
@@ -16,8 +18,17 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pipeline.core.keys import key_id
 
-_CACHE_HOME = Path.home() / ".cache" / "hark"
 _S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's rules for bucket names
+
+
+def default_data_dir() -> Path:
+    """``~/.local/share/hark`` of the user this process runs as."""
+    return Path.home() / ".local" / "share" / "hark"
+
+
+def default_model_cache_dir() -> Path:
+    """``~/.cache/hark/models`` of the user this process runs as."""
+    return Path.home() / ".cache" / "hark" / "models"
 
 
 def _split_commas(value: object) -> object:
@@ -80,9 +91,17 @@ class AsrSettings(BaseModel):
     max_batch_size: int = Field(
         4, ge=1, description="Engines that take whole requests (transformers, vLLM): requests in one engine call."
     )
-    model_cache_dir: Path = Field(
-        _CACHE_HOME / "models", description="Where bundled models are assembled and hub models cached."
+    model_cache_dir: Path | None = Field(
+        None,
+        description="Where bundled models are assembled and hub models cached; default: "
+        "~/.cache/hark/models on the machine where the engine runs.",
     )
+
+    @property
+    def resolved_model_cache_dir(self) -> Path:
+        """``model_cache_dir``, else the default of the machine this runs on. Resolved at use, so a
+        replica on a cluster node gets its node's home, not that of the machine that built the app."""
+        return self.model_cache_dir if self.model_cache_dir is not None else default_model_cache_dir()
 
 
 class DiarizationSettings(BaseModel):
@@ -186,9 +205,10 @@ class Settings(BaseSettings):
         "so that on a saturated machine the HTTP front (proxy, ingress, /health) is served first; 0: "
         "the same priority as the rest.",
     )
-    data_dir: Path = Field(
-        Path.home() / ".local" / "share" / "hark",
-        description="Durable state: the job store (jobs.sqlite3) and audio kept for unfinished jobs.",
+    data_dir: Path | None = Field(
+        None,
+        description="Durable state: the job store (jobs.sqlite3) and audio kept for unfinished jobs; "
+        "default: ~/.local/share/hark on the machine where the replica runs.",
     )
     database_url: SecretStr | None = Field(
         None,
@@ -305,14 +325,20 @@ class Settings(BaseSettings):
         return self.webhook_secrets.get(key, self.webhook_secret)
 
     @property
+    def resolved_data_dir(self) -> Path:
+        """``data_dir``, else the default of the machine this runs on (resolved at use, like
+        ``AsrSettings.resolved_model_cache_dir``)."""
+        return self.data_dir if self.data_dir is not None else default_data_dir()
+
+    @property
     def job_database_url(self) -> str:
         if self.database_url is not None:
             return self.database_url.get_secret_value()
-        return f"sqlite:///{self.data_dir / 'jobs.sqlite3'}"
+        return f"sqlite:///{self.resolved_data_dir / 'jobs.sqlite3'}"
 
     @property
     def job_blob_url(self) -> str:
-        return self.blob_url or str(self.data_dir / "audio")
+        return self.blob_url or str(self.resolved_data_dir / "audio")
 
     @property
     def max_file_bytes(self) -> int:
