@@ -55,7 +55,20 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.2, what: str =
         time.sleep(interval_s)
 
 
+# Runs in a pytest process of its own beside the rest (tests/test_separate_envs.py); named on the
+# command line, it is collected as usual.
+collect_ignore = ["test_multinode.py"]
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    # The tests that wait for a background run (tests/test_separate_envs.py) go last: their runs
+    # get the whole suite's time to finish.
+    items.sort(key=lambda item: getattr(getattr(item, "module", None), "start_in_background", None) is not None)
+
+
 def pytest_collection_finish(session) -> None:
+    if session.config.option.collectonly:
+        return
     # The suites that run in environments of their own start now and run beside the rest
     # (tests/test_separate_envs.py): their time overlaps the suite's instead of adding to it.
     for item in session.items:

