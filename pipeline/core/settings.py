@@ -36,8 +36,9 @@ class AsrSettings(BaseModel):
     )
     model: str = Field(
         "whisper-base",
-        description="Bundled name (whisper-base, whisper-tiny.en), a local CTranslate2 model "
-        "directory, or a Hugging Face hub id / faster-whisper size name (needs internet).",
+        description="Bundled name (whisper-base, whisper-tiny.en; offline), a size name (tiny … "
+        "large-v3, large-v3-turbo, distil-large-v3, .en variants: each engine downloads its own "
+        "format, pipeline/asr/names.py), a local model directory, or a Hugging Face hub id.",
     )
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="Where the model runs.")
     compute_type: str = Field(
