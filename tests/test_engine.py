@@ -207,3 +207,10 @@ def test_the_in_process_recognizer_refuses_a_poisoned_audio_too():
     transcript = asyncio.run(recognizer.transcribe(Audio(np.zeros(100, np.float32)), AsrOptions(language="en")))
     assert transcript.duration_s == 100 / 16000 and engine.calls == [[100]]
 
+
+
+def test_engine_warms_up_on_the_real_model(engine):
+    """The warm-up the factory ran at start (pipeline.asr.warmup) decodes on every engine."""
+    from pipeline.asr.warmup import warm_up
+
+    assert warm_up(engine, "test") > 0

@@ -51,7 +51,7 @@ class TransformersEngine(WindowedEngine):
         self._encoded: dict[tuple[int, int], torch.Tensor] = {}
 
     @classmethod
-    def from_settings(cls, settings: AsrSettings) -> "TransformersEngine":
+    def from_settings(cls, settings: AsrSettings, *, gpu_share: float | None = None) -> "TransformersEngine":
         path = resolve_transformers_model(settings.model, settings.model_cache_dir)
         device = resolve_device(settings.device)
         if device == "cpu":

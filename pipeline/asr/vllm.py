@@ -43,7 +43,7 @@ class VllmEngine(WindowedEngine):
         self._max_len = int(llm.llm_engine.model_config.max_model_len)
 
     @classmethod
-    def from_settings(cls, settings: AsrSettings) -> "VllmEngine":
+    def from_settings(cls, settings: AsrSettings, *, gpu_share: float | None = None) -> "VllmEngine":
         from vllm import LLM
 
         path = resolve_transformers_model(settings.model, settings.model_cache_dir)
