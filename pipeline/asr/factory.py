@@ -35,6 +35,10 @@ def build_engine(settings: AsrSettings, *, gpu_share: float | None = None) -> As
 
 def _load(settings: AsrSettings, gpu_share: float | None) -> AsrEngine:
     if settings.engine == "ctranslate2":
+        if settings.device in ("cuda", "auto"):
+            from pipeline.asr.cuda_libs import preload_cublas
+
+            preload_cublas()  # before CTranslate2 opens libcublas.so.12 by name
         from pipeline.asr.ctranslate2 import CTranslate2Engine
 
         return CTranslate2Engine.from_settings(settings)
