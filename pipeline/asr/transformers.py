@@ -163,13 +163,14 @@ class TransformersEngine(WindowedEngine):
             texts.append(self._tokens.text_only(row[len(prompt) :] if row[: len(prompt)] == prompt else row))
         return self._align(encoded, batch, texts)
 
-    def _cross_attention(self, layer: int, hidden: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
-        """softmax(q kᵀ) of one layer's cross-attention, as Whisper computes it:
-        (batch, heads, tokens, frames)."""
+    def _cross_attention(self, layer: int, hidden: torch.Tensor, encoded: torch.Tensor, wanted: list[int]) -> torch.Tensor:
+        """softmax(q kᵀ) of one layer's cross-attention, as Whisper computes it, for the heads
+        ``wanted`` only (float32 of every head of large-v3's layers would take GBs):
+        (batch, len(wanted), tokens, frames)."""
         attention = self._model.model.decoder.layers[layer].encoder_attn
         heads, size = self._model.config.decoder_attention_heads, attention.head_dim
-        q = (attention.q_proj(hidden).float() * attention.scaling).unflatten(-1, (heads, size)).transpose(1, 2)
-        k = attention.k_proj(encoded).float().unflatten(-1, (heads, size)).transpose(1, 2)
+        q = (attention.q_proj(hidden).unflatten(-1, (heads, size))[:, :, wanted].float() * attention.scaling).transpose(1, 2)
+        k = attention.k_proj(encoded).unflatten(-1, (heads, size))[:, :, wanted].float().transpose(1, 2)
         return torch.softmax(q @ k.transpose(-1, -2), dim=-1)
 
     def _align(self, encoded: torch.Tensor, batch: list[Window], texts: list[list[int]]) -> list[Decoded]:
@@ -200,8 +201,11 @@ class TransformersEngine(WindowedEngine):
         # asking the model for attentions would keep every layer's and force eager attention.
         weights = None
         if timed:
-            per_layer = {layer: self._cross_attention(layer, queries[layer], encoded) for layer in queries}
-            weights = torch.stack([per_layer[layer][:, head] for layer, head in self._heads], dim=1)
+            wanted: dict[int, list[int]] = defaultdict(list)  # alignment heads of each layer
+            for layer, head in self._heads:
+                wanted[layer].append(head)
+            per_layer = {layer: self._cross_attention(layer, queries[layer], encoded, wanted[layer]) for layer in queries}
+            weights = torch.stack([per_layer[layer][:, wanted[layer].index(head)] for layer, head in self._heads], dim=1)
         decoded = []
         for b, (window, text) in enumerate(zip(batch, texts, strict=True)):
             first = len(window.prompt) - 1  # the row whose query predicts the first text token
