@@ -3,7 +3,9 @@
 Requests arrive on the replica's event loop and are queued as windows (``WindowScheduler``); one
 worker thread decodes the next batch of windows from all requests in flight, so a request that
 joins while a batch runs goes into the next step, and each is answered when its own last window
-is done.
+is done. An engine that schedules windows itself (vLLM: ``transcribe_async``) takes each request
+directly instead; its ``check_health`` is the replica's health check, and the replica shuts it
+down when it stops.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ class AsrDeployment:
         adopt_serve_logging()
         self._settings = settings
         yield_cpu_to_the_front(settings)
-        self._engine = build_engine(settings.asr)
+        self._engine = build_engine(settings.asr, gpu_share=assigned_gpu_share())
+        # vLLM batches every request's windows in its own scheduler, step by step.
+        self._direct = getattr(self._engine, "transcribe_async", None)
         windows = window_engine(self._engine)
         self._metrics = AsrMetrics(serve.get_replica_context().replica_id.unique_id)
         self._scheduler = WindowScheduler(
@@ -53,6 +57,8 @@ class AsrDeployment:
         self._worker.start()
 
     async def transcribe(self, audio: Audio, options: AsrOptions) -> Transcript:
+        if self._direct is not None:  # cancelled (the caller hung up): the engine aborts its windows
+            return await self._direct(audio, options)
         # Cutting (the VAD pass) runs in a thread of its own, beside the decoding steps.
         future = await asyncio.to_thread(
             self._scheduler.submit, audio, options, stream=options.stream, interim=options.interim
@@ -62,6 +68,13 @@ class AsrDeployment:
         except asyncio.CancelledError:  # the caller hung up: its windows not yet started are dropped
             self._scheduler.cancel(future)
             raise
+
+    async def check_health(self) -> None:
+        """Serve's health check: a dead engine (vLLM's engine core) fails it, and Serve replaces
+        the replica."""
+        check = getattr(self._engine, "check_health", None)
+        if check is not None:
+            await asyncio.to_thread(check)
 
     def capabilities(self):
         from pipeline.asr.base import Capabilities
@@ -78,3 +91,16 @@ class AsrDeployment:
         scheduler = getattr(self, "_scheduler", None)
         if scheduler is not None:
             scheduler.close()
+        shutdown = getattr(getattr(self, "_engine", None), "shutdown", None)
+        if shutdown is not None:  # a vLLM engine core would hold its GPU memory past the replica
+            shutdown()
+
+
+def assigned_gpu_share() -> float | None:
+    """This actor's ``num_gpus`` (a Serve replica's, a Ray Data actor's); None when it has none."""
+    import ray
+
+    if not ray.is_initialized():  # not in a Ray worker (the engine built in a plain process)
+        return None
+    share = ray.get_runtime_context().get_assigned_resources().get("GPU")
+    return float(share) if share else None

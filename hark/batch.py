@@ -166,7 +166,11 @@ class TranscribeActor:
         from pipeline.asr.factory import build_engine
         from pipeline.transcription.flow import local_flow
 
-        self._flow = local_flow(build_engine(settings.asr), settings.asr.engine, settings.diarization)
+        from deployments.asr import assigned_gpu_share
+
+        # --gpus-per-actor 0.5: two engines on one card, each sized to its half.
+        engine = build_engine(settings.asr, gpu_share=assigned_gpu_share())
+        self._flow = local_flow(engine, settings.asr.engine, settings.diarization)
         self._loop = asyncio.new_event_loop()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:

@@ -17,7 +17,8 @@ import assets  # noqa: E402
 from servers import MediaServer  # noqa: E402
 
 # tests/pyannote_env needs pyannote.audio's own environment; tests/test_separate_envs.py runs it there.
-collect_ignore_glob = [] if os.environ.get("HARK_IN_PYANNOTE_ENV") else ["pyannote_env/*"]
+collect_ignore_glob = ([] if os.environ.get("HARK_IN_PYANNOTE_ENV") else ["pyannote_env/*"]) + (
+    [] if os.environ.get("HARK_IN_VLLM_ENV") else ["vllm_env/*"])
 
 API_KEYS = ("test-key-1", "test-key-2")
 # Keys with their own limits, one per limits test (the plain keys are effectively unlimited).

