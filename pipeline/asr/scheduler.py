@@ -95,6 +95,15 @@ class InterimSkipped(HarkError):
     status = 503
 
 
+@dataclass(frozen=True)
+class Replaced:
+    """What the ASR replica answers, instead of raising ``InterimSkipped``, for an interim decode
+    that newer audio replaced: an expected outcome, not a fault (Ray Serve logs every error a
+    replica raises, with its traceback). The caller's handle turns it back into the error."""
+
+    message: str = "Newer audio of this stream replaced this interim decode"
+
+
 class SchedulerObserver(Protocol):
     """Where the scheduler reports what it does (the deployment's Prometheus metrics)."""
 
@@ -281,18 +290,31 @@ class WindowScheduler:
 
     def _pick(self) -> list[tuple[_Request, int]]:
         """The next batch: streams first, then the request least served (virtual time), one
-        window at a time, within the window and audio budgets (at least one window)."""
+        window at a time, within the window and audio budgets (at least one window).
+
+        A step that starts a request (its first window: a new arrival, a stream's decode) holds
+        only requests starting in it: the windows of a file already running would make the new
+        request wait for them too (on a CPU a batch costs about the sum of its windows), so a
+        10 s request beside a 10-minute file is answered in about its own time. Requests that
+        arrive together still share their steps."""
         picked: list[tuple[_Request, int]] = []
+        starting: set[int] = set()  # requests whose first window is in this step
         audio = 0
         while len(picked) < self._max_windows:
             ready = [r for r in self._requests if r.ready()]
+            if starting:
+                ready = [r for r in ready if r.seq in starting or r.next == 0]
             if not ready:
                 break
             # Ties go to the request served least: a new arrival before a running file.
             r = min(ready, key=lambda r: (r.priority, r.clock, r.next, r.seq))
+            if picked and not starting and r.next == 0:
+                break  # a running request's step: a new one starts in a step of its own
             length = sum(end - start for start, end in r.spans[r.next])
             if picked and audio + length > self._max_audio:
                 break
+            if r.next == 0:
+                starting.add(r.seq)
             picked.append((r, r.next))
             audio += length
             r.clock += length / SAMPLE_RATE
