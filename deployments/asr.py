@@ -15,6 +15,7 @@ from ray import serve
 
 from deployments import adopt_serve_logging, replica_info
 
+from pipeline.asr.scheduler import InterimSkipped, Replaced
 from pipeline.core.settings import Settings
 from pipeline.core.types import AsrOptions, Audio, Transcript
 
@@ -51,13 +52,15 @@ class AsrDeployment:
         self._worker = threading.Thread(target=self._scheduler.run, name="asr-scheduler", daemon=True)
         self._worker.start()
 
-    async def transcribe(self, audio: Audio, options: AsrOptions) -> Transcript:
+    async def transcribe(self, audio: Audio, options: AsrOptions) -> Transcript | Replaced:
         # Cutting (the VAD pass) runs in a thread of its own, beside the decoding steps.
         future = await asyncio.to_thread(
             self._scheduler.submit, audio, options, stream=options.stream, interim=options.interim
         )
         try:
             return await asyncio.wrap_future(future)
+        except InterimSkipped as skipped:  # newer audio of the stream won: an answer, not a fault
+            return Replaced(str(skipped))
         except asyncio.CancelledError:  # the caller hung up: its windows not yet started are dropped
             self._scheduler.cancel(future)
             raise
