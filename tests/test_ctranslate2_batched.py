@@ -69,3 +69,25 @@ def test_a_given_language_decodes_without_detection_and_times_map_back_through_t
     # Each word lies in a piece of speech (not in the gap): times mapped back to the audio.
     assert all(any(a / 16000 - 0.2 <= w.start and w.end <= b / 16000 + 0.2 for a, b in window) for w in words)
     assert sum(w.start > 45 for w in words) == len(words) // 2
+
+
+def test_short_windows_are_padded_with_silence_and_stream_decodes_encode_fewer_frames(engine, clips):
+    from pipeline.asr.ctranslate2 import CTranslate2Engine
+
+    beckett = load(clips["beckett"])
+    [pieces] = engine.cut(beckett)
+    samples = np.concatenate([beckett.samples[a:b] for a, b in pieces])  # ~9 s of speech
+
+    def task(options):
+        return WindowTask(samples=samples, start=0, options=options, language="en", duration_s=beckett.duration_s,
+                          pieces=tuple(pieces))
+
+    # Live-stream decodes encode 10 s (HARK_ASR__STREAM_MIN_WINDOW_S), files 30 s.
+    assert engine._features(task(AsrOptions(stream="s"))).features.shape[-1] == 1000
+    assert engine._features(task(AsrOptions())).features.shape[-1] == 3000
+    # Regression: zeros padded into the log-mel (not silence) past the speech of a short window
+    # made the decoder loop: beckett at a 10 s floor read back its phrases again (WER 1.5).
+    short = CTranslate2Engine(engine._model, AsrSettings(min_window_s=10))
+    [result] = short.decode([task(AsrOptions(word_timestamps=True, beam_size=1))])
+    text = "".join(s.text for s in result.segments)
+    assert wer(clips["beckett"].text, text) <= 0.1, text

@@ -36,6 +36,7 @@ from pipeline.core.types import SAMPLE_RATE, AsrOptions, Audio, Segment, Transcr
 VAD_BLOCK_S = 600
 _TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # faster-whisper's default fallback ladder
 _FRAMES = 3000  # mel frames of a 30 s window: what the encoder expects
+_HOP = 160  # samples per mel frame
 
 
 @dataclass
@@ -149,15 +150,24 @@ class CTranslate2Engine:
 
     # --- steps ---------------------------------------------------------------------------------
     def _features(self, task: WindowTask) -> _Work:
-        mel = self._model.feature_extractor(task.samples)[..., :-1]  # (n_mels, frames)
-        frames = min(mel.shape[-1], _FRAMES)
-        return _Work(task=task, features=pad_or_trim(mel, self._encoded_frames(frames)), frames=frames)
+        frames = min(len(task.samples) // _HOP, _FRAMES)
+        encoded = self._encoded_frames(frames, stream=task.options.stream is not None)
+        samples = task.samples
+        if encoded < _FRAMES and len(samples) < encoded * _HOP:
+            # A short window is padded with silence in the audio, not with zeros in the mel: a
+            # zero log-mel frame is a loud hum to Whisper, not silence, and past the speech it
+            # made the decoder loop (beckett at a 10 s floor: WER 1.5 with mel zeros, 0.0 here).
+            samples = np.pad(samples, (0, encoded * _HOP - len(samples)))
+        mel = self._model.feature_extractor(samples)[..., :-1]  # (n_mels, frames)
+        return _Work(task=task, features=pad_or_trim(mel, encoded), frames=frames)
 
-    def _encoded_frames(self, frames: int) -> int:
+    def _encoded_frames(self, frames: int, *, stream: bool = False) -> int:
         """Mel frames the encoder sees for a window holding ``frames``: 30 s, or with short windows
         on, the window rounded up to whole seconds and at least the floor (CTranslate2 encodes
-        fewer frames than 3000; below ~10 s Whisper's accuracy drops)."""
-        floor = int(self._settings.min_window_s * 100)
+        fewer frames than 3000; below ~10 s Whisper's accuracy drops). Live-stream decodes have
+        a floor of their own."""
+        floor_s = self._settings.stream_min_window_s if stream else self._settings.min_window_s
+        floor = int(floor_s * 100)
         if floor <= 0:
             return _FRAMES
         return min(_FRAMES, max(floor, -(-frames // 100) * 100))

@@ -57,6 +57,13 @@ class AsrSettings(BaseModel):
         description="CTranslate2: encode a short window as this many seconds at least instead of "
         "padding it to 30 s (faster on short audio); 0 = off, every window is 30 s.",
     )
+    stream_min_window_s: float = Field(
+        10.0,
+        ge=0,
+        le=30,
+        description="CTranslate2: live-stream decodes encode this many seconds at least instead of 30 s "
+        "(the stream's previous audio fills the window up to it); 0 = 30 s windows.",
+    )
     max_batch_audio_s: float = Field(
         60.0,
         gt=0,
