@@ -270,7 +270,8 @@ class StreamServer:
                 kind, value = await backlog.get()
                 if kind == "audio":
                     await tab.cover(session.received_s + len(value) / SAMPLE_RATE)
-                    for event in await session.feed(value):
+                    # More audio already waiting: the session is behind (interims skipped).
+                    for event in await session.feed(value, behind=backlog.audio_s > 0):
                         await channel.send_json(event)
                 elif kind == "text":
                     await channel.send_json({"type": "Error", "code": "INVALID_PARAMETER", "param": "message",
