@@ -91,3 +91,17 @@ def test_short_windows_are_padded_with_silence_and_stream_decodes_encode_fewer_f
     [result] = short.decode([task(AsrOptions(word_timestamps=True, beam_size=1))])
     text = "".join(s.text for s in result.segments)
     assert wer(clips["beckett"].text, text) <= 0.1, text
+
+
+def test_max_window_s_cuts_a_file_into_shorter_windows_of_its_speech(engine, clips):
+    from pipeline.asr.ctranslate2 import CTranslate2Engine
+
+    sample = load(clips["sample"])
+    short = CTranslate2Engine(engine._model, AsrSettings(min_window_s=10, max_window_s=15))
+    cut = short.cut(sample)
+    assert len(cut) > len(engine.cut(sample))
+    assert all(sum(b - a for a, b in w) <= 15 * 16000 for w in cut)
+    # The same speech, in order, none of it twice.
+    flat = [p for w in cut for p in w]
+    assert all(a < b <= c for (a, b), (c, _) in zip(flat, flat[1:]))
+    assert sum(b - a for a, b in flat) == sum(b - a for w in engine.cut(sample) for a, b in w)

@@ -106,9 +106,10 @@ class CTranslate2Engine:
         (a region over 30 s cut at a quiet point) joined while they fit in 30 s, the silence
         between them left out."""
         samples = audio.samples
+        window_s = min(WINDOW_S, self._settings.max_window_s)
         if not self._settings.vad_filter:
-            return [((start, end),) for start, end in windows(samples)]
-        limit = int(WINDOW_S * SAMPLE_RATE)
+            return [((start, end),) for start, end in windows(samples, window_s=window_s)]
+        limit = int(window_s * SAMPLE_RATE)
         packed: list[list[tuple[int, int]]] = []
         length = 0
         for region in self._speech_spans(samples):
