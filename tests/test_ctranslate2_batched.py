@@ -105,3 +105,22 @@ def test_max_window_s_cuts_a_file_into_shorter_windows_of_its_speech(engine, cli
     flat = [p for w in cut for p in w]
     assert all(a < b <= c for (a, b), (c, _) in zip(flat, flat[1:]))
     assert sum(b - a for a, b in flat) == sum(b - a for w in engine.cut(sample) for a, b in w)
+
+
+def test_a_60_s_clip_alone_decodes_its_windows_in_one_step_in_the_language_of_the_first(engine, clips):
+    # They used to wait for the first window's language in a step of their own: no batching of a
+    # lone file's windows at all (0.90x the faster-whisper loop on the 60 s clip).
+    sample = load(clips["sample"])
+    sixty = type(sample)(np.concatenate([sample.samples, sample.samples]))
+    steps = []
+    decode_windows = engine.decode
+    engine.decode = lambda tasks: steps.append([(t.request, t.language) for t in tasks]) or decode_windows(tasks)
+    try:
+        [t] = engine.transcribe([sixty], [AsrOptions(word_timestamps=True, beam_size=1)])
+    finally:
+        del engine.decode
+    assert len(steps) == 1 and len(steps[0]) == 2 and {language for _, language in steps[0]} == {None}
+    assert t.language == "en" and t.language_probability > 0.5
+    assert wer(f"{clips['sample'].text} {clips['sample'].text}", t.text) <= 0.3, t.text
+    assert all(0 <= w.start <= w.end <= sixty.duration_s for w in t.words)
+    assert all(a.start <= b.start for a, b in zip(t.words, t.words[1:]))

@@ -226,11 +226,18 @@ def test_the_language_is_detected_on_the_first_window_only_and_used_for_the_rest
     engine = FakeEngine()
     s = WindowScheduler(engine, max_batch_windows=8, max_batch_audio_s=240)
     result = s.submit(clip(1, 95), AsrOptions())  # 4 windows, language unknown
-    assert s.step() and engine.batches[0] == [(1, 0)]  # the first window alone: it finds the language
-    assert s.step() and len(engine.batches[1]) == 3
-    assert engine.detected == [1]
+    # All four in one step (a 60 s clip alone batches its windows), each marked with its request
+    # for the engine to give them the language of the first.
+    assert s.step() and engine.batches[0] == [(1, 0), (1, 30), (1, 60), (1, 90)]
     transcript = result.result(0)
     assert transcript.language == "de" and transcript.language_probability == 0.9
+    # Windows that do not fit in the first step wait for the language it found.
+    engine = FakeEngine()
+    s = WindowScheduler(engine, max_batch_windows=8, max_batch_audio_s=60)
+    result = s.submit(clip(1, 95), AsrOptions())
+    assert s.step() and engine.batches[0] == [(1, 0), (1, 30)] and engine.detected == [1, 1]
+    assert s.step() and engine.batches[1] == [(1, 60), (1, 90)] and engine.detected == [1, 1]
+    assert result.result(0).language == "de"
 
 
 def test_the_worker_thread_answers_requests_submitted_from_other_threads():

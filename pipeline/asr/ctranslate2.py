@@ -145,8 +145,17 @@ class CTranslate2Engine:
             o = w.task.options
             key = (o.beam_size, o.max_new_tokens, o.prompt, o.temperature_fallback, o.task, o.temperature, w.features.shape[-1])
             groups[key].append(w)
-        for group in groups.values():
-            self._decode_group(group)
+        # A request's language is detected on its first window and holds for all its windows:
+        # the groups holding first windows decode first.
+        firsts: dict[int, _Work] = {}
+        for w in work:
+            first = firsts.get(w.task.request)
+            if w.task.language is None and (first is None or w.task.start < first.task.start):
+                firsts[w.task.request] = w
+        detected: dict[int, tuple[str, float]] = {}
+        leaders = {id(w) for w in firsts.values()}
+        for group in sorted(groups.values(), key=lambda g: not any(id(w) in leaders for w in g)):
+            self._decode_group(group, detected, leaders)
         return [self._result(w) for w in work]
 
     # --- steps ---------------------------------------------------------------------------------
@@ -218,19 +227,25 @@ class CTranslate2Engine:
     def _encode(self, group: list[_Work]):
         return self._model.encode(np.stack([w.features for w in group]))
 
-    def _decode_group(self, group: list[_Work]) -> None:
+    def _decode_group(self, group: list[_Work], detected: dict[int, tuple[str, float]], leaders: set[int]) -> None:
         model = self._model
         encoder_output = self._encode(group)
-        # Languages: given, or detected on this window (the scheduler sends a request's first
-        # window alone until its language is known).
+        # Languages: given, or detected on the request's first window (``leaders``) and recorded
+        # in ``detected`` for its other windows; a window whose first one is in a later group
+        # (rare: another encoded length) keeps its own detection.
         unknown = [i for i, w in enumerate(group) if w.task.language is None]
         for w in group:
             w.language = w.task.language or "en"
         if unknown and self._multilingual:
-            detected = model.model.detect_language(encoder_output)
-            for i in unknown:
-                token, probability = detected[i][0]
-                group[i].language, group[i].language_probability = token[2:-2], float(probability)
+            found = model.model.detect_language(encoder_output)
+            order = sorted(unknown, key=lambda i: id(group[i]) not in leaders)  # first windows first
+            for i in order:
+                token, probability = found[i][0]
+                request = group[i].task.request
+                if id(group[i]) in leaders:
+                    detected[request] = (token[2:-2], float(probability))
+                own = (token[2:-2], float(probability))
+                group[i].language, group[i].language_probability = detected.get(request, own)
         elif unknown:
             for i in unknown:
                 group[i].language_probability = 1.0

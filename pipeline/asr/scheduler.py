@@ -51,6 +51,9 @@ class WindowTask:
     # [start, end) samples of the request's audio that ``samples`` joins (the speech, silence
     # between left out); one piece ``(start, start + len(samples))`` when nothing was left out.
     pieces: tuple[tuple[int, int], ...] = ()
+    # Which request the window is of: windows of one request whose language is unknown (all in
+    # its first step) take the language detected on its first window, the one starting first.
+    request: int = 0
 
     @property
     def offset_s(self) -> float:
@@ -83,7 +86,9 @@ class WindowEngine(Protocol):
         ...
 
     def decode(self, tasks: Sequence[WindowTask]) -> list[WindowResult]:
-        """One result per window; windows may belong to different requests and languages."""
+        """One result per window; windows may belong to different requests and languages. The
+        windows of one ``request`` without a language all get the language detected on its
+        first window (the lowest ``start``)."""
         ...
 
 
@@ -135,11 +140,12 @@ class _Request:
     language: tuple[str, float] | None = None
     done: bool = False
 
-    def ready(self) -> bool:
-        """Has a window that may start now: the first one alone while the language is unknown."""
+    def ready(self, starting: bool = False) -> bool:
+        """Has a window that may start now: while the language is unknown, only in the request's
+        first step (``starting``), where the engine detects it on the first window for all."""
         if self.done or self.next >= len(self.spans):
             return False
-        return self.language is not None or (self.next == 0 and self.running == 0)
+        return self.language is not None or (self.next == 0 and self.running == 0) or starting
 
 
 class WindowScheduler:
@@ -276,6 +282,7 @@ class WindowScheduler:
                 language=r.language[0] if r.language else None,
                 duration_s=r.audio.duration_s,
                 pieces=tuple(r.spans[i]),
+                request=r.seq,
             )
             for r, i in picked
         ]
@@ -301,7 +308,7 @@ class WindowScheduler:
         starting: set[int] = set()  # requests whose first window is in this step
         audio = 0
         while len(picked) < self._max_windows:
-            ready = [r for r in self._requests if r.ready()]
+            ready = [r for r in self._requests if r.ready(r.seq in starting)]
             if starting:
                 ready = [r for r in ready if r.seq in starting or r.next == 0]
             if not ready:
@@ -355,7 +362,7 @@ class WindowScheduler:
                 answer = outcome
             else:
                 request.results[index] = outcome
-                if request.language is None:
+                if request.language is None and index == 0:
                     request.language = (outcome.language, outcome.language_probability)
                     self._wake.notify()
                 if request.next >= len(request.spans) and request.running == 0:
