@@ -488,3 +488,20 @@ def test_a_busy_server_does_not_make_a_real_time_client_look_fast(clips):
     # A server that falls further behind than the backlog allows says so, instead of holding more.
     client = asyncio.run(go(StreamLimits(max_backlog_s=0.5)))
     assert client.sent[-1]["code"] == "SERVICE_UNAVAILABLE" and client.close_code == 1013, client.sent[-1]
+
+
+def test_the_backlog_is_empty_again_once_its_audio_is_taken():
+    # Regression: a float sum of seconds kept a residue (2.8e-17 after 0.1 + 0.2 + 0.1 s in and
+    # out), so a stream looked behind forever and never got an interim.
+    from pipeline.streaming.server import _Backlog
+
+    async def go():
+        backlog = _Backlog()
+        for n in (1600, 3200, 1600, 1234):
+            backlog.put("audio", np.zeros(n, np.float32))
+        assert backlog.audio_s == pytest.approx(7634 / SAMPLE_RATE)
+        for _ in range(4):
+            await backlog.get()
+        return backlog.audio_s
+
+    assert asyncio.run(go()) == 0
