@@ -3,6 +3,8 @@ of several requests in one step) against faster-whisper's own ``WhisperModel.tra
 same model and speech. CTranslate2-only: its own file, as tests/test_engine.py also runs in the
 vLLM environment."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -82,8 +84,11 @@ def test_short_windows_are_padded_with_silence_and_stream_decodes_encode_fewer_f
         return WindowTask(samples=samples, start=0, options=options, language="en", duration_s=beckett.duration_s,
                           pieces=tuple(pieces))
 
-    # Live-stream decodes encode 10 s (HARK_ASR__STREAM_MIN_WINDOW_S), files 30 s.
-    assert engine._features(task(AsrOptions(stream="s"))).features.shape[-1] == 1000
+    # Live-stream decodes holding 10 s at least (HARK_ASR__STREAM_MIN_WINDOW_S: the stream's
+    # previous audio fills them) encode their length in whole seconds, less 30 s; files 30 s.
+    assert engine._features(task(AsrOptions(stream="s"))).features.shape[-1] == 3000  # ~9 s: too short
+    longer = replace(task(AsrOptions(stream="s")), samples=np.concatenate([samples, samples[: 2 * 16000]]))
+    assert engine._features(longer).features.shape[-1] == -(-len(longer.samples) // 16000) * 100
     assert engine._features(task(AsrOptions())).features.shape[-1] == 3000
     # Regression: zeros padded into the log-mel (not silence) past the speech of a short window
     # made the decoder loop: beckett at a 10 s floor read back its phrases again (WER 1.5).

@@ -175,10 +175,15 @@ class CTranslate2Engine:
         """Mel frames the encoder sees for a window holding ``frames``: 30 s, or with short windows
         on, the window rounded up to whole seconds and at least the floor (CTranslate2 encodes
         fewer frames than 3000; below ~10 s Whisper's accuracy drops). Live-stream decodes have
-        a floor of their own."""
+        a floor of their own, and encode 30 s when they hold less audio than it."""
         floor_s = self._settings.stream_min_window_s if stream else self._settings.min_window_s
         floor = int(floor_s * 100)
         if floor <= 0:
+            return _FRAMES
+        if stream and frames < floor:
+            # A stream's window is filled up to the floor with its previous audio; one that could
+            # not be (the stream's first words) is padded to 30 s: padded to 10 s with silence,
+            # an 8 kHz "quick brown fox" came out "quick round-tox ... lady nod".
             return _FRAMES
         return min(_FRAMES, max(floor, -(-frames // 100) * 100))
 
