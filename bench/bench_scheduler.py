@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--batch-windows", type=int, default=8)
     parser.add_argument("--batch-audio-s", type=float, default=60.0)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--min-window-s", type=float, default=None, help="HARK_ASR__MIN_WINDOW_S (default: the setting's)")
+    parser.add_argument("--max-window-s", type=float, default=None, help="HARK_ASR__MAX_WINDOW_S (default: the setting's)")
     parser.add_argument("--skip-long", action="store_true", help="leave out the 10-minute file")
     parser.add_argument("--only-long", action="store_true", help="only the 10-minute file scenario")
     args = parser.parse_args()
@@ -64,7 +66,8 @@ def main() -> None:
     work = {name: audio[name] for name in SHORT} | {"sixty": sixty}
     total_s = sum(a.duration_s for a in work.values())
 
-    settings = AsrSettings(window_batch_size=args.batch_windows, max_batch_audio_s=args.batch_audio_s)
+    windows = {k: v for k, v in (("min_window_s", args.min_window_s), ("max_window_s", args.max_window_s)) if v is not None}
+    settings = AsrSettings(window_batch_size=args.batch_windows, max_batch_audio_s=args.batch_audio_s, **windows)
     engine = build_engine(settings)
     model = engine._model  # faster-whisper's WhisperModel: the loop runs on the very same weights
     options = AsrOptions(word_timestamps=True)
@@ -84,7 +87,8 @@ def main() -> None:
 
     loop_one(audio["fox"])  # warm-up (model pages, VAD model)
     scheduler.submit(audio["fox"], options).result()
-    print(f"load average at start: {loadavg()}; batch: {args.batch_windows} windows, {args.batch_audio_s:g} s of audio")
+    print(f"load average at start: {loadavg()}; batch: {args.batch_windows} windows, {args.batch_audio_s:g} s of audio; "
+          f"windows {settings.min_window_s:g}-{settings.max_window_s:g} s")
 
     if not args.only_long:
         mix_wer_and_sixty(args, work, total_s, references, loop_one, scheduler, options, timed, sixty)

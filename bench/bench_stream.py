@@ -1,92 +1,248 @@
-"""Streaming latency and accuracy on this machine, with the bundled model.
+"""Streaming latency and accuracy on this machine, with the bundled model (issue #15's goals).
 
-Streams the espeak-ng three-voice conversation (10 utterances, 0.4 s pauses) at real-time pace and
-measures, per utterance: end of speech -> its speech_final result, and start of speech -> the
-first interim result covering it. Also WER of streaming vs. batch on pyannote's sample.
+Figures, each from this one run:
 
-Usage: python bench/bench_stream.py
+- latency, on the espeak-ng three-voice conversation (10 utterances, 0.4 s pauses) streamed at
+  real-time pace, three times over (~130 s): end of each utterance -> the first final result that
+  reaches it (goal: median <= 1.0 s, default endpointing; ``speech_final`` also shown), start of speech -> the first result covering it
+  (goal <= 1.5 s); and the lag of the first third against the last third (goal: not growing);
+- accuracy: WER of the streamed finals against the reference and against the same file's batch
+  transcript, at 1x and 2x real time (goal: within 2 points of batch), on pyannote's sample.wav
+  (a real two-speaker conversation) and beckett.wav (six two-word phrases);
+- in-process runs only: each decode's cost (interim and final), timed around the ASR call.
+
+``--in-process`` runs the streaming session over a window scheduler and engine in this process,
+as the ASR replica runs them (no Ray, no HTTP): quick to iterate on, and the way to compare
+session options (``--context-s 0 --stream-floor-s 0`` is the session before left context and
+short stream windows). Without it the figures come through the service's WebSocket API.
+
+Usage: python bench/bench_stream.py [--in-process [--context-s 10] [--stream-floor-s 10]]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import statistics
 import sys
+import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import httpx  # noqa: E402
-import websockets  # noqa: E402
+import numpy as np  # noqa: E402
 
 import assets  # noqa: E402
 import conversation  # noqa: E402
-from bench_service import start_service  # noqa: E402
 from textnorm import wer  # noqa: E402
 
 KEY = "stream-key"
+CHUNK_S = 0.1
+# A stream: samples and a pace (x real time) -> [(seconds since the stream started, message)]
+Streamer = Callable[[np.ndarray, float], Awaitable[list[tuple[float, dict]]]]
 
 
-async def timed_stream(url: str, samples, chunk_s: float = 0.1):
-    pcm = (samples * 32767).astype("<i2").tobytes()
-    received = []
-    async with websockets.connect(url, additional_headers={"Authorization": f"Token {KEY}"}) as ws:
-        start = time.monotonic()
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
-        async def send():
-            step = int(32000 * chunk_s)
-            for n, i in enumerate(range(0, len(pcm), step)):
-                # Pace by the clock, not by sleeps: audio time = wall time since start.
-                await asyncio.sleep(max(0.0, start + n * chunk_s - time.monotonic()))
-                await ws.send(pcm[i : i + step])
-            await ws.send(json.dumps({"type": "CloseStream"}))
 
-        sender = asyncio.create_task(send())
-        async for raw in ws:
-            received.append((time.monotonic() - start, json.loads(raw)))
-        await sender
+async def paced(samples: np.ndarray, speed: float, send, receive_all) -> list[tuple[float, dict]]:
+    """Send 0.1 s chunks by the clock (audio time = wall time x speed), then CloseStream, while
+    collecting what comes back with its arrival time."""
+    start = time.monotonic()
+    step = int(16000 * CHUNK_S)
+
+    async def sender() -> None:
+        for n, i in enumerate(range(0, len(samples), step)):
+            await asyncio.sleep(max(0.0, start + n * CHUNK_S / speed - time.monotonic()))
+            await send(samples[i : i + step])
+        await send(None)
+
+    task = asyncio.create_task(sender())
+    received = [(t - start, m) for t, m in await receive_all()]
+    await task
     return received
 
 
-def main() -> None:
-    clips = assets.prepare()
-    base = start_service({"license_keys": [KEY]}, port=7173)
-    url = base.replace("http", "ws") + "/v1/listen/stream"
-    audio, reference = conversation.build()
-    received = asyncio.run(timed_stream(url, audio.samples))
-    finals = [(t, m) for t, m in received if m["type"] == "Results" and m["speech_final"]]
-    interims = [(t, m) for t, m in received if m["type"] == "Results"]
-    final_lat, interim_lat = [], []
-    for _, start, end in reference:
-        after = [t for t, m in finals if m["start"] + m["duration"] >= end - 0.3 and m["start"] <= end]
-        if after:
-            final_lat.append(min(after) - end)
-        first = [t for t, m in interims if m["start"] < end and m["start"] + m["duration"] > start]
-        if first:
-            interim_lat.append(min(first) - start)
-    print(f"conversation: {len(reference)} utterances, {audio.duration_s:.1f} s, streamed at real time")
-    print(f"end of utterance -> speech_final:   median {statistics.median(final_lat):.2f} s, max {max(final_lat):.2f} s "
-          f"({len(final_lat)}/{len(reference)} utterances)")
-    print(f"start of speech -> first result:    median {statistics.median(interim_lat):.2f} s, max {max(interim_lat):.2f} s")
+def service_streamer(url: str) -> Streamer:
+    import websockets
 
+    async def stream(samples: np.ndarray, speed: float) -> list[tuple[float, dict]]:
+        async with websockets.connect(url, additional_headers={"Authorization": f"Token {KEY}"}) as ws:
+            async def send(chunk):
+                if chunk is None:
+                    await ws.send(json.dumps({"type": "CloseStream"}))
+                else:
+                    await ws.send((chunk * 32767).astype("<i2").tobytes())
+
+            async def receive_all():
+                return [(time.monotonic(), json.loads(raw)) async for raw in ws]
+
+            return await paced(samples, speed, send, receive_all)
+
+    return stream
+
+
+def in_process_streamer(args, costs: list[tuple[bool, float, float]]) -> tuple[Streamer, Callable]:
+    """The session over a scheduler worker thread and the CTranslate2 engine, as in the replica
+    (submit in a thread, await the future); ``costs`` gets (interim, audio s, seconds) per decode."""
+    from pipeline.asr.factory import build_engine
+    from pipeline.asr.scheduler import WindowScheduler
+    from pipeline.core.settings import AsrSettings
+    from pipeline.streaming.session import StreamingSession, StreamOptions
+
+    engine = build_engine(AsrSettings(stream_min_window_s=args.stream_floor_s))
+    scheduler = WindowScheduler(engine)
+    threading.Thread(target=scheduler.run, daemon=True).start()
+
+    async def transcribe(audio, options):
+        started = time.perf_counter()
+        future = await asyncio.to_thread(scheduler.submit, audio, options, stream=options.stream,
+                                         interim=options.interim)
+        result = await asyncio.wrap_future(future)
+        costs.append((options.interim, audio.duration_s, time.perf_counter() - started))
+        return result
+
+    async def stream(samples: np.ndarray, speed: float) -> list[tuple[float, dict]]:
+        session = StreamingSession(transcribe, StreamOptions(context_s=args.context_s))
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def send(chunk):
+            queue.put_nowait(chunk)
+
+        async def receive_all():
+            out = []
+            while (chunk := await queue.get()) is not None:
+                out += [(time.monotonic(), m) for m in await session.feed(chunk, behind=not queue.empty())]
+            return out + [(time.monotonic(), m) for m in await session.finish()]
+
+        return await paced(samples, speed, send, receive_all)
+
+    return stream, scheduler.close
+
+
+def batch_text(args, clip, base: str | None) -> str:
+    if base is not None:
+        import httpx
+
+        r = httpx.post(f"{base}/v1/listen", files={"audio": clip.path.read_bytes()},
+                       headers={"Authorization": f"Token {KEY}"}, timeout=300)
+        r.raise_for_status()
+        return r.json()["text"]
+    from pipeline.asr.factory import build_engine
+    from pipeline.audio.decode import decode
+    from pipeline.core.settings import AsrSettings
+    from pipeline.core.types import AsrOptions
+
+    engine = batch_text.engine = getattr(batch_text, "engine", None) or build_engine(AsrSettings())
+    return engine.transcribe([decode(clip.path, max_duration_s=600)], [AsrOptions()])[0].text
+
+
+def latency(stream: Streamer, repeats: int) -> None:
+    audio, reference = conversation.build()
+    one = audio.duration_s
+    samples = np.concatenate([audio.samples] * repeats)
+    utterances = [(k * one + start, k * one + end) for k in range(repeats) for _, start, end in reference]
+    received = asyncio.run(stream(samples, 1.0))
+    results = [(t, m) for t, m in received if m["type"] == "Results"]
+    finals = [(t, m) for t, m in results if m["is_final"]]
+    speech_finals = [(t, m) for t, m in results if m["speech_final"]]
+    final_lag, first_lag, speech_final_lag = [], [], []
+    for start, end in utterances:
+        # The first final result that reaches the utterance's end (its last word final).
+        after = [t for t, m in finals if m["start"] + m["duration"] >= end - 0.3 and m["start"] <= end]
+        final_lag.append(min(after) - end if after else float("nan"))
+        after = [t for t, m in speech_finals if m["start"] + m["duration"] >= end - 0.3 and m["start"] <= end]
+        speech_final_lag.append(min(after) - end if after else float("nan"))
+        first = [t for t, m in results if m["start"] < end and m["start"] + m["duration"] > start]
+        first_lag.append(min(first) - start if first else float("nan"))
+    found = [x for x in final_lag if x == x]
+    third = len(utterances) // 3
+    print(f"\nconversation x{repeats}: {len(utterances)} utterances, {len(samples) / 16000:.1f} s, real time "
+          f"(load {loadavg()})")
+    print(f"  end of utterance -> final result: median {statistics.median(found):.2f} s, max {max(found):.2f} s, "
+          f"{len(found)}/{len(utterances)} utterances (goal: median <= 1.0 s)")
+    ended = [x for x in speech_final_lag if x == x]
+    if ended:
+        print(f"  end of utterance -> speech_final: median {statistics.median(ended):.2f} s "
+              f"({len(ended)}/{len(utterances)} utterances ended by one: pauses of 0.4 s, endpointing 300 ms)")
+    firsts = [x for x in first_lag if x == x]
+    print(f"  start of speech -> first result:  median {statistics.median(firsts):.2f} s, max {max(firsts):.2f} s "
+          f"(goal <= 1.5 s)")
+    early, late = [x for x in final_lag[:third] if x == x], [x for x in final_lag[-third:] if x == x]
+    print(f"  final result lag, first third {statistics.median(early):.2f} s, last third {statistics.median(late):.2f} s "
+          f"(goal: not growing)")
+    print("  per utterance: " + " ".join(f"{x:.2f}" for x in final_lag))
+
+
+def accuracy(stream: Streamer, clips, base: str | None, args) -> None:
     from pipeline.audio.decode import decode
 
-    sample = decode(clips["sample"].path, max_duration_s=600)
-    streamed = asyncio.run(timed_stream(url, sample.samples))
-    text = " ".join(m["text"] for _, m in streamed if m["type"] == "Results" and m["is_final"] and m["text"])
-    batch = httpx.post(f"{base}/v1/listen", files={"audio": clips["sample"].path.read_bytes()},
-                       headers={"Authorization": f"Token {KEY}"}, timeout=300).json()["text"]
-    print(f"WER on sample.wav: streaming {wer(clips['sample'].text, text):.1%}, batch {wer(clips['sample'].text, batch):.1%}")
+    for name in ("sample", "beckett"):
+        clip = clips[name]
+        batch = batch_text(args, clip, base)
+        samples = decode(clip.path, max_duration_s=600).samples
+        line = []
+        for speed in (1.0, 2.0):
+            received = asyncio.run(stream(samples, speed))
+            text = " ".join(m["text"] for _, m in received if m["type"] == "Results" and m["is_final"] and m["text"])
+            line.append(f"{speed:g}x {100 * wer(clip.text, text):5.1f} % (vs batch text {100 * wer(batch, text):5.1f} %)")
+            if args.verbose:
+                print(f"    {name} {speed:g}x: {text}")
+        print(f"  {name:8} WER batch {100 * wer(clip.text, batch):5.1f} %; streamed finals " + "; ".join(line))
 
-    import ray
-    from ray import serve
 
-    serve.shutdown()
-    ray.shutdown()
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--in-process", action="store_true", help="session + scheduler in this process")
+    parser.add_argument("--context-s", type=float, default=10.0, help="in-process: the session's left context")
+    parser.add_argument("--stream-floor-s", type=float, default=10.0, help="in-process: stream decodes' window floor")
+    parser.add_argument("--repeats", type=int, default=3, help="the conversation, this many times in one stream")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args()
+
+    clips = assets.prepare()
+    costs: list[tuple[bool, float, float]] = []
+    base = None
+    if args.in_process:
+        stream, close = in_process_streamer(args, costs)
+        print(f"in process: context {args.context_s:g} s, stream window floor {args.stream_floor_s:g} s")
+    else:
+        from bench_service import start_service
+
+        base = start_service({"license_keys": [KEY]}, port=7173)
+        stream = service_streamer(base.replace("http", "ws") + "/v1/listen/stream")
+        print("through the service (WebSocket API)")
+    print(f"load average at start: {loadavg()}")
+    asyncio.run(stream(conversation.build()[0].samples[: 16000 * 4], 4.0))  # warm-up
+    costs.clear()
+    if not args.skip_latency:
+        latency(stream, args.repeats)
+    if costs:
+        for interim, label in ((True, "interim"), (False, "final")):
+            mine = [(a, s) for i, a, s in costs if i == interim]
+            if mine:
+                print(f"  {label} decodes: {len(mine)}, median {statistics.median(s for _, s in mine):.2f} s "
+                      f"(max {max(s for _, s in mine):.2f} s) for a median {statistics.median(a for a, _ in mine):.1f} s of audio")
+    if not args.skip_accuracy:
+        print(f"\nstreamed finals vs batch (load {loadavg()}):")
+        accuracy(stream, clips, base, args)
+    print(f"\nload average at end: {loadavg()}")
+    if args.in_process:
+        close()
+    else:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from ray import serve
 
 from deployments import adopt_serve_logging, replica_info, yield_cpu_to_the_front
 
+from pipeline.asr.scheduler import InterimSkipped, Replaced
 from pipeline.core.settings import Settings
 from pipeline.core.types import AsrOptions, Audio, Transcript
 
@@ -56,7 +57,7 @@ class AsrDeployment:
         self._worker = threading.Thread(target=self._scheduler.run, name="asr-scheduler", daemon=True)
         self._worker.start()
 
-    async def transcribe(self, audio: Audio, options: AsrOptions) -> Transcript:
+    async def transcribe(self, audio: Audio, options: AsrOptions) -> Transcript | Replaced:
         if self._direct is not None:  # cancelled (the caller hung up): the engine aborts its windows
             return await self._direct(audio, options)
         # Cutting (the VAD pass) runs in a thread of its own, beside the decoding steps.
@@ -65,6 +66,8 @@ class AsrDeployment:
         )
         try:
             return await asyncio.wrap_future(future)
+        except InterimSkipped as skipped:  # newer audio of the stream won: an answer, not a fault
+            return Replaced(str(skipped))
         except asyncio.CancelledError:  # the caller hung up: its windows not yet started are dropped
             self._scheduler.cancel(future)
             raise

@@ -20,6 +20,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from pipeline.asr.base import Capabilities
+from pipeline.asr.scheduler import InterimSkipped, Replaced
 from pipeline.core.errors import HarkError, ServiceUnavailable, WorkerLost
 from pipeline.core.types import AsrOptions, Audio, Diarization, Transcript
 
@@ -77,7 +78,10 @@ class HandleRecognizer:
         return await call(self._asr.capabilities.remote(), self._retry)
 
     async def transcribe(self, audio: Audio, options: AsrOptions) -> Transcript:
-        return await call(self._asr.transcribe.remote(_by_reference(audio), options), self._retry)
+        answer = await call(self._asr.transcribe.remote(_by_reference(audio), options), self._retry)
+        if isinstance(answer, Replaced):  # a stream's interim that newer audio replaced
+            raise InterimSkipped(answer.message)
+        return answer
 
 
 class HandleSpeakers:

@@ -3,6 +3,8 @@ of several requests in one step) against faster-whisper's own ``WhisperModel.tra
 same model and speech. CTranslate2-only: its own file, as tests/test_engine.py also runs in the
 vLLM environment."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -69,3 +71,61 @@ def test_a_given_language_decodes_without_detection_and_times_map_back_through_t
     # Each word lies in a piece of speech (not in the gap): times mapped back to the audio.
     assert all(any(a / 16000 - 0.2 <= w.start and w.end <= b / 16000 + 0.2 for a, b in window) for w in words)
     assert sum(w.start > 45 for w in words) == len(words) // 2
+
+
+def test_short_windows_are_padded_with_silence_and_stream_decodes_encode_fewer_frames(engine, clips):
+    from pipeline.asr.ctranslate2 import CTranslate2Engine
+
+    beckett = load(clips["beckett"])
+    [pieces] = engine.cut(beckett)
+    samples = np.concatenate([beckett.samples[a:b] for a, b in pieces])  # ~9 s of speech
+
+    def task(options):
+        return WindowTask(samples=samples, start=0, options=options, language="en", duration_s=beckett.duration_s,
+                          pieces=tuple(pieces))
+
+    # Live-stream decodes holding 10 s at least (HARK_ASR__STREAM_MIN_WINDOW_S: the stream's
+    # previous audio fills them) encode their length in whole seconds, less 30 s; files 30 s.
+    assert engine._features(task(AsrOptions(stream="s"))).features.shape[-1] == 3000  # ~9 s: too short
+    longer = replace(task(AsrOptions(stream="s")), samples=np.concatenate([samples, samples[: 2 * 16000]]))
+    assert engine._features(longer).features.shape[-1] == -(-len(longer.samples) // 16000) * 100
+    assert engine._features(task(AsrOptions())).features.shape[-1] == 3000
+    # Regression: zeros padded into the log-mel (not silence) past the speech of a short window
+    # made the decoder loop: beckett at a 10 s floor read back its phrases again (WER 1.5).
+    short = CTranslate2Engine(engine._model, AsrSettings(min_window_s=10))
+    [result] = short.decode([task(AsrOptions(word_timestamps=True, beam_size=1))])
+    text = "".join(s.text for s in result.segments)
+    assert wer(clips["beckett"].text, text) <= 0.1, text
+
+
+def test_max_window_s_cuts_a_file_into_shorter_windows_of_its_speech(engine, clips):
+    from pipeline.asr.ctranslate2 import CTranslate2Engine
+
+    sample = load(clips["sample"])
+    short = CTranslate2Engine(engine._model, AsrSettings(min_window_s=10, max_window_s=15))
+    cut = short.cut(sample)
+    assert len(cut) > len(engine.cut(sample))
+    assert all(sum(b - a for a, b in w) <= 15 * 16000 for w in cut)
+    # The same speech, in order, none of it twice.
+    flat = [p for w in cut for p in w]
+    assert all(a < b <= c for (a, b), (c, _) in zip(flat, flat[1:]))
+    assert sum(b - a for a, b in flat) == sum(b - a for w in engine.cut(sample) for a, b in w)
+
+
+def test_a_60_s_clip_alone_decodes_its_windows_in_one_step_in_the_language_of_the_first(engine, clips):
+    # They used to wait for the first window's language in a step of their own: no batching of a
+    # lone file's windows at all (0.90x the faster-whisper loop on the 60 s clip).
+    sample = load(clips["sample"])
+    sixty = type(sample)(np.concatenate([sample.samples, sample.samples]))
+    steps = []
+    decode_windows = engine.decode
+    engine.decode = lambda tasks: steps.append([(t.request, t.language) for t in tasks]) or decode_windows(tasks)
+    try:
+        [t] = engine.transcribe([sixty], [AsrOptions(word_timestamps=True, beam_size=1)])
+    finally:
+        del engine.decode
+    assert len(steps) == 1 and len(steps[0]) == 2 and {language for _, language in steps[0]} == {None}
+    assert t.language == "en" and t.language_probability > 0.5
+    assert wer(f"{clips['sample'].text} {clips['sample'].text}", t.text) <= 0.3, t.text
+    assert all(0 <= w.start <= w.end <= sixty.duration_s for w in t.words)
+    assert all(a.start <= b.start for a, b in zip(t.words, t.words[1:]))

@@ -1,6 +1,7 @@
 import logging
 import pickle
 
+import numpy as np
 import pytest
 
 from pipeline.core import errors
@@ -138,6 +139,29 @@ def test_replica_logs_user_errors_in_one_line_and_faults_with_their_traceback(ca
     assert [r.levelname for r in caplog.records[:2]] == ["WARNING", "WARNING"]
     assert "Traceback" in text[2] and "RuntimeError: a real fault" in text[2] and caplog.records[2].levelname == "ERROR"
     assert "Traceback" in text[3]  # 503: the service's fault, not the caller's
+
+
+def test_a_replaced_interim_crosses_the_handle_as_an_answer_and_is_the_error_again_on_the_other_side():
+    # Regression (#15): InterimSkipped is a 503 HarkError, so raised in the ASR replica it was
+    # logged with its traceback for every interim that newer audio replaced.
+    import asyncio
+
+    from deployments.handles import HandleRecognizer
+    from pipeline.asr.scheduler import InterimSkipped, Replaced
+    from pipeline.core.types import AsrOptions, Audio
+
+    class Method:
+        def remote(self, audio, options):
+            async def answer():
+                return Replaced()
+            return answer()
+
+    class Handle:
+        transcribe = Method()
+
+    recognizer = HandleRecognizer(Handle(), retry_after_s=1)
+    with pytest.raises(InterimSkipped):
+        asyncio.run(recognizer.transcribe(Audio(np.zeros(160, np.float32)), AsrOptions(stream="s", interim=True)))
 
 
 def test_per_key_webhook_secrets_from_the_keys_file_and_json(monkeypatch, tmp_path):

@@ -21,9 +21,10 @@ def make_session(**options):
 
     async def transcribe(audio, opts):
         # Recognise the scripted words that lie wholly inside this buffer, in its own time; the
-        # word at the live edge is heard as a different word until it is complete.
-        start = session.offset_s
-        end = start + audio.duration_s
+        # word at the live edge is heard as a different word until it is complete. The audio ends
+        # at the live edge (it may start before the utterance: left context).
+        end = session.offset_s + len(session.buffer) / SAMPLE_RATE
+        start = end - audio.duration_s
         calls.append((round(start, 2), round(end, 2), opts.beam_size))
         words = []
         for text, s, e in SCRIPT:
@@ -53,12 +54,12 @@ def audio_for(t0, t1):
     return np.where(speaking, 0.1, 0.0).astype(np.float32)
 
 
-def run(session, total_s=6.0, chunk_s=0.1):
+def run(session, total_s=6.0, chunk_s=0.1, behind_until_s=0.0):
     async def go():
         events = []
         t = 0.0
         while t < total_s - 1e-9:
-            events += await session.feed(audio_for(t, t + chunk_s))
+            events += await session.feed(audio_for(t, t + chunk_s), behind=t + chunk_s < behind_until_s - 1e-9)
             t += chunk_s
         events += await session.finish()
         return events
@@ -81,6 +82,32 @@ def test_finals_are_never_rewritten_and_cover_every_word_once():
     assert sum(e["speech_final"] for e in events) == 2
     # Interims decode greedily; so does the final decode, by default, for latency.
     assert {beam for *_, beam in calls} == {1}
+
+
+@pytest.mark.parametrize("context_s", [0.0, 10.0])
+def test_each_decode_hears_the_stream_s_previous_audio_before_the_utterance(context_s):
+    # Whisper drops words of a short utterance heard alone ("Ever failed" -> "Everfair old"):
+    # decodes start with the stream's previous audio, and only the utterance's words come out.
+    session, calls = make_session(interim_every_s=0.5, endpointing_ms=400, context_s=context_s)
+    events = run(session)
+    said = " ".join(e["text"] for e in events if e["is_final"] and e["text"]).split()
+    assert said == ["One", "two", "three.", "Four", "five.", "Six", "seven."]
+    second = [(start, end) for start, end, _ in calls if start >= 3.0 or end > 4.1]
+    assert second
+    if context_s:  # the first utterance (from 0 s) comes with every decode of the second
+        assert all(start <= 0.2 and end - start <= context_s for start, end in second)
+    else:
+        assert all(start >= 3.5 for start, _ in second)
+
+
+def test_a_session_that_is_behind_skips_interims_and_finalises_once_it_has_caught_up():
+    # A stream whose audio waits (the server is behind) must not fall further behind: no interim
+    # of outdated audio, and the utterances that ended meanwhile are finalised in one decode.
+    session, calls = make_session(interim_every_s=0.5, endpointing_ms=400)
+    events = run(session, behind_until_s=6.0)
+    assert len(calls) == 1 and calls[0][1] == pytest.approx(6.0)
+    assert [e["is_final"] and e["speech_final"] for e in events] == [True]
+    assert events[0]["text"] == "One two three. Four five. Six seven."
 
 
 def test_no_interims_when_not_asked():
@@ -136,8 +163,10 @@ def recording_session(**options):
     heard = []
 
     async def transcribe(audio, opts):
-        heard.append((int(round(session.offset_s * SAMPLE_RATE)), audio.samples))
-        word = Word(" heard", 0.0, audio.duration_s, 0.9)
+        # The audio ends at the live edge; it may start before the utterance (left context).
+        lead = len(audio.samples) - len(session.buffer)
+        heard.append((int(round(session.offset_s * SAMPLE_RATE)) - lead, audio.samples))
+        word = Word(" heard", lead / SAMPLE_RATE, audio.duration_s, 0.9)
         return Transcript((Segment(word.text, 0.0, audio.duration_s, -0.1, 1, (word,)),), "en", 0.99, audio.duration_s)
 
     session = StreamingSession(transcribe, StreamOptions(**options))
@@ -459,3 +488,20 @@ def test_a_busy_server_does_not_make_a_real_time_client_look_fast(clips):
     # A server that falls further behind than the backlog allows says so, instead of holding more.
     client = asyncio.run(go(StreamLimits(max_backlog_s=0.5)))
     assert client.sent[-1]["code"] == "SERVICE_UNAVAILABLE" and client.close_code == 1013, client.sent[-1]
+
+
+def test_the_backlog_is_empty_again_once_its_audio_is_taken():
+    # Regression: a float sum of seconds kept a residue (2.8e-17 after 0.1 + 0.2 + 0.1 s in and
+    # out), so a stream looked behind forever and never got an interim.
+    from pipeline.streaming.server import _Backlog
+
+    async def go():
+        backlog = _Backlog()
+        for n in (1600, 3200, 1600, 1234):
+            backlog.put("audio", np.zeros(n, np.float32))
+        assert backlog.audio_s == pytest.approx(7634 / SAMPLE_RATE)
+        for _ in range(4):
+            await backlog.get()
+        return backlog.audio_s
+
+    assert asyncio.run(go()) == 0

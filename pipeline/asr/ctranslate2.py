@@ -37,6 +37,7 @@ from pipeline.core.types import SAMPLE_RATE, AsrOptions, Audio, Segment, Transcr
 VAD_BLOCK_S = 60
 _TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # faster-whisper's default fallback ladder
 _FRAMES = 3000  # mel frames of a 30 s window: what the encoder expects
+_HOP = 160  # samples per mel frame
 
 
 @dataclass
@@ -106,9 +107,10 @@ class CTranslate2Engine:
         (a region over 30 s cut at a quiet point) joined while they fit in 30 s, the silence
         between them left out."""
         samples = audio.samples
+        window_s = min(WINDOW_S, self._settings.max_window_s)
         if not self._settings.vad_filter:
-            return [((start, end),) for start, end in windows(samples)]
-        limit = int(WINDOW_S * SAMPLE_RATE)
+            return [((start, end),) for start, end in windows(samples, window_s=window_s)]
+        limit = int(window_s * SAMPLE_RATE)
         packed: list[list[tuple[int, int]]] = []
         length = 0
         for region in self._speech_spans(samples):
@@ -144,22 +146,45 @@ class CTranslate2Engine:
             o = w.task.options
             key = (o.beam_size, o.max_new_tokens, o.prompt, o.temperature_fallback, o.task, o.temperature, w.features.shape[-1])
             groups[key].append(w)
-        for group in groups.values():
-            self._decode_group(group)
+        # A request's language is detected on its first window and holds for all its windows:
+        # the groups holding first windows decode first.
+        firsts: dict[int, _Work] = {}
+        for w in work:
+            first = firsts.get(w.task.request)
+            if w.task.language is None and (first is None or w.task.start < first.task.start):
+                firsts[w.task.request] = w
+        detected: dict[int, tuple[str, float]] = {}
+        leaders = {id(w) for w in firsts.values()}
+        for group in sorted(groups.values(), key=lambda g: not any(id(w) in leaders for w in g)):
+            self._decode_group(group, detected, leaders)
         return [self._result(w) for w in work]
 
     # --- steps ---------------------------------------------------------------------------------
     def _features(self, task: WindowTask) -> _Work:
-        mel = self._model.feature_extractor(task.samples)[..., :-1]  # (n_mels, frames)
-        frames = min(mel.shape[-1], _FRAMES)
-        return _Work(task=task, features=pad_or_trim(mel, self._encoded_frames(frames)), frames=frames)
+        frames = min(len(task.samples) // _HOP, _FRAMES)
+        encoded = self._encoded_frames(frames, stream=task.options.stream is not None)
+        samples = task.samples
+        if encoded < _FRAMES and len(samples) < encoded * _HOP:
+            # A short window is padded with silence in the audio, not with zeros in the mel: a
+            # zero log-mel frame is a loud hum to Whisper, not silence, and past the speech it
+            # made the decoder loop (beckett at a 10 s floor: WER 1.5 with mel zeros, 0.0 here).
+            samples = np.pad(samples, (0, encoded * _HOP - len(samples)))
+        mel = self._model.feature_extractor(samples)[..., :-1]  # (n_mels, frames)
+        return _Work(task=task, features=pad_or_trim(mel, encoded), frames=frames)
 
-    def _encoded_frames(self, frames: int) -> int:
+    def _encoded_frames(self, frames: int, *, stream: bool = False) -> int:
         """Mel frames the encoder sees for a window holding ``frames``: 30 s, or with short windows
         on, the window rounded up to whole seconds and at least the floor (CTranslate2 encodes
-        fewer frames than 3000; below ~10 s Whisper's accuracy drops)."""
-        floor = int(self._settings.min_window_s * 100)
+        fewer frames than 3000; below ~10 s Whisper's accuracy drops). Live-stream decodes have
+        a floor of their own, and encode 30 s when they hold less audio than it."""
+        floor_s = self._settings.stream_min_window_s if stream else self._settings.min_window_s
+        floor = int(floor_s * 100)
         if floor <= 0:
+            return _FRAMES
+        if stream and frames < floor:
+            # A stream's window is filled up to the floor with its previous audio; one that could
+            # not be (the stream's first words) is padded to 30 s: padded to 10 s with silence,
+            # an 8 kHz "quick brown fox" came out "quick round-tox ... lady nod".
             return _FRAMES
         return min(_FRAMES, max(floor, -(-frames // 100) * 100))
 
@@ -208,19 +233,25 @@ class CTranslate2Engine:
     def _encode(self, group: list[_Work]):
         return self._model.encode(np.stack([w.features for w in group]))
 
-    def _decode_group(self, group: list[_Work]) -> None:
+    def _decode_group(self, group: list[_Work], detected: dict[int, tuple[str, float]], leaders: set[int]) -> None:
         model = self._model
         encoder_output = self._encode(group)
-        # Languages: given, or detected on this window (the scheduler sends a request's first
-        # window alone until its language is known).
+        # Languages: given, or detected on the request's first window (``leaders``) and recorded
+        # in ``detected`` for its other windows; a window whose first one is in a later group
+        # (rare: another encoded length) keeps its own detection.
         unknown = [i for i, w in enumerate(group) if w.task.language is None]
         for w in group:
             w.language = w.task.language or "en"
         if unknown and self._multilingual:
-            detected = model.model.detect_language(encoder_output)
-            for i in unknown:
-                token, probability = detected[i][0]
-                group[i].language, group[i].language_probability = token[2:-2], float(probability)
+            found = model.model.detect_language(encoder_output)
+            order = sorted(unknown, key=lambda i: id(group[i]) not in leaders)  # first windows first
+            for i in order:
+                token, probability = found[i][0]
+                request = group[i].task.request
+                if id(group[i]) in leaders:
+                    detected[request] = (token[2:-2], float(probability))
+                own = (token[2:-2], float(probability))
+                group[i].language, group[i].language_probability = detected.get(request, own)
         elif unknown:
             for i in unknown:
                 group[i].language_probability = 1.0

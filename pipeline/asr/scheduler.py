@@ -51,6 +51,9 @@ class WindowTask:
     # [start, end) samples of the request's audio that ``samples`` joins (the speech, silence
     # between left out); one piece ``(start, start + len(samples))`` when nothing was left out.
     pieces: tuple[tuple[int, int], ...] = ()
+    # Which request the window is of: windows of one request whose language is unknown (all in
+    # its first step) take the language detected on its first window, the one starting first.
+    request: int = 0
 
     @property
     def offset_s(self) -> float:
@@ -83,7 +86,9 @@ class WindowEngine(Protocol):
         ...
 
     def decode(self, tasks: Sequence[WindowTask]) -> list[WindowResult]:
-        """One result per window; windows may belong to different requests and languages."""
+        """One result per window; windows may belong to different requests and languages. The
+        windows of one ``request`` without a language all get the language detected on its
+        first window (the lowest ``start``)."""
         ...
 
 
@@ -93,6 +98,15 @@ class InterimSkipped(HarkError):
 
     code = "INTERIM_SKIPPED"
     status = 503
+
+
+@dataclass(frozen=True)
+class Replaced:
+    """What the ASR replica answers, instead of raising ``InterimSkipped``, for an interim decode
+    that newer audio replaced: an expected outcome, not a fault (Ray Serve logs every error a
+    replica raises, with its traceback). The caller's handle turns it back into the error."""
+
+    message: str = "Newer audio of this stream replaced this interim decode"
 
 
 class SchedulerObserver(Protocol):
@@ -126,11 +140,12 @@ class _Request:
     language: tuple[str, float] | None = None
     done: bool = False
 
-    def ready(self) -> bool:
-        """Has a window that may start now: the first one alone while the language is unknown."""
+    def ready(self, starting: bool = False) -> bool:
+        """Has a window that may start now: while the language is unknown, only in the request's
+        first step (``starting``), where the engine detects it on the first window for all."""
         if self.done or self.next >= len(self.spans):
             return False
-        return self.language is not None or (self.next == 0 and self.running == 0)
+        return self.language is not None or (self.next == 0 and self.running == 0) or starting
 
 
 class WindowScheduler:
@@ -267,6 +282,7 @@ class WindowScheduler:
                 language=r.language[0] if r.language else None,
                 duration_s=r.audio.duration_s,
                 pieces=tuple(r.spans[i]),
+                request=r.seq,
             )
             for r, i in picked
         ]
@@ -281,18 +297,31 @@ class WindowScheduler:
 
     def _pick(self) -> list[tuple[_Request, int]]:
         """The next batch: streams first, then the request least served (virtual time), one
-        window at a time, within the window and audio budgets (at least one window)."""
+        window at a time, within the window and audio budgets (at least one window).
+
+        A step that starts a request (its first window: a new arrival, a stream's decode) holds
+        only requests starting in it: the windows of a file already running would make the new
+        request wait for them too (on a CPU a batch costs about the sum of its windows), so a
+        10 s request beside a 10-minute file is answered in about its own time. Requests that
+        arrive together still share their steps."""
         picked: list[tuple[_Request, int]] = []
+        starting: set[int] = set()  # requests whose first window is in this step
         audio = 0
         while len(picked) < self._max_windows:
-            ready = [r for r in self._requests if r.ready()]
+            ready = [r for r in self._requests if r.ready(r.seq in starting)]
+            if starting:
+                ready = [r for r in ready if r.seq in starting or r.next == 0]
             if not ready:
                 break
             # Ties go to the request served least: a new arrival before a running file.
             r = min(ready, key=lambda r: (r.priority, r.clock, r.next, r.seq))
+            if picked and not starting and r.next == 0:
+                break  # a running request's step: a new one starts in a step of its own
             length = sum(end - start for start, end in r.spans[r.next])
             if picked and audio + length > self._max_audio:
                 break
+            if r.next == 0:
+                starting.add(r.seq)
             picked.append((r, r.next))
             audio += length
             r.clock += length / SAMPLE_RATE
@@ -333,7 +362,7 @@ class WindowScheduler:
                 answer = outcome
             else:
                 request.results[index] = outcome
-                if request.language is None:
+                if request.language is None and index == 0:
                     request.language = (outcome.language, outcome.language_probability)
                     self._wake.notify()
                 if request.next >= len(request.spans) and request.running == 0:

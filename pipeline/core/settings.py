@@ -69,6 +69,21 @@ class AsrSettings(BaseModel):
         description="CTranslate2: encode a short window as this many seconds at least instead of "
         "padding it to 30 s (faster on short audio); 0 = off, every window is 30 s.",
     )
+    max_window_s: float = Field(
+        30.0,
+        ge=5,
+        le=30,
+        description="CTranslate2: longest window of speech a file is cut into (Whisper's own is 30 s); "
+        "shorter windows with min_window_s encode faster on CPUs (attention grows with the square "
+        "of the window) and batch more windows of one file together.",
+    )
+    stream_min_window_s: float = Field(
+        10.0,
+        ge=0,
+        le=30,
+        description="CTranslate2: live-stream decodes encode this many seconds at least instead of 30 s "
+        "(the stream's previous audio fills the window up to it); 0 = 30 s windows.",
+    )
     max_batch_audio_s: float = Field(
         60.0,
         gt=0,

@@ -130,17 +130,21 @@ class _Backlog:
 
     def __init__(self) -> None:
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self.audio_s = 0.0
+        self._samples = 0  # an integer count: a float sum of seconds never returns to exactly 0
+
+    @property
+    def audio_s(self) -> float:
+        return self._samples / SAMPLE_RATE
 
     def put(self, kind: str, value: Any = None) -> None:
         if kind == "audio":
-            self.audio_s += len(value) / SAMPLE_RATE
+            self._samples += len(value)
         self._queue.put_nowait((kind, value))
 
     async def get(self) -> tuple[str, Any]:
         kind, value = await self._queue.get()
         if kind == "audio":
-            self.audio_s -= len(value) / SAMPLE_RATE
+            self._samples -= len(value)
         return kind, value
 
 
@@ -270,7 +274,8 @@ class StreamServer:
                 kind, value = await backlog.get()
                 if kind == "audio":
                     await tab.cover(session.received_s + len(value) / SAMPLE_RATE)
-                    for event in await session.feed(value):
+                    # More audio already waiting: the session is behind (interims skipped).
+                    for event in await session.feed(value, behind=backlog.audio_s > 0):
                         await channel.send_json(event)
                 elif kind == "text":
                     await channel.send_json({"type": "Error", "code": "INVALID_PARAMETER", "param": "message",

@@ -4,7 +4,10 @@ The session keeps the audio of the current utterance. Every ``interim_every_s`` 
 re-decodes the utterance; words on which two successive hypotheses agree (local agreement), and
 that are not in the last ``unstable_tail_s`` of audio, become final and never change. When the
 speaker pauses for ``endpointing_ms`` (Silero VAD), the whole utterance is decoded once more and
-what was not yet final is finalised with ``speech_final``. Decoding goes through an injected
+what was not yet final is finalised with ``speech_final``. Each decode starts with the stream's
+previous audio (up to ``context_s`` in all) and keeps only the words of the utterance: Whisper
+garbles a short utterance heard alone. A session that is behind (audio waiting) skips interims
+and finalises the utterances that ended meanwhile together, once it has caught up. Decoding goes through an injected
 coroutine, so the service uses the same ASR deployment as batch requests and tests can fake it.
 The VAD runs in a worker thread (``executor``; the loop's default one when None), never on the
 event loop that serves every stream of the process.
@@ -45,10 +48,18 @@ class StreamOptions:
     interim_results: bool = True
     endpointing_ms: int = 300  # silence that ends an utterance
     interim_every_s: float = 1.5
-    unstable_tail_s: float = 0.6  # words ending this close to the live edge are not final yet
+    # Words ending this close to the live edge are not final yet, even when two hypotheses agree:
+    # Whisper hears a phrase cut at the edge as other words, and twice alike ("Neither did I"
+    # became "I need" in two interims of pyannote's sample, committed, and lost).
+    unstable_tail_s: float = 3.0
     max_utterance_s: float = 25.0  # an utterance is cut (finalised) at this length
     vad_every_s: float = 0.1
     final_beam_size: int | None = 1  # None: the engine's width (slower on CPUs, a little more accurate)
+    # Each decode starts with the stream's previous audio, so that it covers this much at least:
+    # Whisper drops and garbles words of a short utterance heard alone ("Ever failed" became
+    # "Everfair old"); only words after the utterance's start are kept. 0: the utterance alone.
+    context_s: float = 10.0
+    first_interim_s: float = 1.0  # the first interim of an utterance, at this much of its audio
 
 
 @dataclass
@@ -58,6 +69,7 @@ class StreamingSession:
     vad: Vad = silero_vad
     executor: Executor | None = None  # where the VAD runs; None: the event loop's default executor
     buffer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # the utterance so far
+    past: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # audio just before buffer[0]
     offset_s: float = 0.0  # absolute time of buffer[0]
     received_s: float = 0.0
     committed: list[Word] = field(default_factory=list)  # final words of this utterance (absolute)
@@ -81,10 +93,17 @@ class StreamingSession:
 
     # ---- input ----------------------------------------------------------------------------------
 
-    async def feed(self, samples: np.ndarray) -> list[dict[str, Any]]:
-        """Add 16 kHz mono audio; returns the Results messages it produced."""
+    async def feed(self, samples: np.ndarray, *, behind: bool = False) -> list[dict[str, Any]]:
+        """Add 16 kHz mono audio; returns the Results messages it produced.
+
+        ``behind``: more of the stream's audio has arrived already and waits to be fed. Then no
+        interim runs (it would describe audio already outdated: the newest audio wins), and an
+        utterance that ends waits to be finalised with what follows until the session has caught
+        up (or the utterance reaches ``max_utterance_s``): one decode for several utterances, so
+        a stream that fell behind catches up instead of falling further behind.
+        """
         async with self._turn:
-            return await self._feed(samples)
+            return await self._feed(samples, behind)
 
     async def finish(self) -> list[dict[str, Any]]:
         """The stream ended: finalise whatever is pending."""
@@ -93,7 +112,7 @@ class StreamingSession:
                 return await self._finalise(speech_final=True)
             return []
 
-    async def _feed(self, samples: np.ndarray) -> list[dict[str, Any]]:
+    async def _feed(self, samples: np.ndarray, behind: bool = False) -> list[dict[str, Any]]:
         self.buffer = np.concatenate([self.buffer, samples.astype(np.float32, copy=False)])
         self.received_s += len(samples) / SAMPLE_RATE
         self._since_vad += len(samples)
@@ -108,11 +127,17 @@ class StreamingSession:
                 self._drop_front(len(self.buffer) - PRE_ROLL)
             return []
         duration = len(self.buffer) / SAMPLE_RATE
-        if self.trailing_silence_s * 1000 >= self.options.endpointing_ms:
-            return await self._finalise(speech_final=True)
         if duration >= self.options.max_utterance_s:
-            return await self._finalise(speech_final=False)
-        if (len(self.buffer) - self._decoded_len) >= self.options.interim_every_s * SAMPLE_RATE:
+            ended = self.trailing_silence_s * 1000 >= self.options.endpointing_ms
+            return await self._finalise(speech_final=ended)
+        if self.trailing_silence_s * 1000 >= self.options.endpointing_ms and not behind:
+            return await self._finalise(speech_final=True)
+        if behind:
+            return []
+        if self.trailing_silence_s * 2000 >= self.options.endpointing_ms:
+            return []  # the utterance is likely ending: its final comes soon, no interim to delay it
+        due = self.options.interim_every_s if self._decoded_len else self.options.first_interim_s
+        if (len(self.buffer) - self._decoded_len) >= due * SAMPLE_RATE:
             return await self._interim()
         return []
 
@@ -141,17 +166,32 @@ class StreamingSession:
     def _drop_front(self, n: int, offset_s: float | None = None) -> None:
         """Forget the first ``n`` samples of the buffer; ``offset_s`` is the new buffer start when
         the caller knows it better than by counting samples."""
+        self._remember(self.buffer[:n])
         self.buffer = self.buffer[n:]
         self.offset_s = self.offset_s + n / SAMPLE_RATE if offset_s is None else offset_s
         self._decoded_len = max(0, self._decoded_len - n)
         self._vad_checked = max(0, self._vad_checked - n)
         self._speech_end -= n
 
+    def _remember(self, samples: np.ndarray) -> None:
+        """Keep the last ``context_s`` of the audio that leaves the buffer, as left context."""
+        keep = int(self.options.context_s * SAMPLE_RATE)
+        if keep <= 0 or not len(samples):
+            return
+        if len(samples) >= keep:
+            self.past = samples[-keep:].copy()
+        else:
+            self.past = np.concatenate([self.past[len(self.past) - (keep - len(samples)):], samples])
+
     # ---- decoding -------------------------------------------------------------------------------
 
     async def _decode(self, beam_size: int | None, interim: bool = False) -> list[Word]:
         self._decoded_len = len(self.buffer)
-        duration = len(self.buffer) / SAMPLE_RATE
+        # Left context: the stream's previous audio, up to context_s in all.
+        lead = min(len(self.past), max(0, int(self.options.context_s * SAMPLE_RATE) - len(self.buffer)))
+        samples = np.concatenate([self.past[len(self.past) - lead:], self.buffer]) if lead else self.buffer.copy()
+        origin_s = self.offset_s - lead / SAMPLE_RATE  # absolute time of samples[0]
+        duration = len(samples) / SAMPLE_RATE
         # Latency first: one temperature, and a token budget far above speech rates (~4 tokens/s)
         # that stops a looping decoder early. No prompt: on short chunks it invites loops.
         opts = AsrOptions(
@@ -159,15 +199,15 @@ class StreamingSession:
             temperature_fallback=False, max_new_tokens=int(20 + 10 * duration),
             stream=self.stream_id, interim=interim,
         )
-        transcript = await self.transcribe(Audio(self.buffer.copy()), opts)
+        transcript = await self.transcribe(Audio(samples), opts)
         if self.language is None and transcript.words:
             self.language = transcript.language  # keep one language for the whole stream
         committed_end = self.committed[-1].end if self.committed else -1.0
-        words = [
-            Word(w.text, w.start + self.offset_s, w.end + self.offset_s, w.probability) for w in transcript.words
-        ]
-        # Only what lies after the final words: those never change.
-        fresh = [w for w in words if w.start >= committed_end - 0.02]
+        words = [Word(w.text, w.start + origin_s, w.end + origin_s, w.probability) for w in transcript.words]
+        # Only what lies in this utterance (not in the context before it; a word's middle
+        # decides, Whisper's word times are approximate) and after the final words: those
+        # never change.
+        fresh = [w for w in words if w.start >= committed_end - 0.02 and (w.start + w.end) / 2 >= self.offset_s]
         # A re-decode can repeat the last final words with shifted times: drop such an overlap.
         tail = [_norm(w.text) for w in self.committed[-5:]]
         for k in range(min(len(tail), len(fresh)), 0, -1):
@@ -210,6 +250,7 @@ class StreamingSession:
         end = self.offset_s + len(self.buffer) / SAMPLE_RATE
         events = [self._results(words, is_final=True, speech_final=speech_final, end=end)]
         self.offset_s = end
+        self._remember(self.buffer)
         self.buffer = np.zeros(0, np.float32)
         self.committed, self.previous = [], None
         self.speech_seen, self.trailing_silence_s, self._decoded_len = False, 0.0, 0
