@@ -105,5 +105,8 @@ def assigned_gpu_share() -> float | None:
 
     if not ray.is_initialized():  # not in a Ray worker (the engine built in a plain process)
         return None
-    share = ray.get_runtime_context().get_assigned_resources().get("GPU")
+    try:
+        share = ray.get_runtime_context().get_assigned_resources().get("GPU")
+    except AssertionError:  # a Ray driver, not a worker: nothing was assigned to it
+        return None
     return float(share) if share else None

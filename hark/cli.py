@@ -39,9 +39,14 @@ def _convert(args: list[str], settings: Settings) -> int:
     if len(args) != 2:
         print("usage: hark models convert SOURCE DEST  (SOURCE: a CTranslate2 directory or a bundled name)", file=sys.stderr)
         return 2
-    source = resolve_model(args[0], settings.asr.resolved_model_cache_dir)
-    if not Path(source).is_dir():
-        print(f"hark models convert: {args[0]!r} is neither a directory nor a bundled model", file=sys.stderr)
+    try:
+        source = resolve_model(args[0], settings.asr.resolved_model_cache_dir)
+    except ValueError as exc:  # an unknown name
+        source, reason = "", f" ({exc})"
+    else:
+        reason = ""
+    if not source or not Path(source).is_dir():
+        print(f"hark models convert: {args[0]!r} is neither a directory nor a bundled model{reason}", file=sys.stderr)
         return 2
     print(convert_ct2_to_transformers(Path(source), Path(args[1])))
     return 0

@@ -68,10 +68,13 @@ def test_opening_marks_sit_at_the_end_of_the_word_they_follow():
 def test_a_stream_times_an_opening_mark_at_the_end_of_the_last_word_sent():
     """The same rule across the messages of a stream: a quote opening the second utterance sits
     at the end of the first utterance's last word."""
-    said = iter([(Word(" Hello.", 0.2, 0.6, 0.9),), (Word(' "Hi"', 0.3, 0.7, 0.9),)])
+    said = [(Word(" Hello.", 0.2, 0.6, 0.9),), (Word(' "Hi"', 0.3, 0.7, 0.9),)]
 
     async def transcribe(audio, options):
-        words = next(said)
+        # Each utterance is 1 s; a decode (interim or final) of the second hears the first before
+        # it (left context), so it is 2 s long.
+        offset = audio.duration_s - 1.0
+        words = tuple(Word(w.text, w.start + offset, w.end + offset, w.probability) for w in said[int(offset > 0)])
         return Transcript((Segment(words[0].text, 0.0, audio.duration_s, -0.1, 2, words),), "en", 1.0, audio.duration_s)
 
     session = StreamingSession(transcribe, StreamOptions(interim_results=False), vad=lambda s: [(0, len(s))])

@@ -77,7 +77,8 @@ class EnvRun:
         assert self.done.wait(timeout_s), f"{self.tests} in {self.script}'s environment: no result in {timeout_s} s"
         print(self.output[-6000:])
         assert self.returncode == 0, self.output[-8000:]
-        summary = self.output.strip().splitlines()[-1]
+        # pytest's summary line (a library may print more at the interpreter's exit, after it).
+        summary = [line for line in self.output.splitlines() if re.search(r"\d+ passed", line)][-1]
         passed = int(re.search(r"(\d+) passed", summary).group(1))
         assert passed >= self.minimum_passed and "skipped" not in summary and "failed" not in summary, summary
 
