@@ -254,7 +254,12 @@ def test_compute_replicas_yield_the_cpu_to_the_front(serve_app):
     nice = {}  # deployment -> the priorities of its replica's threads (on Linux each thread has its own)
     for name in ("Ingress", "Accounting", "AudioFetch", "ASR", "Diarization"):
         pid = serve.get_deployment_handle(name, app_name="hark").describe.remote().result(timeout_s=60)["pid"]
-        nice[name] = {os.getpriority(os.PRIO_PROCESS, t.id) for t in psutil.Process(pid).threads()}
+        nice[name] = set()
+        for thread in psutil.Process(pid).threads():
+            try:
+                nice[name].add(os.getpriority(os.PRIO_PROCESS, thread.id))
+            except ProcessLookupError:  # the thread ended since it was listed
+                continue
     # Ray's own threads (gRPC, its core worker) run at the process's nice 0, the Python threads
     # that run replica code at 15 (Ray's worker_niceness): each is lowered by 5, at most to 19.
     lowered = {min(19, n + 5) for n in nice["Ingress"]}

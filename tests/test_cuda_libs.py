@@ -36,10 +36,15 @@ def test_a_directory_missing_a_library_is_passed_over(tmp_path):
 
 
 def test_the_wheel_is_found_where_python_imports_it(tmp_path, monkeypatch):
+    import sys
+
     lib = wheel(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    # The fake ``nvidia`` namespace package this imports must not outlive the test: a later
+    # test on "cuda" would find its empty libraries (monkeypatch restores sys.path, not modules).
     for name in ("nvidia", "nvidia.cublas"):
-        monkeypatch.delitem(__import__("sys").modules, name, raising=False)
+        monkeypatch.setitem(sys.modules, name, None)
+        monkeypatch.delitem(sys.modules, name)
     assert lib in cuda_libs.wheel_library_dirs()
 
 

@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import wait_until
 from pipeline.audio.decode import decode
 from pipeline.asr.base import AsrEngine, Capabilities, transcribe_each
 from pipeline.asr.factory import build_engine
@@ -150,7 +151,14 @@ def test_english_only_model_refuses_other_languages(clips, engine_name):
         cores = [p for pid, p in engine_cores().items() if pid not in before]
         assert len(cores) == 1, "no vLLM engine core process of its own found"
         tiny.shutdown()
-        assert not [p for p in cores if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+        def ended() -> bool:
+            try:
+                return not [p for p in cores if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            except psutil.NoSuchProcess:  # reaped meanwhile
+                return True
+
+        wait_until(ended, 60, what="the engine core process to end")  # it exits after the shutdown call returns
         with pytest.raises(RuntimeError, match="shut down"):
             tiny.check_health()
 
