@@ -16,7 +16,6 @@ import threading
 from ray import serve
 
 from deployments import adopt_serve_logging, replica_info, yield_cpu_to_the_front
-
 from pipeline.asr.scheduler import InterimSkipped, Replaced
 from pipeline.core.settings import Settings
 from pipeline.core.types import AsrOptions, Audio, Transcript
@@ -58,7 +57,7 @@ class AsrDeployment:
         self._worker.start()
 
     async def transcribe(self, audio: Audio, options: AsrOptions) -> Transcript | Replaced:
-        if self._direct is not None:  # cancelled (the caller hung up): the engine aborts its windows
+        if self._direct is not None:  # vLLM schedules the windows; a hang-up cancels this call and aborts them
             return await self._direct(audio, options)
         # Cutting (the VAD pass) runs in a thread of its own, beside the decoding steps.
         future = await asyncio.to_thread(
