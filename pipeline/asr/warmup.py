@@ -27,8 +27,8 @@ WARM_UP_TOKENS = 8  # decoder steps at most: the warm-up proves the kernels run,
 # (what an error message holds, lower case) → what to do about it.
 _HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("libcublas", "libcudnn", "cublas", "cudnn"),
-     "CTranslate2 4.x on CUDA needs the CUDA 12 cuBLAS and cuDNN 9 libraries: "
-     "pip install 'hark-asr[cuda]' (nvidia-cublas-cu12, nvidia-cudnn-cu12), see cluster/README.md"),
+     "CTranslate2 4.x on CUDA needs the CUDA 12 cuBLAS library: "
+     "pip install 'hark-asr[cuda]' (nvidia-cublas-cu12), see cluster/README.md"),
     (("out of memory", "outofmemory", "no available memory for the cache blocks"),
      "the model does not fit in this replica's share of the GPU: a smaller model, a larger "
      "num_gpus for ASR, or lower HARK_ASR__WINDOW_BATCH_SIZE / HARK_ASR__VLLM_MAX_NUM_SEQS"),
