@@ -7,6 +7,7 @@ What a request means lives in ``pipeline``: bodies (``service.upload``), options
 
 import asyncio
 import contextvars
+import functools
 import logging
 import time
 import uuid
@@ -26,6 +27,7 @@ from deployments import adopt_serve_logging, replica_info
 from deployments.handles import HandleAudio, HandleMeter, HandleRecognizer, HandleSpeakers, call, unwrap
 from deployments.openai_api import OpenAIRoutes
 from deployments.openai_api import router as openai_router
+from deployments.readiness import Readiness, app_is_running
 from pipeline.audio.fetch import UrlGuard
 from pipeline.core.errors import HarkError, InvalidParameter, MissingParameter
 from pipeline.core.settings import Settings
@@ -134,6 +136,7 @@ class Ingress(OpenAIRoutes):
         self._asr = asr
         self._jobs = jobs
         self._background: set[asyncio.Task] = set()
+        self._readiness = Readiness(functools.partial(app_is_running, serve.get_replica_context().app_name))
 
     @app.get("/", include_in_schema=False)
     async def home(self) -> RedirectResponse:
@@ -146,21 +149,11 @@ class Ingress(OpenAIRoutes):
 
     @app.get("/ready")
     async def ready(self) -> JSONResponse:
-        """Ready once every deployment of this app has a running replica, i.e. one whose
-        constructor (which loads its model) has returned and which passes its health checks.
-
-        Asked of the Serve controller, never of the deployments themselves: a call to ASR waits
-        in its queue behind transcriptions, and a busy service is not an unready one.
+        """Ready once every deployment of this app has a running replica, as the Serve controller
+        says (``deployments.readiness``): never asked of the deployments themselves, since a call
+        to ASR waits in its queue behind transcriptions, and a busy service is not an unready one.
         """
-        app_name = serve.get_replica_context().app_name
-        try:
-            # serve.status() blocks on a call to the controller: off the event loop.
-            status = await asyncio.wait_for(asyncio.to_thread(serve.status), timeout=5)
-            deployments = status.applications[app_name].deployments
-        except Exception as exc:  # noqa: BLE001 - no answer from the controller is no readiness
-            logger.warning("/ready: no status from the Serve controller: %r", exc)
-            return JSONResponse({"status": "loading"}, status_code=503)
-        if deployments and all(d.replica_states.get("RUNNING", 0) > 0 for d in deployments.values()):
+        if await self._readiness.ready():
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "loading"}, status_code=503)
 
