@@ -92,13 +92,15 @@ def in_process_streamer(args, costs: list[tuple[bool, float, float]]) -> tuple[S
     """The session over a scheduler worker thread and the CTranslate2 engine, as in the replica
     (submit in a thread, await the future); ``costs`` gets (interim, audio s, seconds) per decode."""
     from pipeline.asr.factory import build_engine
-    from pipeline.asr.scheduler import WindowScheduler
+    from pipeline.asr.scheduler import WindowScheduler, step_audio_s
     from pipeline.core.settings import AsrSettings
     from pipeline.streaming.session import StreamingSession, StreamOptions
 
-    engine = build_engine(AsrSettings(stream_min_window_s=args.stream_floor_s))
-    scheduler = WindowScheduler(engine)
-    threading.Thread(target=scheduler.run, daemon=True).start()
+    settings = AsrSettings(stream_min_window_s=args.stream_floor_s)
+    engine = build_engine(settings)
+    scheduler = WindowScheduler(engine, max_batch_windows=settings.window_batch_size,
+                                max_batch_audio_s=step_audio_s(settings, engine))
+    scheduler.start(engine.lanes, express=engine.express_lane)  # as the ASR replica does
 
     async def transcribe(audio, options):
         started = time.perf_counter()

@@ -11,7 +11,6 @@ down when it stops.
 from __future__ import annotations
 
 import asyncio
-import threading
 
 from ray import serve
 
@@ -32,7 +31,7 @@ class AsrDeployment:
     def __init__(self, settings: Settings) -> None:
         from deployments.metrics import AsrMetrics
         from pipeline.asr.factory import build_engine
-        from pipeline.asr.scheduler import WindowScheduler, window_engine
+        from pipeline.asr.scheduler import WindowScheduler, step_audio_s, window_engine
 
         adopt_serve_logging()
         self._settings = settings
@@ -48,13 +47,15 @@ class AsrDeployment:
             max_batch_windows=(
                 settings.asr.window_batch_size if windows is self._engine else settings.asr.max_batch_size
             ),
-            max_batch_audio_s=settings.asr.max_batch_audio_s if windows is self._engine else float("inf"),
+            max_batch_audio_s=step_audio_s(settings.asr, windows) if windows is self._engine else float("inf"),
             observer=self._metrics,
         )
-        # The engine blocks for seconds a step: it runs off the event loop, which keeps taking
-        # requests and answering health checks.
-        self._worker = threading.Thread(target=self._scheduler.run, name="asr-scheduler", daemon=True)
-        self._worker.start()
+        # The engine blocks for seconds a step: steps run off the event loop, which keeps taking
+        # requests and answering health checks; side by side where the engine runs each on a few
+        # threads (CTranslate2 on a CPU), with an express lane for new requests and streams.
+        self._workers = self._scheduler.start(
+            getattr(windows, "lanes", 1), express=getattr(windows, "express_lane", False)
+        )
 
     async def transcribe(self, audio: Audio, options: AsrOptions) -> Transcript | Replaced:
         if self._direct is not None:  # vLLM schedules the windows; a hang-up cancels this call and aborts them

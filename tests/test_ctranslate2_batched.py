@@ -18,7 +18,9 @@ from textnorm import wer
 
 @pytest.fixture(scope="module")
 def engine():
-    return build_engine(AsrSettings(engine="ctranslate2"))
+    # One lane and a budget for all four windows: they share one step (the default on a CPU runs
+    # steps side by side instead, tests/test_scheduler.py).
+    return build_engine(AsrSettings(engine="ctranslate2", parallel_steps=1, max_batch_audio_s=240))
 
 
 def load(clip):
@@ -43,8 +45,11 @@ def test_windows_of_several_requests_and_languages_in_one_step_match_faster_whis
     for name, audio, t in zip(names, audios, out, strict=True):
         segments, info = engine._model.transcribe(audio.samples, beam_size=1, word_timestamps=True, vad_filter=True)
         reference = "".join(s.text for s in segments)
-        assert wer(reference, t.text) <= 0.05, (name, reference, t.text)
-        assert wer(clips[name].text, t.text) <= wer(clips[name].text, reference) + 0.05, name
+        # 5 % of the words, or one word on a short clip: which of "Ever tried"/"Never tried" a
+        # borderline decode gives on beckett differs between CPUs (int8 kernels).
+        slack = max(0.05, 1 / len(reference.split()))
+        assert wer(reference, t.text) <= slack, (name, reference, t.text)
+        assert wer(clips[name].text, t.text) <= wer(clips[name].text, reference) + slack, name
         words = t.words
         assert words and all(0 <= w.start <= w.end <= audio.duration_s for w in words), name
         assert all(a.start <= b.start for a, b in zip(words, words[1:])), name

@@ -255,6 +255,85 @@ def test_the_worker_thread_answers_requests_submitted_from_other_threads():
     assert not worker.is_alive()
 
 
+class GatedEngine(FakeEngine):
+    """A FakeEngine whose steps of ``held`` requests block until ``gate`` opens, and which
+    records which requests' windows are being decoded at each moment."""
+
+    def __init__(self, held: set[int]) -> None:
+        super().__init__()
+        self.held = held
+        self.gate = threading.Event()
+        self.running: set[int] = set()
+        self.lanes: list[tuple[int, str]] = []  # (request marker, worker thread) per window
+        self._lock = threading.Lock()
+
+    def decode(self, tasks):
+        markers = {int(t.samples[0]) for t in tasks}
+        with self._lock:
+            self.running |= markers
+            self.lanes.extend((m, threading.current_thread().name) for m in markers)
+        try:
+            if markers & self.held:
+                assert self.gate.wait(10), "the gate never opened"
+            return super().decode(tasks)
+        finally:
+            with self._lock:
+                self.running -= markers
+
+
+def test_lanes_run_steps_of_different_requests_at_once():
+    engine = GatedEngine(held={1, 2})
+    s = WindowScheduler(engine, max_batch_windows=1)
+    first = s.submit(clip(1, 60), AsrOptions(language="en"))
+    second = s.submit(clip(2, 60), AsrOptions(language="en"))
+    workers = s.start(2)  # both queued: each lane takes a step of its own request
+    try:
+        wait_for(lambda: engine.running == {1, 2})  # one step of each, side by side
+        engine.gate.set()
+        assert first.result(timeout=10).text == "r1@0 r1@30"
+        assert second.result(timeout=10).text == "r2@0 r2@30"
+    finally:
+        engine.gate.set()
+        s.close()
+    for worker in workers:
+        worker.join(timeout=10)
+        assert not worker.is_alive()
+
+
+def test_the_express_lane_answers_a_new_request_while_a_long_file_holds_every_lane():
+    engine = GatedEngine(held={1})
+    s = WindowScheduler(engine, max_batch_windows=1)
+    workers = s.start(1, express=True)
+    try:
+        long_file = s.submit(clip(1, 600), AsrOptions(language="en"))
+        wait_for(lambda: 1 in engine.running)
+        # A file longer than one step is never urgent, not even its first step: the express lane
+        # stays free for a request that it answers in one step, and for streams.
+        short = s.submit(clip(2, 10), AsrOptions(language="en"))
+        assert short.result(timeout=10).text == "r2@0"  # while the file's step still blocks
+        assert not long_file.done()
+        stream = s.submit(clip(3, 5), AsrOptions(language="en"), stream="live")
+        assert stream.result(timeout=10).text == "r3@0"
+        engine.gate.set()
+        assert long_file.result(timeout=10).text.count("r1@") == 20
+    finally:
+        engine.gate.set()
+        s.close()
+    for worker in workers:
+        worker.join(timeout=10)
+    assert {lane for marker, lane in engine.lanes if marker == 1} == {"asr-step-0"}
+    assert {lane for marker, lane in engine.lanes if marker != 1} == {"asr-express-1"}
+
+
+def wait_for(condition, timeout_s: float = 10) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
 class Observer:
     def __init__(self):
         self.steps, self.waits, self.answers = [], [], []

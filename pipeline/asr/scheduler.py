@@ -18,6 +18,7 @@ batch (tests call it directly).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
@@ -35,6 +36,7 @@ from pipeline.core.types import SAMPLE_RATE, AsrOptions, Audio, Segment, Transcr
 
 if TYPE_CHECKING:
     from pipeline.asr.base import AsrEngine
+    from pipeline.core.settings import AsrSettings
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +142,11 @@ class _Request:
     language: tuple[str, float] | None = None
     done: bool = False
 
+    @functools.cached_property
+    def audio_in_windows(self) -> int:
+        """Samples its windows hold in all (the speech, for engines that cut out silence)."""
+        return sum(end - start for pieces in self.spans for start, end in pieces)
+
     def ready(self, starting: bool = False) -> bool:
         """Has a window that may start now: while the language is unknown, only in the request's
         first step (``starting``), where the engine detects it on the first window for all."""
@@ -213,7 +220,7 @@ class WindowScheduler:
             )
             self._requests.append(request)
             self._by_future[id(future)] = request
-            self._wake.notify()
+            self._wake.notify_all()
         for old in skipped:
             old.future.set_exception(InterimSkipped("Newer audio of this stream replaced this interim decode"))
         future.add_done_callback(self._cancelled)
@@ -242,26 +249,54 @@ class WindowScheduler:
             return sum(len(r.spans) - r.next for r in self._requests if not r.done)
 
     # --- the worker ----------------------------------------------------------------------------
-    def run(self) -> None:
-        """Decode batches until ``close``; the replica runs this in its worker thread."""
+    def run(self, *, express: bool = False) -> None:
+        """Decode batches until ``close``; the replica runs this in each of its worker threads.
+
+        ``express``: a lane that takes only urgent work (a live stream's decode, a request's
+        first step), so that a new request or a stream never waits for a step of a long file."""
         while True:
             with self._lock:
-                while not self._closed and not any(r.ready() for r in self._requests):
+                while not self._closed and not any(self._eligible(r, express) for r in self._requests):
                     self._wake.wait()
                 if self._closed:
                     return
-            self.step()
+            self.step(express=express)
+
+    def start(self, lanes: int = 1, *, express: bool = False) -> list[threading.Thread]:
+        """Start ``lanes`` worker threads, each decoding steps, and with ``express`` one more
+        for urgent work only: steps of different requests then run at once (an engine that runs
+        each step on one core uses several cores so; see ``CTranslate2Engine``)."""
+        kinds = [False] * max(1, lanes) + ([True] if express else [])
+        workers = [
+            threading.Thread(target=self.run, kwargs={"express": e}, name=f"asr-{'express' if e else 'step'}-{i}", daemon=True)
+            for i, e in enumerate(kinds)
+        ]
+        for worker in workers:
+            worker.start()
+        return workers
+
+    def _eligible(self, r: _Request, express: bool, starting: bool = False) -> bool:
+        """May ``r`` have a window in the step being picked? The express lane takes urgent work
+        only: a stream's decode, or a new request that one step answers whole (a file longer
+        than a step goes to the other lanes from its first window on, or the next new request
+        would find the express lane taken by it)."""
+        if not r.ready(starting):
+            return False
+        if not express or r.priority == STREAM or starting:
+            return True
+        return r.next == 0 and len(r.spans) <= self._max_windows and r.audio_in_windows <= self._max_audio
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             self._wake.notify_all()
 
-    def step(self) -> bool:
-        """Decode one batch of windows; False when no window was ready."""
+    def step(self, *, express: bool = False) -> bool:
+        """Decode one batch of windows; False when no window was ready (for an ``express``
+        step: no urgent one)."""
         with self._lock:
             queued = sum(len(r.spans) - r.next for r in self._requests if not r.done)
-            picked = self._pick()
+            picked = self._pick(express)
             if not picked:
                 return False
             now = self._now()
@@ -295,7 +330,7 @@ class WindowScheduler:
         for (request, index), outcome in zip(picked, outcomes, strict=True):
             self._finish(request, index, outcome)
 
-    def _pick(self) -> list[tuple[_Request, int]]:
+    def _pick(self, express: bool = False) -> list[tuple[_Request, int]]:
         """The next batch: streams first, then the request least served (virtual time), one
         window at a time, within the window and audio budgets (at least one window).
 
@@ -308,7 +343,7 @@ class WindowScheduler:
         starting: set[int] = set()  # requests whose first window is in this step
         audio = 0
         while len(picked) < self._max_windows:
-            ready = [r for r in self._requests if r.ready(r.seq in starting)]
+            ready = [r for r in self._requests if self._eligible(r, express, r.seq in starting)]
             if starting:
                 ready = [r for r in ready if r.seq in starting or r.next == 0]
             if not ready:
@@ -364,13 +399,13 @@ class WindowScheduler:
                 request.results[index] = outcome
                 if request.language is None and index == 0:
                     request.language = (outcome.language, outcome.language_probability)
-                    self._wake.notify()
+                    self._wake.notify_all()
                 if request.next >= len(request.spans) and request.running == 0:
                     request.done = True
                     answer = self._transcript(request)
             if request.done:
                 self._forget([request])
-                self._wake.notify()
+                self._wake.notify_all()
         if answer is None:
             return
         if isinstance(answer, Transcript) and self._observer is not None:
@@ -392,6 +427,15 @@ class WindowScheduler:
             language_probability=probability,
             duration_s=request.audio.duration_s,
         )
+
+
+def step_audio_s(settings: "AsrSettings", engine: object) -> float:
+    """The audio budget of one step: the setting, else 30 s where steps run side by side on a CPU
+    (a step there costs the sum of its windows: a smaller one frees its lane sooner for a new
+    request), 60 s where a batch shares one forward pass."""
+    if settings.max_batch_audio_s is not None:
+        return settings.max_batch_audio_s
+    return 30.0 if getattr(engine, "lanes", 1) > 1 else 60.0
 
 
 def _join(samples: np.ndarray, pieces: Sequence[tuple[int, int]]) -> np.ndarray:

@@ -84,11 +84,12 @@ class AsrSettings(BaseModel):
         description="CTranslate2: live-stream decodes encode this many seconds at least instead of 30 s "
         "(the stream's previous audio fills the window up to it); 0 = 30 s windows.",
     )
-    max_batch_audio_s: float = Field(
-        60.0,
+    max_batch_audio_s: float | None = Field(
+        None,
         gt=0,
         description="Audio seconds decoded in one step at most (a lone longer window still runs): "
-        "a smaller budget answers a short request sooner while a long file is being decoded.",
+        "a smaller budget answers a short request sooner while a long file is being decoded. "
+        "Default: 30 with CTranslate2 on a CPU (steps side by side there), 60 elsewhere.",
     )
     vllm_memory_utilization: float | None = Field(
         None,
@@ -105,7 +106,15 @@ class AsrSettings(BaseModel):
         None, ge=1500, description="vLLM: tokens per engine step; a new 30 s window's encoder takes "
         "1500 of them. Default 1500 × 8 × the GPU share (at least 2 windows) on GPUs, 3000 on the CPU.",
     )
-    cpu_threads: int = Field(0, ge=0, description="Threads per model; 0 = all cores.")
+    cpu_threads: int = Field(
+        0, ge=0, description="Threads per model (CTranslate2 on a CPU: per decoding step); 0 = all cores "
+        "(CTranslate2 on a CPU: one per step, see parallel_steps)."
+    )
+    parallel_steps: int = Field(
+        0, ge=0, description="CTranslate2 on a CPU: decoding steps run at once, each on cpu_threads "
+        "threads (the weights are shared), plus an express lane for new requests and live streams; "
+        "0 = one per core (with cpu_threads 0: one thread each)."
+    )
     beam_size: int = Field(5, ge=1, le=16, description="Beam width of the decoder.")
     vad_filter: bool = Field(
         True, description="Drop non-speech with Silero VAD before decoding (stops looping on silence)."
