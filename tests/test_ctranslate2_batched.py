@@ -90,10 +90,16 @@ def test_short_windows_are_padded_with_silence_and_stream_decodes_encode_fewer_f
                           pieces=tuple(pieces))
 
     # Live-stream decodes holding 10 s at least (HARK_ASR__STREAM_MIN_WINDOW_S: the stream's
-    # previous audio fills them) encode their length in whole seconds, less 30 s; files 30 s.
+    # previous audio fills them) encode their length in whole seconds and 3 s of silence after it
+    # (HARK_ASR__STREAM_PAD_S), less 30 s; files 30 s.
     assert engine._features(task(AsrOptions(stream="s"))).features.shape[-1] == 3000  # ~9 s: too short
     longer = replace(task(AsrOptions(stream="s")), samples=np.concatenate([samples, samples[: 2 * 16000]]))
-    assert engine._features(longer).features.shape[-1] == -(-len(longer.samples) // 16000) * 100
+    work = engine._features(longer)
+    assert work.features.shape[-1] == -(-len(longer.samples) // 16000) * 100 + 300
+    # The padding is silence in the audio (log-mel of zeros after the speech), not zero mel frames.
+    # Whisper's log-mel of silence is its floor, the same value in every bin.
+    tail = work.features[:, -250:]
+    assert np.ptp(tail) < 1e-3 and tail.max() < work.features.max() - 1
     assert engine._features(task(AsrOptions())).features.shape[-1] == 3000
     # Regression: zeros padded into the log-mel (not silence) past the speech of a short window
     # made the decoder loop: beckett at a 10 s floor read back its phrases again (WER 1.5).

@@ -505,3 +505,27 @@ def test_the_backlog_is_empty_again_once_its_audio_is_taken():
         return backlog.audio_s
 
     assert asyncio.run(go()) == 0
+
+
+def words_of(text: str, start: float = 0.0) -> list[Word]:
+    return [Word(" " + w, start + i * 0.3, start + i * 0.3 + 0.25, 0.9) for i, w in enumerate(text.split())]
+
+
+@pytest.mark.parametrize(
+    ("history", "fresh", "kept"),
+    [
+        # The context's last words heard again, cut short, as the next utterance: dropped.
+        ("so what can I say? Oh, I don't hear that in New Jersey now.", "I don't hear that in New Jersey Bye.", "Bye."),
+        ("Chicago. Oh, I know.", "Oh, I know. Well,", "Well,"),
+        # Short repeats can be real ("Hello? Hello?"): kept.
+        ("Hello?", "Hello? Oh, hello.", "Hello? Oh, hello."),
+        ("I said no no", "no no no.", "no no no."),
+        # The same words further back in the history are not a repeat of its end.
+        ("I don't hear that in New Jersey now. Well, there isn't that much difference.", "I don't hear that", "I don't hear that"),
+    ],
+)
+def test_a_decode_that_repeats_the_last_final_words_of_the_stream_loses_the_repeat(history, fresh, kept):
+    from pipeline.streaming.session import _drop_repeat
+
+    out = _drop_repeat(words_of(fresh, 10.0), words_of(history))
+    assert " ".join(w.text.strip() for w in out) == kept

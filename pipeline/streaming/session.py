@@ -75,6 +75,7 @@ class StreamingSession:
     committed: list[Word] = field(default_factory=list)  # final words of this utterance (absolute)
     previous: list[Word] | None = None  # last hypothesis beyond the committed words
     _final_end_s: float = 0.0  # absolute end of the last final word sent: where a next opening mark sits
+    _history: list[Word] = field(default_factory=list)  # the last final words of earlier utterances
     speech_seen: bool = False
     trailing_silence_s: float = 0.0
     _since_vad: int = 0
@@ -194,9 +195,11 @@ class StreamingSession:
         duration = len(samples) / SAMPLE_RATE
         # Latency first: one temperature, and a token budget far above speech rates (~4 tokens/s)
         # that stops a looping decoder early. No prompt: on short chunks it invites loops.
+        # Finals may fall back to hotter decodes when the greedy one loops ("Well, well, well, ..."):
+        # rare, and a final is what stays.
         opts = AsrOptions(
             language=self.language, word_timestamps=True, beam_size=beam_size,
-            temperature_fallback=False, max_new_tokens=int(20 + 10 * duration),
+            temperature_fallback=not interim, max_new_tokens=int(20 + 10 * duration),
             stream=self.stream_id, interim=interim,
         )
         transcript = await self.transcribe(Audio(samples), opts)
@@ -213,6 +216,8 @@ class StreamingSession:
         for k in range(min(len(tail), len(fresh)), 0, -1):
             if tail[-k:] == [_norm(w.text) for w in fresh[:k]]:
                 return fresh[k:]
+        if not self.committed:
+            return _drop_repeat(fresh, self._history)
         return fresh
 
     async def _interim(self) -> list[dict[str, Any]]:
@@ -249,6 +254,7 @@ class StreamingSession:
         words = await self._decode(beam_size=self.options.final_beam_size)
         end = self.offset_s + len(self.buffer) / SAMPLE_RATE
         events = [self._results(words, is_final=True, speech_final=speech_final, end=end)]
+        self._history = (self._history + self.committed + words)[-_HISTORY_WORDS:]
         self.offset_s = end
         self._remember(self.buffer)
         self.buffer = np.zeros(0, np.float32)
@@ -277,6 +283,27 @@ class StreamingSession:
         if is_final and words:
             self._final_end_s = words[-1].end
         return message
+
+
+_HISTORY_WORDS = 12
+_MIN_REPEAT = 3
+
+
+def _drop_repeat(fresh: list[Word], history: list[Word]) -> list[Word]:
+    """``fresh`` without a start that repeats the end of the earlier utterances' final words.
+
+    A decode starts with the stream's previous audio as context, and Whisper can hear the
+    context's last words again and time them after it ("... New Jersey now." then "I don't hear
+    that New Jersey" once more, as a new utterance). A repeat is at least ``_MIN_REPEAT`` words
+    equal to a run of the history that ends at its last word or up to two words before it (the
+    repeat cut short); fewer words may be a real repeat ("Hello? Hello?") and are kept."""
+    old = [_norm(w.text) for w in history]
+    new = [_norm(w.text) for w in fresh]
+    for k in range(min(len(old), len(new)), _MIN_REPEAT - 1, -1):
+        for end in range(len(old), max(k, len(old) - 2) - 1, -1):
+            if old[end - k : end] == new[:k]:
+                return fresh[k:]
+    return fresh
 
 
 def _norm(text: str) -> str:
