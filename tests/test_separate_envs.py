@@ -51,7 +51,8 @@ class EnvRun:
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     # Started again once when its output shows this (Ray's hard-coded 30 s wait for a new node to
-    # register, missed on a busy machine): a start-up hazard of the test cluster, not a result.
+    # register, missed on a busy machine; a vLLM CPU worker process that failed to start): a
+    # start-up hazard of the test environment, not a result.
     retry_on: str | None = None
 
     def run(self) -> None:
@@ -70,8 +71,10 @@ class EnvRun:
             try:
                 self.proc = subprocess.Popen(
                     ["bash", "-c", command], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                    # One core: the rest of the suite runs beside it on the other.
-                    env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HARK_CPU_THREADS": "1", **self.env},
+                    # One core: the rest of the suite runs beside it on the other (one decoding step
+                    # at a time on one thread, beside the express lane).
+                    env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HARK_ASR__CPU_THREADS": "1",
+                         "HARK_ASR__PARALLEL_STEPS": "1", **self.env},
                 )
             except BaseException:
                 self.returncode = -1
@@ -101,7 +104,9 @@ RUNS = {
     # abort on cancel, a dead engine core, sizing), in one process.
     "test_vllm_engine_meets_the_engine_contract": EnvRun(
         "vllm-env.sh", "tests/test_engine.py tests/vllm_env", minimum_passed=14,
-        env={"HARK_TEST_ENGINES": "vllm", "HARK_IN_VLLM_ENV": "1"}),
+        env={"HARK_TEST_ENGINES": "vllm", "HARK_IN_VLLM_ENV": "1"},
+        # Seen once in CI at load ~24 (one engine of the 18 tests; its worker's own error not kept).
+        retry_on="WorkerProc initialization failed"),
     "test_pyannote_backend_in_its_environment": EnvRun(
         "pyannote-env.sh", "tests/pyannote_env", minimum_passed=3, env={"HARK_IN_PYANNOTE_ENV": "1"}),
     "test_multinode_cluster_suite": EnvRun(None, "tests/test_multinode.py", minimum_passed=3, env={},

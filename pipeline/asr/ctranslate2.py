@@ -54,7 +54,8 @@ def cpu_lanes(settings: AsrSettings) -> tuple[int, int, bool]:
     one thread and 5.3-8.2 s on two (the decoder's small matrix products lose more to the threads'
     synchronisation than they gain), two windows batched in one call on one thread 6.9 s, and two
     windows in two calls at once 3.6-3.9 s. Batching windows gains nothing on a CPU; steps side by
-    side use every core.
+    side use every core. The express lane is one step more, for urgent work only (streams, short
+    requests): it shares the cores with the others while it runs.
     """
     cores = os.cpu_count() or 1
     lanes = settings.parallel_steps or (cores if not settings.cpu_threads else max(1, cores // settings.cpu_threads))
@@ -407,7 +408,9 @@ class CTranslate2Engine:
         times = SpeechTimestampsMap([{"start": a, "end": b} for a, b in spans], SAMPLE_RATE)
 
         def word(x: dict) -> Word:
-            piece = times.get_chunk_index(x["start"])  # a word stays in one piece
+            # A word stays in one piece: the one holding its middle, as faster-whisper maps it (by
+            # its start, a word timed a little early fell into the piece before, seconds away).
+            piece = times.get_chunk_index((x["start"] + x["end"]) / 2)
             start = times.get_original_time(x["start"], piece)
             end = times.get_original_time(x["end"], piece)
             return Word(text=x["word"], start=_clamp(start, duration), end=_clamp(max(end, start), duration),

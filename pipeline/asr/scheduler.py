@@ -11,8 +11,13 @@ arrives (a virtual clock that advances with the work served, as in fair queueing
 request is served next, yet a flood of short ones only takes turns with a long file, never
 starves it.
 
+Steps run in lanes (``start``): one worker thread each, several at once where the engine runs a
+step on few threads (CTranslate2 on a CPU: one per core), and an express lane that takes only a
+stream's decode or a new request that one step answers whole, so neither waits for a step of a
+long file.
+
 The engine seam is ``WindowEngine``: cut an audio into spans, decode a batch of windows (detecting
-the language of a window that has none). Thread-safe; ``run`` is the worker loop, ``step`` one
+the language of a window that has none). Thread-safe; ``run`` is a lane's loop, ``step`` one
 batch (tests call it directly).
 """
 
@@ -252,8 +257,8 @@ class WindowScheduler:
     def run(self, *, express: bool = False) -> None:
         """Decode batches until ``close``; the replica runs this in each of its worker threads.
 
-        ``express``: a lane that takes only urgent work (a live stream's decode, a request's
-        first step), so that a new request or a stream never waits for a step of a long file."""
+        ``express``: a lane that takes only urgent work (a live stream's decode, a new request
+        that one step answers whole), so that neither waits for a step of a long file."""
         while True:
             with self._lock:
                 while not self._closed and not any(self._eligible(r, express) for r in self._requests):
