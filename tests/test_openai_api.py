@@ -175,7 +175,8 @@ def test_translation_is_english(answers):
     # whisper-base renders espeak's robotic Spanish loosely (and, through the temperature
     # fallback, differently from run to run), but in English: none of the Spanish words is left.
     words = set(normalize(translation.text).split())
-    spanish = set(normalize(assets.FOREIGN[0][3]).split()) - {"me", "a", "no"}  # English words too
+    # Less what an English rendering keeps or shares: names (Carlos, Madrid) and "me".
+    spanish = set(normalize(assets.FOREIGN[0][3]).split()) - {"me", "carlos", "madrid"}
     assert words and not words & spanish, translation.text
     assert translation.segments and translation.duration > 0
 

@@ -193,10 +193,10 @@ class StreamingSession:
         samples = np.concatenate([self.past[len(self.past) - lead:], self.buffer]) if lead else self.buffer.copy()
         origin_s = self.offset_s - lead / SAMPLE_RATE  # absolute time of samples[0]
         duration = len(samples) / SAMPLE_RATE
-        # Latency first: one temperature, and a token budget far above speech rates (~4 tokens/s)
-        # that stops a looping decoder early. No prompt: on short chunks it invites loops.
-        # Finals may fall back to hotter decodes when the greedy one loops ("Well, well, well, ..."):
-        # rare, and a final is what stays.
+        # Latency first: a token budget far above speech rates (~4 tokens/s) that stops a looping
+        # decoder early, and no prompt (on short chunks it invites loops). Interims decode at one
+        # temperature; finals may fall back to hotter decodes when the greedy one is degenerate
+        # ("Well, well, well, ..."): rare, and a final is what stays.
         opts = AsrOptions(
             language=self.language, word_timestamps=True, beam_size=beam_size,
             temperature_fallback=not interim, max_new_tokens=int(20 + 10 * duration),
