@@ -88,7 +88,7 @@ def main() -> None:
 
     budget = step_audio_s(settings, engine)
     scheduler = WindowScheduler(engine, max_batch_windows=args.batch_windows, max_batch_audio_s=budget)
-    workers = scheduler.start(engine.lanes, express=engine.express_lane)
+    workers = scheduler.start()
 
     def timed(fn, *a):
         started = time.perf_counter()

@@ -100,7 +100,7 @@ def in_process_streamer(args, costs: list[tuple[bool, float, float]]) -> tuple[S
     engine = build_engine(settings)
     scheduler = WindowScheduler(engine, max_batch_windows=settings.window_batch_size,
                                 max_batch_audio_s=step_audio_s(settings, engine))
-    scheduler.start(engine.lanes, express=engine.express_lane)  # as the ASR replica does
+    scheduler.start()  # as the ASR replica does
 
     async def transcribe(audio, options):
         started = time.perf_counter()

@@ -53,9 +53,7 @@ class AsrDeployment:
         # The engine blocks for seconds a step: steps run off the event loop, which keeps taking
         # requests and answering health checks; side by side where the engine runs each on a few
         # threads (CTranslate2 on a CPU), with an express lane for new requests and streams.
-        self._workers = self._scheduler.start(
-            getattr(windows, "lanes", 1), express=getattr(windows, "express_lane", False)
-        )
+        self._workers = self._scheduler.start()
 
     async def transcribe(self, audio: Audio, options: AsrOptions) -> Transcript | Replaced:
         if self._direct is not None:  # vLLM schedules the windows; a hang-up cancels this call and aborts them

@@ -125,7 +125,7 @@ class CTranslate2Engine:
             max_batch_audio_s=step_audio_s(self._settings, self),
         )
         futures = [scheduler.submit(audio, opts) for audio, opts in zip(batch, options, strict=True)]
-        workers = scheduler.start(self.lanes)
+        workers = scheduler.start(express=False)  # the caller waits for all: nothing is more urgent
         try:
             return [f.result() for f in futures]
         finally:

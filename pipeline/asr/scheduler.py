@@ -267,10 +267,13 @@ class WindowScheduler:
                     return
             self.step(express=express)
 
-    def start(self, lanes: int = 1, *, express: bool = False) -> list[threading.Thread]:
+    def start(self, lanes: int | None = None, *, express: bool | None = None) -> list[threading.Thread]:
         """Start ``lanes`` worker threads, each decoding steps, and with ``express`` one more
         for urgent work only: steps of different requests then run at once (an engine that runs
-        each step on one core uses several cores so; see ``CTranslate2Engine``)."""
+        each step on one core uses several cores so; see ``CTranslate2Engine``). By default, as
+        many as the engine has (its ``lanes`` and ``express_lane``; one lane otherwise)."""
+        lanes = getattr(self._engine, "lanes", 1) if lanes is None else lanes
+        express = getattr(self._engine, "express_lane", False) if express is None else express
         kinds = [False] * max(1, lanes) + ([True] if express else [])
         workers = [
             threading.Thread(target=self.run, kwargs={"express": e}, name=f"asr-{'express' if e else 'step'}-{i}", daemon=True)
