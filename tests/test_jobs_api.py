@@ -155,8 +155,45 @@ def test_idempotency_key_returns_the_same_job_without_running_twice(api, receive
     assert len(receiver.delivered("/hook/idem")) == 1
 
 
+def _jobs_replicas() -> set[str]:
+    """The actor names of the Jobs deployment's live replicas (from the GCS: the suite's Ray
+    runs no dashboard, so no state API)."""
+    import ray
+
+    return {actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["namespace"] == "serve" and actor["name"].startswith("SERVE_REPLICA::hark#Jobs#")}
+
+
+def _delivered_once(api, receiver, job_id, path) -> dict:
+    """The job's one webhook, once its delivery is final: completed, delivered by one attempt."""
+    [payload] = wait_until(lambda: receiver.delivered(path), 180, what="the webhook")
+    state = wait_until(lambda: (s := job_state(api, job_id))["delivery"]["state"] == "delivered" and s, 30, what="delivered")
+    assert payload["job_id"] == job_id and payload["status"] == "completed"
+    assert payload["result"]["text"].startswith("Ever tried")
+    assert state["status"] == "completed" and state["delivery"]["attempts"] == 1
+    assert len([p for p, _, _ in receiver.attempts if p == path]) == 1
+    return payload
+
+
+def test_a_killed_jobs_replica_loses_no_job(api, receiver, media_server, clips):
+    """Replica death: the Jobs replica running a job is killed (no shutdown, as an OOM kill or a
+    crash ends it); Serve starts another, which takes the job over when its lease runs out."""
+    import ray
+
+    media_server.files["killed.wav"] = clips["beckett"].path.read_bytes()
+    before = media_server.holding
+    job_id = submit(api, receiver, "/hook/killed", json={"url": media_server.url("/slowfile/killed.wav?seconds=4")})
+    wait_until(lambda: media_server.holding > before, 30, what="the job to start downloading")
+    [victim] = _jobs_replicas()
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    _delivered_once(api, receiver, job_id, "/hook/killed")
+    assert victim not in _jobs_replicas()
+
+
 def test_job_survives_a_restart_of_the_application(api, receiver, media_server, clips, data_dir):
-    """The app is torn down while the job downloads; the new app picks the job up and delivers."""
+    """The app is torn down while the job downloads; the new app picks the job up and delivers.
+    (A RayService upgrade replaces the whole cluster so; ``serve deploy`` of a changed config
+    to a running app is tests/test_multinode.py's upgrade test.)"""
     from ray import serve
 
     from deployments.app import build_app
