@@ -40,6 +40,11 @@ class JobsDeployment:
         # Also starts the runner's loops, on the replica's event loop.
         self._runner.check_health()
 
+    async def __del__(self) -> None:
+        # Serve's graceful shutdown of this replica (an upgrade, a downscale): the jobs it cannot
+        # finish in time go to another replica now, not when their leases run out.
+        await self._runner.stop(self._settings.jobs_drain_s)
+
     async def submit(self, request: JobRequest) -> dict:
         return await self._runner.submit(request)
 

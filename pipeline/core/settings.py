@@ -285,6 +285,11 @@ class Settings(BaseSettings):
     webhook_backoff_max_s: float = Field(900.0, gt=0, description="Longest delay between attempts.")
     jobs_lease_s: float = Field(30.0, gt=0, description="A running job is taken over if its runner is silent this long.")
     jobs_concurrency: int = Field(4, ge=1, description="Jobs a runner works on at once.")
+    jobs_drain_s: float = Field(
+        10.0, ge=0, description="When a Jobs replica stops (an upgrade, a downscale), running jobs get this "
+        "long to finish; the rest go back to the queue at once for another replica. Keep it under the Jobs "
+        "deployment's graceful_shutdown_timeout_s (20 s by default).",
+    )
     stream_idle_timeout_s: float = Field(10.0, gt=0, description="A stream with no audio and no KeepAlive this long is closed.")
     stream_max_frame_kib: int = Field(
         1024, ge=1, description="Largest binary frame of a live stream, in KiB; a larger one ends it (close 1009)."

@@ -141,13 +141,38 @@ class JobRunner:
         self._db = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hark-jobs-store")
         self._dns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hark-webhook-dns")
         self._delivering: set[str] = set()
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task] = []  # the run and delivery loops
+        self._inflight: set[asyncio.Task] = set()  # job runs and webhook attempts under way
 
     def start(self) -> None:
         """Start the run and delivery loops on the running event loop (once)."""
         if not self._tasks:
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._run_loop()), loop.create_task(self._delivery_loop())]
+
+    async def stop(self, drain_s: float) -> None:
+        """Stop claiming jobs and deliveries; give the runs and webhook attempts under way
+        ``drain_s`` to finish, then hand the jobs still running back to the queue with their run
+        uncounted, so that another runner takes them at once instead of after their lease (a
+        replica's graceful shutdown: an upgrade, a downscale). A webhook attempt cut short is
+        sent again by whichever runner takes its delivery next."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._inflight:
+            inflight = len(self._inflight)
+            _, late = await asyncio.wait(set(self._inflight), timeout=drain_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+            logger.info("job runner stopped: %d of %d runs and webhook attempts ended in the drain, %d cut short "
+                        "(their jobs are back in the queue)", inflight - len(late), inflight, len(late))
+
+    def _track(self, coro: Awaitable[None]) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return task
 
     def check_health(self) -> None:
         self.start()
@@ -259,8 +284,7 @@ class JobRunner:
                 slots.release()
                 await asyncio.sleep(POLL_S)
                 continue
-            task = asyncio.get_running_loop().create_task(self._run(job))
-            task.add_done_callback(lambda _: slots.release())
+            self._track(self._run(job)).add_done_callback(lambda _: slots.release())
 
     async def _heartbeat(self, job_id: str) -> None:
         """Renew the lease until it is lost (then return)."""
@@ -285,6 +309,13 @@ class JobRunner:
         heartbeat = asyncio.ensure_future(self._heartbeat(job.job_id))
         try:
             await asyncio.wait({work, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # The runner stops: the job goes back to the queue now, uncharged, its run given back.
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+            await self._call(self._store.requeue, job.job_id, self._worker, 0.0, count_attempt=False)
+            raise
         finally:
             heartbeat.cancel()
         if not work.done():  # the heartbeat ended: the lease is gone
@@ -358,8 +389,8 @@ class JobRunner:
             for job in due:
                 if job.job_id not in self._delivering and len(self._delivering) < concurrency:
                     self._delivering.add(job.job_id)
-                    task = asyncio.get_running_loop().create_task(self._deliver(job))
-                    task.add_done_callback(lambda _, j=job.job_id: self._delivering.discard(j))
+                    self._track(self._deliver(job)).add_done_callback(
+                        lambda _, j=job.job_id: self._delivering.discard(j))
             await asyncio.sleep(POLL_S)
 
     async def _deliver(self, job: Job) -> None:
