@@ -77,7 +77,8 @@ def _status(names: dict[str, str]) -> dict:
                 "replicas": {_name(state): count for state, count in overview.replica_states.items()},
             }
     replicas = [
-        {"deployment": actor.class_name.rsplit(":", 1)[-1], "node": names.get(actor.node_id, actor.node_id)}
+        {"deployment": actor.class_name.rsplit(":", 1)[-1], "node": names.get(actor.node_id, actor.node_id),
+         "name": actor.name}
         for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False)
         if actor.class_name.startswith("ServeReplica:hark:")
     ]

@@ -163,15 +163,12 @@ def cluster(postgres, s3_server):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def app(cluster, tmp_path_factory):
-    """The app, deployed by ``serve deploy`` from a shell without any ``HARK_*`` variable."""
-    port = free_port()
-    config = tmp_path_factory.mktemp("multinode") / "serve_config.yaml"
-    config.write_text(yaml.safe_dump(deploy_config(port)))
-    started = time.monotonic()
+def serve_deploy(cluster: RunningCluster, config: dict, path: Path) -> None:
+    """``serve deploy`` of ``config`` from a shell without any ``HARK_*`` variable, then wait
+    until Serve reports the app running."""
+    path.write_text(yaml.safe_dump(config))
     serve = Path(sys.executable).parent / "serve"
-    done = subprocess.run([str(serve), "deploy", str(config), "--address", cluster.info["dashboard"]],
+    done = subprocess.run([str(serve), "deploy", str(path), "--address", cluster.info["dashboard"]],
                           env=without_settings(os.environ), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -181,6 +178,21 @@ def app(cluster, tmp_path_factory):
         return status["app"] == "RUNNING"
 
     wait_until(running, 300, interval_s=1, what="the deployed app to run")
+
+
+def replica_names(status: dict) -> dict[str, set[str]]:
+    names: dict[str, set[str]] = {}
+    for replica in status["replicas"]:
+        names.setdefault(replica["deployment"], set()).add(replica["name"])
+    return names
+
+
+@pytest.fixture(scope="module")
+def app(cluster, tmp_path_factory):
+    """The app, deployed by ``serve deploy`` from a shell without any ``HARK_*`` variable."""
+    port = free_port()
+    started = time.monotonic()
+    serve_deploy(cluster, deploy_config(port), tmp_path_factory.mktemp("multinode") / "serve_config.yaml")
     base = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.get(f"{base}/ready", timeout=10).status_code == 200, 60, what="/ready")
     log.info(f"serve deploy to running in {time.monotonic() - started:.1f} s")
@@ -240,6 +252,65 @@ def test_requests_cross_nodes_and_asr_scales_up_under_load_and_back_down(app, cl
                what="ASR to scale back down")
     log.info(f"ASR scaled up after {up_s:.1f} s of load ({len(texts)} requests), down "
              f"{time.monotonic() - started - up_s:.1f} s after it")
+
+
+def test_an_upgrade_replaces_only_what_changed_and_loses_no_job(app, cluster, clips, media_server, receiver,
+                                                              tmp_path):
+    """App upgrade in place: ``serve deploy`` of the config with a new version of Jobs (its
+    ray_actor_options changed) while jobs run. Serve replaces the Jobs replicas only; ASR and the
+    rest go on running; every accepted job completes, runs once and is delivered once."""
+    from pipeline.service.jobs import SqlJobStore
+
+    store = SqlJobStore(cluster.database_url)
+    names = ["fox", "meeting", "speech", "weather"]
+    for name in names:
+        media_server.files[f"up-{name}.wav"] = clips[name].path.read_bytes()
+    headers = {"Authorization": f"Token {KEY}"}
+    hook = receiver.url("/upgrade")
+    expected = {}
+    with httpx.Client(base_url=app, headers=headers, timeout=60) as client:
+        for i in range(8):
+            name = names[i % len(names)]
+            r = client.post("/v1/listen", json={"url": media_server.url(f"/files/up-{name}.wav")},
+                            params={"callback_url": hook})
+            assert r.status_code == 202, r.text
+            expected[r.json()["job_id"]] = name
+    wait_until(lambda: any(store.get(job_id).state == "running" for job_id in expected), 120, interval_s=0.05,
+               what="a job to run")
+    before = replica_names(cluster.ask("status"))
+    config = deploy_config(int(app.rsplit(":", 1)[1]))
+    [jobs_config] = [d for d in config["applications"][0]["deployments"] if d["name"] == "Jobs"]
+    jobs_config["ray_actor_options"]["num_cpus"] += 0.01  # a new version of Jobs: its replicas restart
+    started = time.monotonic()
+    serve_deploy(cluster, config, tmp_path / "upgraded.yaml")
+
+    def upgraded():
+        now = replica_names(cluster.ask("status"))
+        return len(now.get("Jobs", ())) == 2 and now["Jobs"].isdisjoint(before["Jobs"]) and now
+
+    after = wait_until(upgraded, 120, interval_s=0.5, what="new Jobs replicas")
+    upgraded_s = time.monotonic() - started
+    # The deployments of a fixed size run on as they were; ASR autoscales under this load, so of
+    # it: a replica from before is still there (a new ASR version would have replaced them all).
+    fixed = ("Ingress", "AudioFetch", "Accounting", "Diarization")
+    assert {name: after[name] for name in fixed} == {name: before[name] for name in fixed}
+    assert before["ASR"] & after["ASR"], (before["ASR"], after["ASR"])
+
+    def all_delivered():
+        done = [store.get(job_id) for job_id in expected]
+        return all(job.delivery_state == "delivered" for job in done) and done
+
+    finished = wait_until(all_delivered, 180, interval_s=0.5, what="every job to complete and be delivered")
+    deliveries = [(headers["webhook-id"], payload) for path, headers, payload in receiver.deliveries if path == "/upgrade"]
+    assert sorted(webhook_id for webhook_id, _ in deliveries) == sorted(f"msg_{job_id}" for job_id in expected)
+    for _, payload in deliveries:
+        assert payload["status"] == "completed"
+        assert closest(clips, names, payload["result"]["text"]) == expected[payload["job_id"]], payload
+    # The old Jobs replicas finished their runs in the drain or handed them back uncounted: no job
+    # waited out a lease and ran twice.
+    assert [job.run_attempts for job in finished] == [1] * len(expected)
+    log.info(f"upgrade: new Jobs replicas {upgraded_s:.1f} s after serve deploy, ASR kept; {len(expected)} jobs "
+             f"delivered once each, none run twice")
 
 
 def test_losing_a_worker_node_mid_load_completes_every_job_once(app, cluster, clips, media_server, receiver, postgres):

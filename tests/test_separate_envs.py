@@ -109,7 +109,7 @@ RUNS = {
         retry_on="WorkerProc initialization failed"),
     "test_pyannote_backend_in_its_environment": EnvRun(
         "pyannote-env.sh", "tests/pyannote_env", minimum_passed=3, env={"HARK_IN_PYANNOTE_ENV": "1"}),
-    "test_multinode_cluster_suite": EnvRun(None, "tests/test_multinode.py", minimum_passed=3, env={},
+    "test_multinode_cluster_suite": EnvRun(None, "tests/test_multinode.py", minimum_passed=4, env={},
                                            retry_on="The current node timed out during startup"),
 }
 
