@@ -5,8 +5,9 @@ machine): it gives each actor GPU ids and a share of them and sets CUDA_VISIBLE_
 ``cluster/serve_config.gpu.yaml`` is deployed as ``hark serve`` deploys a config
 (``deployments.launch``), changed only where a CPU machine must differ: the engines on the CPU
 (CTranslate2 in int8 with the cheaper bundled model, whisper-tiny.en; the diarizer on the CPU), the
-deployments' num_cpus shrunk so that the graph fits 2 cores, HTTP on loopback, and ASR at 3
-replicas instead of autoscaling, one more than 2 GPUs hold at 0.8 each. num_gpus is as written.
+deployments' num_cpus shrunk so that the graph fits 2 cores, HTTP on loopback, the test's own
+license key and data directory, and ASR at 3 replicas instead of autoscaling, one more than 2 GPUs
+hold at 0.8 each. num_gpus is as written.
 
 The issue asked for a stub engine; the engines here are the real ones on the CPU, so what is
 placed is an app that transcribes and diarizes (a request goes through it).
@@ -141,7 +142,8 @@ def gpu_app(tmp_path_factory):
         # /ready: every deployment has a running replica (ASR's third one never will); then both
         # GPUs' ASR replicas.
         wait_until(ready, START_TIMEOUT_S, interval_s=1, what="/ready")
-        wait_until(lambda: asr_replica_states().get("RUNNING") == FAKE_GPUS, 120, what=f"{FAKE_GPUS} running ASR replicas")
+        wait_until(lambda: asr_replica_states().get("RUNNING") == FAKE_GPUS, 120,
+                   what=f"{FAKE_GPUS} running ASR replicas")
         log.info(f"deployed to ready in {time.monotonic() - started:.1f} s")
         yield base
     finally:
