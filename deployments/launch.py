@@ -134,6 +134,23 @@ class StatusReporter:
             time.sleep(poll_s)
 
 
+def deploy(config) -> None:
+    """Start Serve on the connected Ray with the config's HTTP, proxy and controller options and
+    hand it the config's applications, as ``serve run CONFIG`` does: the builder runs on the
+    cluster and the config's ``deployments`` are applied over the decorators'. Returns at once;
+    ``StatusReporter`` (or ``serve.status()``) watches the applications come up."""
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+
+    client = serve_api.serve_start(
+        http_options=config.http_options.model_dump(),
+        proxy_location=config.proxy_location,
+        grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
+        controller_options=config.controller_options,
+    )
+    client.deploy_apps(config, _blocking=False)
+
+
 def serve_config(config_path: Path, *, address: str | None, ready_timeout_s: float, dashboard: bool) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -149,9 +166,7 @@ def serve_config(config_path: Path, *, address: str | None, ready_timeout_s: flo
 
     import ray
     from ray import serve
-    from ray.serve._private import api as serve_api
     from ray.serve._private.constants import SERVE_NAMESPACE
-    from ray.serve.config import gRPCOptions
 
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     init: dict[str, Any] = {"address": address, "namespace": SERVE_NAMESPACE}
@@ -167,13 +182,7 @@ def serve_config(config_path: Path, *, address: str | None, ready_timeout_s: flo
     signal.signal(signal.SIGINT, on_signal)
     code = 0
     try:
-        client = serve_api.serve_start(
-            http_options=config.http_options.model_dump(),
-            proxy_location=config.proxy_location,
-            grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
-            controller_options=config.controller_options,
-        )
-        client.deploy_apps(config, _blocking=False)
+        deploy(config)
         reporter = StatusReporter([app.name for app in config.applications])
         reporter.wait_running(ready_timeout_s)
         http = config.http_options

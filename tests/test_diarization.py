@@ -12,6 +12,7 @@ from pipeline.diarization.clustering import (
     ClusteringConfig,
     EmbeddingClusteringDiarizer,
     SegmentationDiarizer,
+    cluster,
     turns_from_frames,
 )
 from pipeline.diarization.base import DiarizationOptions
@@ -196,6 +197,18 @@ def test_group_turns():
         ("SPEAKER_01", "Hello again.", 1.0, 2.1),
         ("SPEAKER_00", "Bye.", 5.0, 5.3),
     ]
+
+
+def test_a_clip_of_fewer_than_six_windows_clusters():
+    # Regression: with 2-5 embedding windows (3 s of speech with diarize=true) p-pruning was asked to
+    # keep 6 / n > 1 of each row's links, sliced an empty cutoff and the API answered 500
+    # (found by tests/test_gpu_placement.py's request).
+    rng = np.random.default_rng(0)
+    for n in range(2, 7):
+        embeddings = rng.normal(size=(n, 256))
+        embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+        labels = cluster(embeddings, DiarizationOptions(), ClusteringConfig())
+        assert labels.shape == (n,) and labels.min() >= 0
 
 
 def test_frames_to_turns_merges_short_gaps_and_blips():

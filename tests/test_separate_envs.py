@@ -5,7 +5,9 @@
 - pyannote.audio 4 (needs torchaudio, which imports only beside torch 2.9.1): tests/pyannote_env;
 - the multi-node cluster (tests/test_multinode.py, a three-node Ray cluster of its own, in this
   environment): left out of the session's own collection (conftest's ``collect_ignore``; name the
-  file to run it directly).
+  file to run it directly);
+- the GPU profiles' placement (tests/test_gpu_placement.py, a Ray of its own with two fake GPUs, in
+  this environment): the same way.
 
 scripts/vllm-env.sh and scripts/pyannote-env.sh build each environment once (cached under
 ~/.cache/hark) and print its python; these tests run the suites there and check the outcome.
@@ -111,6 +113,7 @@ RUNS = {
         "pyannote-env.sh", "tests/pyannote_env", minimum_passed=3, env={"HARK_IN_PYANNOTE_ENV": "1"}),
     "test_multinode_cluster_suite": EnvRun(None, "tests/test_multinode.py", minimum_passed=4, env={},
                                            retry_on="The current node timed out during startup"),
+    "test_gpu_placement_suite": EnvRun(None, "tests/test_gpu_placement.py", minimum_passed=5, env={}),
 }
 
 
@@ -146,3 +149,8 @@ def test_pyannote_backend_in_its_environment():
 @pytest.mark.timeout(2400)
 def test_multinode_cluster_suite():
     RUNS["test_multinode_cluster_suite"].check(timeout_s=2300)
+
+
+@pytest.mark.timeout(2400)
+def test_gpu_placement_suite():
+    RUNS["test_gpu_placement_suite"].check(timeout_s=2300)

@@ -139,7 +139,7 @@ def estimate_speakers(affinity: np.ndarray, options: DiarizationOptions, p_keep:
     n = len(affinity)
     a = affinity.copy()
     # p-pruning (Park et al. 2019): keep each row's strongest links, then symmetrise.
-    keep = max(1, int(np.ceil(p_keep * n)))
+    keep = min(n, max(1, int(np.ceil(p_keep * n))))  # p_keep exceeds 1 below 6 windows (cluster's 6 / n)
     cutoff = -np.sort(-a, axis=1)[:, keep - 1 : keep]
     a = np.where(a >= cutoff, a, 0.0)
     a = 0.5 * (a + a.T)
