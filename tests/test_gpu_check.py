@@ -61,6 +61,19 @@ def test_a_cpu_run_measures_each_engine_on_the_bundled_and_a_random_model(clips,
     assert (hf_dir.with_name(hf_dir.name + "-ct2") / "model.bin").is_file()
 
 
+def test_an_engine_that_fails_its_check_is_reported_and_the_exit_status_is_1(clips):
+    beckett = clips["beckett"]
+    out = gpu_check(
+        "--device", "cpu", "--engines", "ctranslate2", "--skip-random", "--minutes", "0.1",
+        "--audio", str(beckett.path), "--text", "Something else entirely was said in this recording",
+    )
+    assert out.returncode == 1, out.stdout + out.stderr[-3000:]
+    assert "ctranslate2 × whisper-base: FAILED: WER" in out.stdout
+    [row] = summary(out.stdout).values()
+    assert row["result"] == "FAILED" and float(row["WER"]) > 0.35 and float(row["RTFx"]) > 0  # still measured
+    assert "0 of 1 passed; failed: ctranslate2 × whisper-base" in out.stdout
+
+
 @pytest.mark.skipif(ctranslate2.get_cuda_device_count() > 0, reason="this machine has a CUDA device")
 def test_asked_for_cuda_without_a_gpu_it_says_so_and_fails():
     out = gpu_check("--engines", "ctranslate2,transformers", "--skip-random")  # --device cuda: the default
