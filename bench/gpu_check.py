@@ -21,7 +21,7 @@ Usage, from a checkout (cluster/README.md, "Checking a GPU box"):
 
     python bench/gpu_check.py --engines ctranslate2,transformers   # the [cuda,transformers] env
     python bench/gpu_check.py --engines vllm                       # the vLLM env
-    python bench/gpu_check.py --device cpu --shape tiny --minutes 0.5   # a CPU smoke run (CI)
+    python bench/gpu_check.py --device cpu --shape tiny            # a CPU smoke run (~2 min on 2 cores)
 
 Exit status: 0 when every engine × model passed, 1 when one failed (the others still ran), 2 when
 there is no usable device, no engine to run, or no speech.
