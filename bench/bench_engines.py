@@ -18,27 +18,40 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+
+if TYPE_CHECKING:
+    from pipeline.core.types import Audio
 
 ESPEAK = ["fox", "stella", "meeting", "speech", "weather", "report"]
 CLIPS = ["beckett", "sample", *ESPEAK]
 
 
+def load_clips() -> list[tuple[str, "Audio", str]]:
+    """The clips of ``CLIPS`` (tests/assets.py), decoded: (name, audio, reference text)."""
+    import assets
+
+    from pipeline.audio.decode import decode
+
+    prepared = assets.prepare()
+    return [(name, decode(prepared[name].path, max_duration_s=7200), prepared[name].text) for name in CLIPS]
+
+
 def measure(engine_name: str) -> dict:
     import numpy as np
 
-    import assets
     from textnorm import wer
 
-    from pipeline.audio.decode import decode
     from pipeline.asr.factory import build_engine
     from pipeline.core.settings import AsrSettings
     from pipeline.core.types import AsrOptions
 
-    clips = assets.prepare()
-    audios = [decode(clips[name].path, max_duration_s=7200) for name in CLIPS]
+    clips = load_clips()
+    references = {name: text for name, _, text in clips}
+    audios = [audio for _, audio, _ in clips]
     audio_s = sum(a.duration_s for a in audios)
     engine, _, precision = engine_name.partition("-")
     settings = AsrSettings(engine=engine, beam_size=1, compute_type="float32" if precision == "fp32" else "int8")
@@ -56,7 +69,7 @@ def measure(engine_name: str) -> dict:
     batch8_s = time.perf_counter() - started
 
     def wers(transcripts):
-        errors = {name: wer(clips[name].text, t.text) for name, t in zip(CLIPS, transcripts)}
+        errors = {name: wer(references[name], t.text) for name, t in zip(CLIPS, transcripts)}
         return {
             "beckett": errors["beckett"],
             "sample": errors["sample"],

@@ -176,10 +176,15 @@ class WindowedEngine(ABC):
             language=options.language, timestamps=options.word_timestamps, task=options.task
         )
 
+    def spans(self, audio: Audio) -> list[tuple[int, int]]:
+        """The [start, end) sample spans of ``audio`` decoded as windows: its speech only (VAD on),
+        ≤ 30 s each, in order."""
+        return windows(audio.samples, self._speech)
+
     def transcribe(self, batch: Sequence[Audio], options: Sequence[AsrOptions]) -> list[Transcript]:
         for opts in options:
             self.check(opts)
-        spans = [windows(a.samples, self._speech) for a in batch]
+        spans = [self.spans(a) for a in batch]
         languages = self._languages(batch, options, spans)
         work = [
             Window(
