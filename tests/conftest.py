@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # Before any OpenMP runtime starts (torch, CTranslate2; Ray's workers and the suites run beside this
@@ -73,15 +75,29 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     items.sort(key=lambda item: getattr(getattr(item, "module", None), "start_in_background", None) is not None)
 
 
+_background: list[Callable[[], None]] = []
+
+
 def pytest_collection_finish(session) -> None:
     if session.config.option.collectonly:
         return
-    # The suites that run in environments of their own start now and run beside the rest
-    # (tests/test_separate_envs.py): their time overlaps the suite's instead of adding to it.
+    # The suites that run in environments of their own (tests/test_separate_envs.py) and the
+    # install-recipe resolutions run beside the rest: their time overlaps the suite's instead of
+    # adding to it. They start once the shared Serve app is up (at once if no test uses it): its
+    # proxy and replicas run their Python at Ray's worker nice 15, and starting beside a vLLM
+    # engine and pip at nice 0 their readiness checks timed out again and again (CI, 2026-12-02).
     for item in session.items:
         start = getattr(getattr(item, "module", None), "start_in_background", None)
         if start is not None:
-            start(item.name)
+            _background.append(functools.partial(start, item.name))
+    if not any("serve_app" in item.fixturenames for item in session.items):
+        start_background()
+
+
+def start_background() -> None:
+    """Start the background runs collected (once)."""
+    while _background:
+        _background.pop(0)()
 
 
 @pytest.fixture(scope="session")
@@ -199,6 +215,7 @@ def serve_app(s3_server, data_dir):
     serve.run(app, name="hark", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.get(f"{base}/ready", timeout=10).status_code == 200, 120, what="/ready")
+    start_background()
     yield base
     serve.shutdown()
     ray.shutdown()

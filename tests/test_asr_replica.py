@@ -59,7 +59,9 @@ def replica(monkeypatch):
     # Outside Serve there is no replica context; the metrics only need an id from it.
     context = types.SimpleNamespace(replica_id=types.SimpleNamespace(unique_id="test-replica"))
     monkeypatch.setattr(asr.serve, "get_replica_context", lambda: context)
-    deployment = asr.AsrDeployment.func_or_class(Settings(asr=AsrSettings(model="whisper-tiny.en")))
+    # compute_nice=0: built in pytest's own process, the replica would lower every thread of the
+    # test session by 5 for each test (it did: the suite ran at nice 10 beside its background runs).
+    deployment = asr.AsrDeployment.func_or_class(Settings(asr=AsrSettings(model="whisper-tiny.en"), compute_nice=0))
     yield deployment, engine
     deployment.__del__()
 

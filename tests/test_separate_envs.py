@@ -35,6 +35,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import start_background
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -90,6 +92,7 @@ class EnvRun:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
     def check(self, timeout_s: float) -> None:
+        start_background()  # the shared Serve app never came up: the background runs start now
         if not self.queued:  # run on its own (the hook did not queue it)
             self.run()
         assert self.done.wait(timeout_s), f"{self.tests} in {self.script}'s environment: no result in {timeout_s} s"
