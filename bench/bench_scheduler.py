@@ -52,7 +52,6 @@ def main() -> None:
     import numpy as np
 
     import assets
-    from textnorm import wer
 
     from pipeline.asr.factory import build_engine
     from pipeline.asr.scheduler import WindowScheduler, step_audio_s

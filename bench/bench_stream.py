@@ -26,7 +26,6 @@ import asyncio
 import json
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path

@@ -1,12 +1,10 @@
 """Offline batch transcription with Ray Data: a real corpus, local and on S3, resumable."""
 
 import csv
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 

@@ -16,7 +16,6 @@ SPEECH = [(0.2, 2.9), (4.1, 5.2)]
 
 
 def make_session(**options):
-    clock = {"offset": 0.0}
     calls = []
 
     async def transcribe(audio, opts):

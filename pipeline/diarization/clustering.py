@@ -25,7 +25,6 @@ Memory is bounded for long audio: the number of windows is capped by widening th
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
