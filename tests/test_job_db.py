@@ -164,21 +164,28 @@ def test_a_runner_killed_mid_job_is_taken_over_after_its_lease(job_db_url, tmp_p
 
 
 def test_a_stopping_runner_finishes_what_it_can_and_hands_the_rest_back_at_once(job_db_url, tmp_path):
-    """A replica that Serve stops (an upgrade, a downscale): the job that ends within the drain
-    completes; the one that does not goes back to the queue uncharged with its run uncounted, and
-    another runner takes it at once, not after its 30 s lease."""
+    """A replica that Serve stops (an upgrade, a downscale, the app deleted): the job that ends
+    within the drain completes; the one that does not, and the one that fails meanwhile (the app
+    may be going down around it), go back to the queue uncharged with their runs uncounted, and
+    another runner takes them at once, not after their 30 s lease."""
     from test_flow import FakeAudio, FakeMeter, FakeRecognizer, FakeSpeakers
+
+    from pipeline.core.errors import FetchFailed
 
     store = SqlJobStore(job_db_url)
     quick = store.create("key_a", {"params": {}, "url": "http://media.test/quick.wav"}, None)
     stuck = store.create("key_a", {"params": {}, "url": HANG}, None)
-    started_hanging = asyncio.Event()
+    failing = store.create("key_a", {"params": {}, "url": "http://media.test/gone.wav"}, None)
+    started_hanging, stopping = asyncio.Event(), asyncio.Event()
 
     class Audio(FakeAudio):
         async def from_url(self, url: str):
             if url == HANG:
                 started_hanging.set()
                 await asyncio.Event().wait()
+            if url.endswith("gone.wav"):
+                await stopping.wait()
+                raise FetchFailed("the fetch replica went away", status=502)
             await asyncio.sleep(0.5)  # still running when the stop comes, done within the drain
             return await super().from_url(url)
 
@@ -190,17 +197,19 @@ def test_a_stopping_runner_finishes_what_it_can_and_hands_the_rest_back_at_once(
     async def stop_mid_jobs() -> float:
         leaving.start()
         await asyncio.wait_for(started_hanging.wait(), 10)
-        while store.get(quick.job_id).state != "running":
+        while {store.get(job.job_id).state for job in (quick, failing)} != {"running"}:
             await asyncio.sleep(0.01)
         began = time.monotonic()
+        stopping.set()
         await leaving.stop(drain_s=2.0)
         return time.monotonic() - began
 
     stopped_s = asyncio.run(stop_mid_jobs())
     assert 1.5 < stopped_s < 5  # waited out the drain for the stuck job, no longer
     assert store.get(quick.job_id).state == COMPLETED
-    given_back = store.get(stuck.job_id)
-    assert (given_back.state, given_back.run_attempts) == ("queued", 0)
+    for job in (stuck, failing):
+        given_back = store.get(job.job_id)
+        assert (given_back.state, given_back.run_attempts) == ("queued", 0)
     assert meter.log == [("reserve", 2.0), ("settle", 2.0)]  # the quick job's charge only
 
     heir = JobRunner(settings, SqlJobStore(job_db_url), FakeAudio(), TranscriptionFlow(FakeRecognizer(), FakeSpeakers()),
@@ -209,13 +218,13 @@ def test_a_stopping_runner_finishes_what_it_can_and_hands_the_rest_back_at_once(
     async def take_over() -> float:
         began = time.monotonic()
         heir.start()
-        while store.get(stuck.job_id).state != COMPLETED:
-            assert time.monotonic() - began < 10, "the job was not taken over"
+        while {store.get(job.job_id).state for job in (stuck, failing)} != {COMPLETED}:
+            assert time.monotonic() - began < 10, "the jobs were not taken over"
             await asyncio.sleep(0.05)
         return time.monotonic() - began
 
     assert asyncio.run(take_over()) < 5  # at once, not after the 30 s lease
-    assert store.get(stuck.job_id).run_attempts == 1
+    assert [store.get(job.job_id).run_attempts for job in (stuck, failing)] == [1, 1]
 
 
 def test_a_database_restart_loses_nothing_acknowledged(postgres):

@@ -143,6 +143,7 @@ class JobRunner:
         self._delivering: set[str] = set()
         self._tasks: list[asyncio.Task] = []  # the run and delivery loops
         self._inflight: set[asyncio.Task] = set()  # job runs and webhook attempts under way
+        self._stopping = False
 
     def start(self) -> None:
         """Start the run and delivery loops on the running event loop (once)."""
@@ -155,7 +156,10 @@ class JobRunner:
         ``drain_s`` to finish, then hand the jobs still running back to the queue with their run
         uncounted, so that another runner takes them at once instead of after their lease (a
         replica's graceful shutdown: an upgrade, a downscale). A webhook attempt cut short is
-        sent again by whichever runner takes its delivery next."""
+        sent again by whichever runner takes its delivery next. A run that fails while the runner
+        stops goes back to the queue too: the app may be going down around it (a whole-app upgrade
+        or delete stops the ASR replicas as well)."""
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -275,8 +279,16 @@ class JobRunner:
         slots = asyncio.Semaphore(self._settings.jobs_concurrency)
         while True:
             await slots.acquire()
+            claim = asyncio.ensure_future(self._call(self._store.claim, self._worker, self._settings.jobs_lease_s))
             try:
-                job = await self._call(self._store.claim, self._worker, self._settings.jobs_lease_s)
+                job = await asyncio.shield(claim)
+            except asyncio.CancelledError:
+                # The runner stops (stop()) while a claim is in the store's hands: a job it took
+                # goes straight back, or it would sit "running" until its lease ran out.
+                with contextlib.suppress(Exception):
+                    if (taken := await claim) is not None:
+                        await self._call(self._store.requeue, taken.job_id, self._worker, 0.0, count_attempt=False)
+                raise
             except Exception:
                 logger.exception("claiming a job failed")
                 job = None
@@ -331,7 +343,10 @@ class JobRunner:
             return
         except _Requeue as requeue:
             await self._call(self._store.requeue, job.job_id, self._worker, BUSY_RETRY_S,
-                             count_attempt=requeue.count_attempt)
+                             count_attempt=requeue.count_attempt and not self._stopping)
+            return
+        if error is not None and self._stopping:
+            await self._call(self._store.requeue, job.job_id, self._worker, 0.0, count_attempt=False)
             return
         if await self._call(self._store.finish, job.job_id, self._worker, result=result, error=error):
             await self._drop_audio(job.request)
