@@ -254,6 +254,46 @@ def test_requests_cross_nodes_and_asr_scales_up_under_load_and_back_down(app, cl
              f"{time.monotonic() - started - up_s:.1f} s after it")
 
 
+JOB_CLIPS = ["fox", "meeting", "speech", "weather"]
+
+
+def submit_jobs(app: str, clips, media_server, hook: str, count: int, prefix: str,
+                upload_every: int = 0) -> dict[str, str]:
+    """``count`` async jobs of the job clips in turn, by URL (every ``upload_every``-th as an
+    upload); their clip names by job id."""
+    for name in JOB_CLIPS:
+        media_server.files[f"{prefix}-{name}.wav"] = clips[name].path.read_bytes()
+    expected = {}
+    with httpx.Client(base_url=app, headers={"Authorization": f"Token {KEY}"}, timeout=60) as client:
+        for i in range(count):
+            name = JOB_CLIPS[i % len(JOB_CLIPS)]
+            if upload_every and i % upload_every == 0:
+                r = client.post("/v1/listen", files={"audio": clips[name].path.read_bytes()}, params={"callback_url": hook})
+            else:
+                r = client.post("/v1/listen", json={"url": media_server.url(f"/files/{prefix}-{name}.wav")},
+                                params={"callback_url": hook})
+            assert r.status_code == 202, r.text
+            expected[r.json()["job_id"]] = name
+    return expected
+
+
+def delivered_once(store, receiver, clips, expected: dict[str, str], path: str) -> list:
+    """Wait until every job is delivered; each completed, with its own clip's words, and was
+    delivered exactly once. The jobs as the store has them then."""
+    def all_delivered():
+        done = [store.get(job_id) for job_id in expected]
+        return all(job.delivery_state == "delivered" for job in done) and done
+
+    finished = wait_until(all_delivered, 180, interval_s=0.5, what="every job to complete and be delivered")
+    deliveries = [(headers["webhook-id"], payload) for p, headers, payload in receiver.deliveries if p == path]
+    assert sorted(webhook_id for webhook_id, _ in deliveries) == sorted(f"msg_{job_id}" for job_id in expected)
+    for _, payload in deliveries:
+        assert payload["status"] == "completed"
+        assert closest(clips, JOB_CLIPS, payload["result"]["text"]) == expected[payload["job_id"]], payload
+    assert all(job.state == "completed" for job in finished)
+    return finished
+
+
 def test_an_upgrade_replaces_only_what_changed_and_loses_no_job(app, cluster, clips, media_server, receiver,
                                                               tmp_path):
     """App upgrade in place: ``serve deploy`` of the config with a new version of Jobs (its
@@ -262,19 +302,7 @@ def test_an_upgrade_replaces_only_what_changed_and_loses_no_job(app, cluster, cl
     from pipeline.service.jobs import SqlJobStore
 
     store = SqlJobStore(cluster.database_url)
-    names = ["fox", "meeting", "speech", "weather"]
-    for name in names:
-        media_server.files[f"up-{name}.wav"] = clips[name].path.read_bytes()
-    headers = {"Authorization": f"Token {KEY}"}
-    hook = receiver.url("/upgrade")
-    expected = {}
-    with httpx.Client(base_url=app, headers=headers, timeout=60) as client:
-        for i in range(8):
-            name = names[i % len(names)]
-            r = client.post("/v1/listen", json={"url": media_server.url(f"/files/up-{name}.wav")},
-                            params={"callback_url": hook})
-            assert r.status_code == 202, r.text
-            expected[r.json()["job_id"]] = name
+    expected = submit_jobs(app, clips, media_server, receiver.url("/upgrade"), 8, "up")
     wait_until(lambda: any(store.get(job_id).state == "running" for job_id in expected), 120, interval_s=0.05,
                what="a job to run")
     before = replica_names(cluster.ask("status"))
@@ -296,16 +324,7 @@ def test_an_upgrade_replaces_only_what_changed_and_loses_no_job(app, cluster, cl
     assert {name: after[name] for name in fixed} == {name: before[name] for name in fixed}
     assert before["ASR"] & after["ASR"], (before["ASR"], after["ASR"])
 
-    def all_delivered():
-        done = [store.get(job_id) for job_id in expected]
-        return all(job.delivery_state == "delivered" for job in done) and done
-
-    finished = wait_until(all_delivered, 180, interval_s=0.5, what="every job to complete and be delivered")
-    deliveries = [(headers["webhook-id"], payload) for path, headers, payload in receiver.deliveries if path == "/upgrade"]
-    assert sorted(webhook_id for webhook_id, _ in deliveries) == sorted(f"msg_{job_id}" for job_id in expected)
-    for _, payload in deliveries:
-        assert payload["status"] == "completed"
-        assert closest(clips, names, payload["result"]["text"]) == expected[payload["job_id"]], payload
+    finished = delivered_once(store, receiver, clips, expected, "/upgrade")
     # The old Jobs replicas finished their runs in the drain or handed them back uncounted: no job
     # waited out a lease and ran twice.
     assert [job.run_attempts for job in finished] == [1] * len(expected)
@@ -320,23 +339,8 @@ def test_losing_a_worker_node_mid_load_completes_every_job_once(app, cluster, cl
     from pipeline.service.jobs import SqlJobStore
 
     store = SqlJobStore(cluster.database_url)
-    names = ["fox", "meeting", "speech", "weather"]
-    for name in names:
-        media_server.files[f"mn-{name}.wav"] = clips[name].path.read_bytes()
-    headers = {"Authorization": f"Token {KEY}"}
-    hook = receiver.url("/multinode")
     started = time.monotonic()
-    expected = {}
-    with httpx.Client(base_url=app, headers=headers, timeout=60) as client:
-        for i in range(12):
-            name = names[i % len(names)]
-            if i % 3:
-                r = client.post("/v1/listen", json={"url": media_server.url(f"/files/mn-{name}.wav")},
-                                params={"callback_url": hook})
-            else:
-                r = client.post("/v1/listen", files={"audio": clips[name].path.read_bytes()}, params={"callback_url": hook})
-            assert r.status_code == 202, r.text
-            expected[r.json()["job_id"]] = name
+    expected = submit_jobs(app, clips, media_server, receiver.url("/multinode"), 12, "mn", upload_every=3)
 
     def running_owners():
         with store.engine.connect() as conn:
@@ -358,23 +362,11 @@ def test_losing_a_worker_node_mid_load_completes_every_job_once(app, cluster, cl
         held = {job_id for (job_id,) in conn.execute(sa.select(jobs.c.job_id).where(jobs.c.state == "running"))}
     running_at_removal = {job_id for job_id, _ in running} | held
 
-    def all_delivered():
-        done = [store.get(job_id) for job_id in expected]
-        return all(job.delivery_state == "delivered" for job in done) and done
-
-    finished = wait_until(all_delivered, 180, interval_s=0.5, what="every job to complete and be delivered")
+    finished = delivered_once(store, receiver, clips, expected, "/multinode")
     recovered_s = time.monotonic() - removed_at
-    deliveries = [(headers["webhook-id"], payload) for path, headers, payload in receiver.deliveries
-                  if path == "/multinode"]
-    # Every accepted job completed, with its own words, and was delivered exactly once.
-    assert sorted(webhook_id for webhook_id, _ in deliveries) == sorted(f"msg_{job_id}" for job_id in expected)
-    for _, payload in deliveries:
-        assert payload["status"] == "completed"
-        assert closest(clips, names, payload["result"]["text"]) == expected[payload["job_id"]], payload
     # Only jobs that were running when the node went were run again.
     reruns = {job.job_id for job in finished if job.run_attempts > 1}
     assert reruns <= running_at_removal
-    assert all(job.state == "completed" for job in finished)
     # What is left runs on the surviving worker only.
     status = cluster.ask("status")
     assert {r["node"] for r in status["replicas"] if r["deployment"] in ("ASR", "Jobs")} == {survivor}
