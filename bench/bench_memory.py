@@ -6,8 +6,12 @@ memory before the request and its peak during it (RSS, and PSS: shared pages div
 processes that map them), the object store's peak use, and the whole app's extra memory as a
 multiple of the decoded audio.
 
-The file is 2 h of 8 kHz 8-bit WAV (57.6 MB, under the 100 MB upload cap): silence with
-Beckett's 10 s clip every 10 minutes, so ASR and diarization do real work on little speech.
+The file is 2 h of 8 kHz 8-bit WAV (57.6 MB, under the 100 MB upload cap): silence with a
+test clip every 10 minutes (Beckett's, pyannote's two-speaker sample, espeak's sentences in
+turn), so ASR and diarization do real work on little speech. ``--one-clip`` puts Beckett's clip
+in every slot, as this bench did first: ASR then packs three copies of it into each 30 s window,
+and Whisper's repetition check (compression ratio) sends every window through the temperature
+fallback, which costs each decoding step ~3x the memory of a window of ordinary speech.
 
 While it runs, ``--streams N`` live streams play Beckett's clip in a loop at real-time pace, and
 ``/health`` is asked every 0.2 s: its worst latency shows whether the ingress's event loop stays
@@ -47,12 +51,15 @@ KEY = "bench-key"
 MB = 1e6
 
 
-def long_file(minutes: float) -> bytes:
+def long_file(minutes: float, one_clip: bool = False) -> bytes:
     rate = 8000
-    speech = decode(assets.prepare()["beckett"].path, max_duration_s=60).samples[::2]  # 16 -> 8 kHz
+    clips = assets.prepare()
+    names = ["beckett"] if one_clip else ["beckett", "sample"] + [name for name, *_ in assets.SENTENCES]
+    speech = [decode(clips[name].path, max_duration_s=60).samples[::2] for name in names]  # 16 -> 8 kHz
     pcm = np.zeros(int(minutes * 60 * rate), np.float32)
-    for start in range(0, len(pcm) - len(speech), 600 * rate):
-        pcm[start:start + len(speech)] = speech
+    for slot, start in enumerate(range(0, len(pcm) - 60 * rate, 600 * rate)):
+        clip = speech[slot % len(speech)]
+        pcm[start:start + len(clip)] = clip
     data = (np.clip(pcm, -1, 1) * 127 + 128).astype(np.uint8).tobytes()
     header = b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE"
     header += b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate, 1, 8)
@@ -102,6 +109,7 @@ def main() -> None:
     parser.add_argument("--no-diarize", action="store_true")
     parser.add_argument("--streams", type=int, default=3)
     parser.add_argument("--source", choices=["upload", "url"], default="upload")
+    parser.add_argument("--one-clip", action="store_true", help="Beckett's clip in every slot (see above)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -110,7 +118,7 @@ def main() -> None:
 
     from deployments.app import build_app
 
-    data = long_file(args.minutes)
+    data = long_file(args.minutes, args.one_clip)
     decoded_mb = args.minutes * 60 * 16000 * 4 / MB
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     options = {d.pop("name"): d for d in config["applications"][0]["deployments"]}
@@ -126,6 +134,14 @@ def main() -> None:
         time.sleep(1)
     pids = replica_pids()
     assert sum("(" in n and "raylet" not in n for n in pids) >= 6, pids
+    cold = sum(pss for _, pss in (memory(pid) for pid in pids.values()))
+    # The baseline is a server that has answered a request: what each replica loads or allocates
+    # on first use (Silero VAD, the decoder's buffers, the speaker models' first batch) is not
+    # memory of the long file. A 30 s diarized request warms every part up.
+    warm_up = httpx.post(f"{base}/v1/listen", params={"diarize": "true", "timestamps": "true"},
+                         headers={"Authorization": f"Token {KEY}", "Content-Type": "audio/wav"},
+                         content=assets.prepare()["sample"].path.read_bytes(), timeout=600)
+    assert warm_up.status_code == 200, warm_up.text
     baseline = {name: memory(pid) for name, pid in pids.items()}
     store_baseline = object_store_used_mb()
     peak = dict(baseline)
@@ -134,16 +150,20 @@ def main() -> None:
 
     together_baseline = sum(pss for _, pss in baseline.values())
     together_peak = together_baseline
+    at_peak: dict[str, float] = {}  # each process's PSS when the app held the most
+    started = time.perf_counter()
+    peak_at_s = 0.0
 
     def sample() -> None:
-        nonlocal store_peak, together_peak
+        nonlocal store_peak, together_peak, at_peak, peak_at_s
         while not stop.is_set():
-            together = 0.0
+            now = {}
             for name, pid in pids.items():
                 rss, pss = memory(pid)
                 peak[name] = (max(peak[name][0], rss), max(peak[name][1], pss))
-                together += pss
-            together_peak = max(together_peak, together)
+                now[name] = pss
+            if sum(now.values()) > together_peak:
+                together_peak, at_peak, peak_at_s = sum(now.values()), now, time.perf_counter() - started
             store_peak = max(store_peak, object_store_used_mb())
             stop.wait(0.3)
 
@@ -191,7 +211,7 @@ def main() -> None:
     else:
         request = {"content": data, "headers": {"Content-Type": "audio/wav"}}
     started = time.perf_counter()
-    r = httpx.post(f"{base}/v1/listen", params={"diarize": str(not args.no_diarize).lower()},
+    r = httpx.post(f"{base}/v1/listen", params={"diarize": str(not args.no_diarize).lower(), "timestamps": "true"},
                    headers={"Authorization": f"Token {KEY}", **request.pop("headers", {})}, timeout=3600, **request)
     elapsed = time.perf_counter() - started
     stop.set()
@@ -203,6 +223,7 @@ def main() -> None:
     print(f"{args.minutes:g} min file by {args.source} ({len(data) / MB:.1f} MB WAV, {decoded_mb:.1f} MB decoded), "
           f"diarize={not args.no_diarize}: answered in {elapsed:.0f} s, {len(body.get('words', []))} words, "
           f"{len(body.get('speakers') or [])} speaker turns")
+    print(f"baseline: the app's PSS {together_baseline:.0f} MB after a 30 s warm-up request ({cold:.0f} MB cold)")
     print(f"{'process':28} {'RSS before':>11} {'RSS peak':>10} {'PSS before':>11} {'PSS peak':>10} {'PSS extra':>10}")
     extra = 0.0
     for name in pids:
@@ -219,7 +240,10 @@ def main() -> None:
     # The peaks above come at different moments; this is the most the app held at one moment.
     at_once = together_peak - together_baseline
     print(f"whole app extra memory at its peak (PSS of all processes sampled together): {at_once:.0f} MB = "
-          f"{at_once / decoded_mb:.2f}x the decoded audio")
+          f"{at_once / decoded_mb:.2f}x the decoded audio, {peak_at_s:.0f} s after the request was sent; of it:")
+    for name, pss in sorted(at_peak.items(), key=lambda item: baseline[item[0]][1] - item[1]):
+        if abs(pss - baseline[name][1]) >= 5:
+            print(f"  {name:28} {pss - baseline[name][1]:+8.0f} MB")
     serve.shutdown()
     ray.shutdown()
 
