@@ -265,6 +265,9 @@ class Ingress(OpenAIRoutes):
             audio = await self._audio.from_url(source.url)
         else:
             audio = await self._audio.from_bytes(source.audio)
+            # The upload (up to 100 MB) is not held while the audio is transcribed: AudioFetch
+            # has decoded it, and the request can take minutes.
+            del source
         # The decoded audio is awaited before the ASR call, not chained into it: Serve counts
         # a request against max_queued_requests only when it enters the router, and a chained
         # request enters before its input exists, so a full queue would never refuse it.
