@@ -57,8 +57,8 @@ class AudioRef:
 
     The caller reads ``duration_s``; the ASR and diarization replicas receive the samples straight
     from the object store (a top-level ObjectRef argument is resolved by Ray, zero-copy on the
-    same node). So a 2 h file's ~460 MB is neither copied into the ingress nor pickled once per
-    consumer.
+    same node). So a 2 h file's 230 MB (16-bit PCM) is neither copied into the ingress nor
+    pickled once per consumer.
     """
 
     ref: ObjectRef

@@ -181,3 +181,39 @@ def test_decoding_long_audio_gives_its_memory_back():
     del audio
     gc.collect()
     assert process.memory_full_info().uss - before < 8 * 2**20
+
+
+@pytest.mark.parametrize("encoding", ["wav", "mp3", "flac"])
+def test_pcm16_decoding_is_the_float_decoding_rounded_to_16_bits(beckett, encoding):
+    """AudioFetch decodes to 16-bit PCM (half the memory in the object store); read back through
+    ``as_float32`` it is the float32 decoding within one step of 16 bits."""
+    from pipeline.core.types import Audio, as_float32
+
+    data = encode(beckett.samples, encoding)
+    floats = decode(data, max_duration_s=7200)
+    pcm = decode(data, max_duration_s=7200, pcm16=True)
+    assert pcm.samples.dtype == np.int16 and pcm.source_format == floats.source_format
+    np.testing.assert_array_equal(pcm.samples, np.clip(np.rint(floats.samples * 32768), -32768, 32767))
+    back = as_float32(pcm.samples)
+    assert back.dtype == np.float32 and np.abs(back - floats.samples).max() <= 1 / 32768
+    np.testing.assert_array_equal(Audio(pcm.samples).span(100, 200), back[100:200])
+    # float32 samples are read as they are: no copy.
+    assert as_float32(floats.samples) is floats.samples
+
+
+def test_pcm16_of_nan_and_full_scale_samples():
+    """NaN becomes silence and ±infinity or beyond full scale clips to the 16-bit range, as in
+    the float32 decoding."""
+    samples = np.array([0.0, np.nan, np.inf, -np.inf, 1.5, -1.5, 0.5, -1.0] * 200, np.float32)
+    data = samples.astype("<f4").tobytes()
+    audio = decode(wav_header(1, 16000, 32, len(data), float_samples=True) + data, max_duration_s=60, pcm16=True)
+    np.testing.assert_array_equal(audio.samples[:8], [0, 0, 32767, -32768, 32767, -32768, 16384, -32768])
+
+
+def test_the_upload_loader_of_audio_fetch_hands_out_pcm16(beckett):
+    from pipeline.audio.loader import AudioLoader
+    from pipeline.core.settings import Settings
+
+    data = np.frombuffer(encode(beckett.samples, "wav"), np.uint8)
+    assert AudioLoader(Settings(), pcm16=True).from_bytes(data).samples.dtype == np.int16
+    assert AudioLoader(Settings()).from_bytes(data).samples.dtype == np.float32

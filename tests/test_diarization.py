@@ -58,6 +58,18 @@ def test_sample_speakers_found_and_der(diarizer, sample, sample_reference):
     assert der(sample_reference, result.turns, collar_s=0.0) <= 0.18
 
 
+@pytest.mark.parametrize("backend", ["segmentation", "embedding"])
+def test_pcm16_audio_gets_the_turns_of_its_float32(diarizer, sample, backend):
+    """AudioFetch hands out 16-bit PCM: each backend hears it as the float32 decoding."""
+    chosen = diarizer if backend == "segmentation" else build_diarizer(DiarizationSettings(backend="embedding"))
+    pcm = Audio(np.clip(np.rint(sample.samples * 32768), -32768, 32767).astype(np.int16))
+    from_floats, from_pcm = (chosen.diarize(a, DiarizationOptions()) for a in (sample, pcm))
+    assert len(from_floats.turns) >= 2
+    assert [t.speaker for t in from_pcm.turns] == [t.speaker for t in from_floats.turns]
+    for a, b in zip(from_pcm.turns, from_floats.turns):
+        assert a.start == pytest.approx(b.start, abs=0.05) and a.end == pytest.approx(b.end, abs=0.05)
+
+
 def test_three_voice_conversation(diarizer):
     audio, reference = conversation.build()
     result = diarizer.diarize(audio, DiarizationOptions())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.audio.vad import SpeechFinder
-from pipeline.core.types import SAMPLE_RATE
+from pipeline.core.types import SAMPLE_RATE, as_float32
 
 WINDOW_S = 30.0
 _FRAME = SAMPLE_RATE // 50  # 20 ms
@@ -24,7 +24,7 @@ def quietest_cut(samples: np.ndarray, start: int, stop: int) -> int:
     frames = (stop - start) // _FRAME
     if frames < 1:
         return stop
-    energy = np.square(samples[start : start + frames * _FRAME].reshape(frames, _FRAME)).mean(axis=1)
+    energy = np.square(as_float32(samples[start : start + frames * _FRAME]).reshape(frames, _FRAME)).mean(axis=1)
     return start + int(np.argmin(energy)) * _FRAME + _FRAME // 2
 
 

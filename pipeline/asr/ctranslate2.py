@@ -28,6 +28,7 @@ from pipeline.asr.base import Capabilities
 from pipeline.asr.chunking import WINDOW_S, split_span, windows
 from pipeline.asr.models import resolve_model
 from pipeline.asr.scheduler import WindowResult, WindowScheduler, WindowTask, step_audio_s
+from pipeline.audio.vad import blockwise
 from pipeline.core.settings import AsrSettings
 from pipeline.core.types import SAMPLE_RATE, AsrOptions, Audio, Segment, Transcript, Word
 
@@ -156,18 +157,12 @@ class CTranslate2Engine:
         return [tuple(w) for w in packed]
 
     def _speech_spans(self, samples: np.ndarray) -> list[tuple[int, int]]:
-        """Speech spans (samples) of the whole audio, found block by block; spans that meet at a
-        block border are joined."""
-        block = VAD_BLOCK_S * SAMPLE_RATE
-        spans: list[tuple[int, int]] = []
-        for offset in range(0, len(samples), block):
-            for found in get_speech_timestamps(samples[offset : offset + block], self._vad):
-                start, end = found["start"] + offset, found["end"] + offset
-                if spans and start <= spans[-1][1]:
-                    spans[-1] = (spans[-1][0], max(spans[-1][1], end))
-                else:
-                    spans.append((start, end))
-        return spans
+        """Speech spans (samples) of the whole audio, found block by block."""
+
+        def find(block: np.ndarray) -> list[tuple[int, int]]:
+            return [(found["start"], found["end"]) for found in get_speech_timestamps(block, self._vad)]
+
+        return blockwise(find, samples, VAD_BLOCK_S)
 
     def decode(self, tasks: Sequence[WindowTask]) -> list[WindowResult]:
         work = [self._features(t) for t in tasks]
@@ -447,3 +442,4 @@ def _temperatures(options: AsrOptions) -> list[float]:
     if not options.temperature_fallback:
         return [options.temperature]
     return [options.temperature, *(t for t in _TEMPERATURES if t > options.temperature)]
+

@@ -37,7 +37,7 @@ import numpy as np
 
 from pipeline.asr.base import check_audio
 from pipeline.core.errors import HarkError
-from pipeline.core.types import SAMPLE_RATE, AsrOptions, Audio, Segment, Transcript
+from pipeline.core.types import SAMPLE_RATE, AsrOptions, Audio, Segment, Transcript, as_float32
 
 if TYPE_CHECKING:
     from pipeline.asr.base import AsrEngine
@@ -447,9 +447,10 @@ def step_audio_s(settings: "AsrSettings", engine: object) -> float:
 
 
 def _join(samples: np.ndarray, pieces: Sequence[tuple[int, int]]) -> np.ndarray:
+    """A window's samples as float32 (16-bit PCM is scaled here, a window at a time)."""
     if len(pieces) == 1:
-        return samples[pieces[0][0] : pieces[0][1]]  # a view: no copy
-    return np.concatenate([samples[a:b] for a, b in pieces])
+        return as_float32(samples[pieces[0][0] : pieces[0][1]])  # float32: a view, no copy
+    return np.concatenate([as_float32(samples[a:b]) for a, b in pieces])
 
 
 class WholeAudio:

@@ -29,6 +29,7 @@ from pipeline.asr.models import model_file
 from pipeline.asr.sizing import torch_memory_fraction
 from pipeline.asr.windowed import Decoded, WhisperTokens, Window, WindowedEngine, resolve_device, resolve_dtype
 from pipeline.core.settings import AsrSettings
+from pipeline.core.types import as_float32
 
 _MEDIAN_FILTER_WIDTH = 7
 _SECONDS_PER_ENCODER_FRAME = 0.02
@@ -142,7 +143,7 @@ class TransformersEngine(WindowedEngine):
         return results  # type: ignore[return-value]
 
     def _decode_batch(self, batch: list[Window], temperature: float) -> list[Decoded]:
-        encoded = self._encode([w.samples for w in batch])
+        encoded = self._encode([as_float32(w.samples) for w in batch])
         prompts = torch.tensor([list(w.prompt) for w in batch], device=self._device)
         options = batch[0].options
         room = self._model.config.max_target_positions - prompts.shape[1] - 1

@@ -17,7 +17,7 @@ from pipeline.asr.models import model_file
 from pipeline.asr.sizing import VllmSizing, vllm_sizing
 from pipeline.asr.windowed import Decoded, WhisperTokens, Window, WindowedEngine, resolve_device, resolve_dtype
 from pipeline.core.settings import AsrSettings
-from pipeline.core.types import SAMPLE_RATE, AsrOptions, Audio, Transcript
+from pipeline.core.types import SAMPLE_RATE, AsrOptions, Audio, Transcript, as_float32
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -261,7 +261,7 @@ class VllmEngine(WindowedEngine):
             )
             priority = rank.get(w.audio_index, 0)
             rank[w.audio_index] = priority + 1
-            jobs.append((self._prompt(w.samples, w.prompt), params, priority))
+            jobs.append((self._prompt(as_float32(w.samples), w.prompt), params, priority))
         decoded = []
         for completion in self._run(self._generate_all(jobs)):
             ids = list(completion.token_ids)

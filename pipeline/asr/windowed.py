@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from pipeline.audio.vad import SpeechFinder, silero_speech
+from pipeline.audio.vad import SpeechFinder, in_blocks, silero_speech
 from pipeline.asr.chunking import windows
 from pipeline.asr.base import Capabilities
 from pipeline.core.settings import AsrSettings
@@ -87,7 +87,7 @@ class WhisperTokens:
 class Window:
     audio_index: int  # which audio of the batch it belongs to
     start: int  # in samples, from the start of that audio
-    samples: np.ndarray
+    samples: np.ndarray  # a view of the audio's own samples: read them through ``as_float32``
     options: AsrOptions
     language: str
     prompt: tuple[int, ...]  # decoder prompt ids
@@ -138,8 +138,10 @@ class WindowedEngine(ABC):
     def __init__(self, tokens: WhisperTokens, settings: AsrSettings) -> None:
         self._tokens = tokens
         self._settings = settings
+        # A minute at a time: faster-whisper's VAD pass copies its input twice, and the audio may
+        # be 16-bit PCM (AudioFetch's), scaled to float32 a block at a time.
         self._speech: SpeechFinder | None = (
-            silero_speech(min_silence_duration_ms=settings.vad_min_silence_ms) if settings.vad_filter else None
+            in_blocks(silero_speech(min_silence_duration_ms=settings.vad_min_silence_ms)) if settings.vad_filter else None
         )
 
     # --- what each engine implements -----------------------------------------------------------
@@ -229,7 +231,7 @@ class WindowedEngine(ABC):
             return [(r or ("en", 1.0)) for r in result]
         todo = [i for i, r in enumerate(result) if r is None and spans[i]]
         if todo:
-            firsts = [batch[i].samples[spans[i][0][0] : spans[i][0][1]] for i in todo]
+            firsts = [batch[i].span(*spans[i][0]) for i in todo]
             for i, found in zip(todo, self._detect(firsts), strict=True):
                 result[i] = found
         # Nothing to detect from (silence): report English, Whisper's own default, with 0 confidence.

@@ -59,8 +59,11 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def decode(source: str | Path | bytes | bytearray | memoryview | BinaryIO, *, max_duration_s: float) -> Audio:
-    """Decode a file (path, buffer or binary file object) to 16 kHz mono float32.
+def decode(
+    source: str | Path | bytes | bytearray | memoryview | BinaryIO, *, max_duration_s: float, pcm16: bool = False
+) -> Audio:
+    """Decode a file (path, buffer or binary file object) to 16 kHz mono float32, or with
+    ``pcm16`` to 16-bit PCM (half the memory; see ``Audio``).
 
     Raises ``UNSUPPORTED_FORMAT`` for content that is none of the supported formats (a video
     without audio included), ``INVALID_AUDIO`` for a supported container that does not decode or
@@ -81,7 +84,7 @@ def decode(source: str | Path | bytes | bytearray | memoryview | BinaryIO, *, ma
         fmt = sniff_format(head)
         if fmt is None:
             raise UnsupportedFormat("Unsupported audio format: the content is not WAV, MP3, FLAC, OGG or M4A")
-        samples = _decode_stream(stream, fmt, max_duration_s)
+        samples = _decode_stream(stream, fmt, max_duration_s, pcm16)
     finally:
         if isinstance(source, (str, Path)):
             stream.close()
@@ -129,29 +132,34 @@ class _SampleBuffer:
     that every buffer goes back to the system whole when it is freed.
     """
 
-    def __init__(self, capacity: int = 8 * 2**20) -> None:
-        self._samples = np.empty(capacity, dtype=np.float32)
+    def __init__(self, capacity: int = 0, dtype: type = np.float32) -> None:
+        self._dtype = np.dtype(dtype)
+        self._samples = np.empty(max(capacity, 32 * 2**20 // self._dtype.itemsize), dtype=self._dtype)
         self.size = 0
 
     def add(self, chunk: np.ndarray) -> None:
         end = self.size + len(chunk)
         if end > len(self._samples):
-            grown = np.empty(max(end, 2 * len(self._samples)), dtype=np.float32)
+            grown = np.empty(max(end, 2 * len(self._samples)), dtype=self._dtype)
             grown[: self.size] = self._samples[: self.size]
             self._samples = grown
         # Samples that are NaN or infinite (float WAVs can hold them) become silence or full scale:
         # NaN reaching the model made it decode for minutes and return nothing.
         np.nan_to_num(chunk, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
+        if self._dtype == np.int16:  # 16-bit PCM as ffmpeg converts it: round(x * 32768), clipped
+            np.clip(np.rint(chunk * 32768), -32768, 32767, out=chunk)
         self._samples[self.size : end] = chunk
         self.size = end
 
     def samples(self) -> np.ndarray:
-        samples, self._samples = self._samples, np.empty(0, dtype=np.float32)
+        samples, self._samples = self._samples, np.empty(0, dtype=self._dtype)
         samples.resize(self.size, refcheck=False)  # shrinks in place: no copy
+        if self._dtype == np.int16:
+            return samples
         return np.clip(samples, -1.0, 1.0, out=samples)
 
 
-def _decode_stream(stream: BinaryIO, fmt: str, max_duration_s: float) -> np.ndarray:
+def _decode_stream(stream: BinaryIO, fmt: str, max_duration_s: float, pcm16: bool) -> np.ndarray:
     max_samples = int(max_duration_s * SAMPLE_RATE)
     try:
         container = av.open(stream, mode="r", format=_DEMUXERS[fmt])
@@ -180,7 +188,7 @@ def _decode_stream(stream: BinaryIO, fmt: str, max_duration_s: float) -> np.ndar
         # nothing, so a header that lies only reserves address space, up to the duration cap.
         declared = container.duration / av.time_base if container.duration else 0.0
         capacity = int(min(max_duration_s, declared * 1.02 + 1.0) * SAMPLE_RATE)
-        buffer = _SampleBuffer(max(capacity, 8 * 2**20))
+        buffer = _SampleBuffer(capacity, np.int16 if pcm16 else np.float32)
         damaged = 0
         try:
             for packet in container.demux(audio_stream):

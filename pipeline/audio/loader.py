@@ -17,11 +17,17 @@ class AudioLoader:
     """Turns what a request names into ``Audio``. Usable from a deployment, Ray Data or a CLI."""
 
     def __init__(
-        self, settings: Settings, resolver: Resolver = system_resolver, s3_filesystem=None, *, any_s3_object: bool = False
+        self,
+        settings: Settings,
+        resolver: Resolver = system_resolver,
+        s3_filesystem=None,
+        *,
+        any_s3_object: bool = False,
+        pcm16: bool = False,
     ) -> None:
         """``any_s3_object``: for the operator's own work (batch jobs, ``hark transcribe``), whose
         s3:// URLs may read whatever the server's credentials reach; URLs from API callers are
-        limited to ``settings.s3_allow``."""
+        limited to ``settings.s3_allow``. ``pcm16``: audio as 16-bit PCM (see ``Audio``)."""
         self.guard = UrlGuard.from_settings(settings.allow_private_urls, settings.url_allowlist, resolver)
         self.s3_allowlist = None if any_s3_object else S3Allowlist.from_settings(settings.s3_allow)
         self.limits = FetchLimits(
@@ -34,6 +40,7 @@ class AudioLoader:
         )
         self.max_duration_s = settings.max_duration_s
         self._s3 = s3_filesystem
+        self._pcm16 = pcm16
 
     def from_url(self, url: str) -> Audio:
         scheme = self.guard.check_form(url).scheme.lower()
@@ -43,16 +50,16 @@ class AudioLoader:
             else:
                 fetch_http(url, spool, self.guard, self.limits)
             spool.seek(0)
-            return audio.decode(spool, max_duration_s=self.max_duration_s)
+            return audio.decode(spool, max_duration_s=self.max_duration_s, pcm16=self._pcm16)
 
     def from_bytes(self, data: bytes | bytearray | memoryview | np.ndarray) -> Audio:
         """The audio in a buffer (an upload's bytes), decoded where it lies."""
         data = memoryview(data).cast("B")
         if len(data) > self.limits.max_bytes:
             raise FileTooLarge(self.limits.max_mb)
-        return audio.decode(data, max_duration_s=self.max_duration_s)
+        return audio.decode(data, max_duration_s=self.max_duration_s, pcm16=self._pcm16)
 
     def from_path(self, path: str | Path) -> Audio:
         if Path(path).stat().st_size > self.limits.max_bytes:
             raise FileTooLarge(self.limits.max_mb)
-        return audio.decode(path, max_duration_s=self.max_duration_s)
+        return audio.decode(path, max_duration_s=self.max_duration_s, pcm16=self._pcm16)

@@ -14,12 +14,29 @@ SAMPLE_RATE = 16_000
 class Audio:
     """Decoded audio, ready for any engine."""
 
-    samples: np.ndarray  # (n_samples,) float32 mono at SAMPLE_RATE, in [-1, 1]
+    # (n_samples,) mono at SAMPLE_RATE: float32 in [-1, 1], or 16-bit PCM (full scale 32768) as
+    # AudioFetch hands it out, half the memory on its way through the object store. Code that
+    # computes on samples reads them through ``as_float32``, a span at a time.
+    samples: np.ndarray
     source_format: str = "pcm"  # the container it was decoded from: wav, mp3, flac, ogg, m4a
 
     @property
     def duration_s(self) -> float:
         return len(self.samples) / SAMPLE_RATE
+
+    def span(self, start: int = 0, end: int | None = None) -> np.ndarray:
+        """``samples[start:end]`` as float32 in [-1, 1] (a view when they already are)."""
+        return as_float32(self.samples[start:end])
+
+
+def as_float32(samples: np.ndarray) -> np.ndarray:
+    """Samples as float32 in [-1, 1]: 16-bit PCM scaled into a new array, float32 as it is.
+
+    Never ``float_array[...] = pcm16`` or ``pcm16.astype(np.float32)``: numpy converts the
+    values unscaled, 32768 times too loud."""
+    if samples.dtype == np.int16:
+        return np.multiply(samples, np.float32(1 / 32768), dtype=np.float32)
+    return samples
 
 
 @dataclass(frozen=True)

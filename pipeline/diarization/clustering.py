@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.audio.vad import silero_speech
-from pipeline.core.types import SAMPLE_RATE, Audio, Diarization, SpeakerTurn
+from pipeline.audio.vad import in_blocks, silero_speech
+from pipeline.core.types import SAMPLE_RATE, Audio, Diarization, SpeakerTurn, as_float32
 from pipeline.diarization.base import DiarizationOptions
 
 FRAME_S = 0.01  # mel hop, and the resolution of the output
@@ -102,7 +102,7 @@ class SpeakerEncoder:
             first, last = 160 * f0 - 200, 160 * (f1 - 1) + 200  # the block's samples, padding included
             piece = np.zeros(last - first, np.float32)
             a, b = max(first, 0), min(last, len(samples))
-            piece[a - first : b - first] = samples[a:b]
+            piece[a - first : b - first] = as_float32(samples[a:b])
             piece *= gain
             idx = np.arange(400)[None, :] + 160 * np.arange(f1 - f0)[:, None]
             spectrum = np.abs(np.fft.rfft(piece[idx] * window, n=400)) ** 2
@@ -130,7 +130,7 @@ def speech_regions(samples: np.ndarray, config: ClusteringConfig) -> list[tuple[
         min_speech_duration_ms=100,
         max_speech_duration_s=30,  # bounds the per-region mel work
     )
-    return find(samples)
+    return in_blocks(find)(samples)
 
 
 def estimate_speakers(affinity: np.ndarray, options: DiarizationOptions, p_keep: float) -> tuple[int, np.ndarray]:
@@ -376,7 +376,7 @@ def _speech_mels(encoder: SpeakerEncoder, samples: np.ndarray, regions, cfg: Clu
     Resemblyzer's training data had (-30 dBFS over the speech), and the seconds of speech."""
     # 30 s at a time: the speech of a long file (one region may be all of it) is never copied whole.
     step = 30 * SAMPLE_RATE
-    pieces = (samples[a : min(a + step, e)].astype(np.float64) for s, e in regions for a in range(s, e, step))
+    pieces = (as_float32(samples[a : min(a + step, e)]).astype(np.float64) for s, e in regions for a in range(s, e, step))
     energy = sum(float(np.dot(x, x)) for x in pieces)
     n = sum(e - s for s, e in regions)
     rms = float(np.sqrt(energy / n)) if n else 0.0

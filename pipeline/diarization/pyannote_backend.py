@@ -55,7 +55,7 @@ class PyannoteDiarizer:
                 kwargs["num_speakers"] = options.num_speakers
             else:
                 kwargs["min_speakers"], kwargs["max_speakers"] = options.min_speakers, options.max_speakers
-        waveform = torch.from_numpy(np.ascontiguousarray(audio.samples, dtype=np.float32))[None]
+        waveform = torch.from_numpy(np.ascontiguousarray(audio.span(), dtype=np.float32))[None]
         output = self._pipeline({"waveform": waveform, "sample_rate": SAMPLE_RATE}, **kwargs)
         annotation = getattr(output, "exclusive_speaker_diarization", None)
         if annotation is None:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.core.types import as_float32
+
 SAMPLE_RATE = 16_000
 CHUNK_S = 10.0
 # Powerset class → which of the 3 local speakers are active.
@@ -126,7 +128,7 @@ class Segmenter:
             x = np.zeros((len(batch), 1, self.chunk), dtype=np.float32)
             for row, s in enumerate(batch):
                 piece = samples[s : s + self.chunk]
-                x[row, 0, : len(piece)] = piece
+                x[row, 0, : len(piece)] = as_float32(piece)
             classes = self.model(torch.from_numpy(x).to(self.device)).argmax(dim=-1).cpu().numpy()
             for row, s in enumerate(batch):
                 yield s, POWERSET[classes[row]]
