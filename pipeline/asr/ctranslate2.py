@@ -11,6 +11,7 @@ no-speech skip, and word timings from cross-attention alignment.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections import defaultdict
 from collections.abc import Sequence
@@ -37,6 +38,9 @@ from pipeline.core.types import SAMPLE_RATE, AsrOptions, Audio, Segment, Transcr
 # arena sized by the largest call (measured: a 600 s block peaks at +244 MB, a 60 s one at +57 MB).
 VAD_BLOCK_S = 60
 _TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # faster-whisper's default fallback ladder
+# After a step of at least this much audio, the heap it freed goes back to the system (see
+# ``give_back_freed_heap``); not after the short steps of live streams, whose latency counts.
+TRIM_AFTER_S = 10.0
 _FRAMES = 3000  # mel frames of a 30 s window: what the encoder expects
 _HOP = 160  # samples per mel frame
 
@@ -184,7 +188,10 @@ class CTranslate2Engine:
         leaders = {id(w) for w in firsts.values()}
         for group in sorted(groups.values(), key=lambda g: not any(id(w) in leaders for w in g)):
             self._decode_group(group, detected, leaders)
-        return [self._result(w) for w in work]
+        results = [self._result(w) for w in work]
+        if sum(len(t.samples) for t in tasks) >= TRIM_AFTER_S * SAMPLE_RATE:
+            give_back_freed_heap()
+        return results
 
     # --- steps ---------------------------------------------------------------------------------
     def _features(self, task: WindowTask) -> _Work:
@@ -443,3 +450,17 @@ def _temperatures(options: AsrOptions) -> list[float]:
         return [options.temperature]
     return [options.temperature, *(t for t in _TEMPERATURES if t > options.temperature)]
 
+
+try:
+    _malloc_trim = ctypes.CDLL(None).malloc_trim  # glibc
+except (OSError, AttributeError):  # another C library: nothing to give back this way
+    _malloc_trim = None
+
+
+def give_back_freed_heap() -> None:
+    """Return the memory CTranslate2 freed to the system. A decoding step allocates its working
+    memory from glibc's per-thread arenas, which keep what is freed: on a 2 h file the ASR
+    replica grew by ~100 MB a 30 s window and held it (+865 MB after 4 windows, in process);
+    trimmed after each step, it falls back between steps (+738 MB at the peak). ~30 ms a call."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
