@@ -225,24 +225,6 @@ class SeamEngine:
         return [Transcript(segments=(), language="en", language_probability=1.0, duration_s=a.duration_s) for a in batch]
 
 
-def test_ctranslate2_gives_the_heap_back_after_long_steps_only(engine, clips, monkeypatch):
-    """After a step of long windows the freed heap goes back to the system (the ASR replica held
-    ~100 MB more per 30 s window decoded); not after a short step, where it would cost a live
-    stream ~30 ms."""
-    import pipeline.asr.ctranslate2 as ct2
-
-    if not isinstance(engine, ct2.CTranslate2Engine):
-        pytest.skip("CTranslate2 only")
-    trims = []
-    monkeypatch.setattr(ct2, "give_back_freed_heap", lambda: trims.append(1))
-    sample = load(clips["sample"])
-    engine.transcribe([Audio(sample.samples[: 3 * 16000])], [AsrOptions(language="en")])
-    assert trims == []
-    engine.transcribe([sample], [AsrOptions(language="en")])
-    assert trims
-    assert ct2._malloc_trim is not None  # glibc here: the real call is made
-
-
 def test_a_fault_inside_the_engine_fails_only_its_own_request():
     engine = SeamEngine(poison_len=200)
     batch = [Audio(np.zeros(n, np.float32)) for n in (100, 200, 300)]
