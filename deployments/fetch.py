@@ -25,9 +25,10 @@ class AudioFetchDeployment:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         yield_cpu_to_the_front(settings)
-        # 16-bit PCM: a 2 h file is 230 MB in the object store instead of 460 (faster-whisper
-        # decodes to 16 bits too); ASR and diarization read it as float32 a span at a time.
-        self._loader = AudioLoader(settings, pcm16=True)
+        # 16-bit PCM (the loader's default): a 2 h file is 230 MB in the object store instead of
+        # 460 (faster-whisper decodes to 16 bits too); ASR and diarization read it as float32 a
+        # span at a time.
+        self._loader = AudioLoader(settings)
         # Downloads wait on the network: more threads than cores, one per ongoing request.
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fetch")
 

@@ -147,10 +147,10 @@ def decode_row(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
     if out["error"]:  # a manifest line that could not be read: nothing to fetch
         return out
     try:
-        loader = AudioLoader(settings, any_s3_object=True)  # the operator's own job
+        loader = AudioLoader(settings, any_s3_object=True, pcm16=True)  # the operator's own job; the rows carry int16
         uri = row["uri"]
         audio = loader.from_url(uri) if "://" in uri else loader.from_path(uri)
-        out["pcm"] = audio.samples.tobytes()  # float32 bytes: one binary column for any length
+        out["pcm"] = audio.samples.tobytes()  # 16-bit PCM bytes: one binary column for any length
     except HarkError as exc:
         out["error"] = json.dumps(exc.to_body())
     except OSError as exc:
@@ -188,7 +188,7 @@ class TranscribeActor:
         started = time.perf_counter()
         try:
             params = ListenParams.parse(json.loads(options_json))
-            audio = Audio(np.frombuffer(pcm, dtype=np.float32))
+            audio = Audio(np.frombuffer(pcm, dtype=np.int16))
             row.update(self._loop.run_until_complete(self._transcribe(audio, params)))
         except HarkError as exc:
             row["error"] = exc.to_body()

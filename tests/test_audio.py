@@ -45,7 +45,7 @@ def test_an_upload_is_decoded_where_it_lies(beckett, encoding):
     in_store = np.frombuffer(data, np.uint8)
     assert not in_store.flags.writeable
     from_array = AudioLoader(Settings()).from_bytes(in_store)
-    np.testing.assert_array_equal(from_array.samples, decode(data, max_duration_s=7200).samples)
+    np.testing.assert_array_equal(from_array.samples, decode(data, max_duration_s=7200, pcm16=True).samples)
     assert from_array.source_format == encoding.split("-")[0]
 
 
@@ -210,10 +210,12 @@ def test_pcm16_of_nan_and_full_scale_samples():
     np.testing.assert_array_equal(audio.samples[:8], [0, 0, 32767, -32768, 32767, -32768, 16384, -32768])
 
 
-def test_the_upload_loader_of_audio_fetch_hands_out_pcm16(beckett):
+def test_the_loader_hands_out_pcm16_on_every_path(beckett):
+    """AudioFetch, ``hark batch`` and ``hark transcribe`` load with the same default: one file,
+    one result, whichever way it came (the batch test compares a row with the API's answer)."""
     from pipeline.audio.loader import AudioLoader
     from pipeline.core.settings import Settings
 
     data = np.frombuffer(encode(beckett.samples, "wav"), np.uint8)
-    assert AudioLoader(Settings(), pcm16=True).from_bytes(data).samples.dtype == np.int16
-    assert AudioLoader(Settings()).from_bytes(data).samples.dtype == np.float32
+    assert AudioLoader(Settings()).from_bytes(data).samples.dtype == np.int16
+    assert AudioLoader(Settings(), pcm16=False).from_bytes(data).samples.dtype == np.float32

@@ -284,7 +284,7 @@ def test_operator_batch_jobs_read_any_s3_object(s3_server):
 
     s3_server.put_object(Bucket=S3_BUCKET, Key="private/tone.flac", Body=FLAC_TONE)
     row = decode_row({"uri": f"s3://{S3_BUCKET}/private/tone.flac", "options": {}}, Settings(s3_allow=[]))
-    assert row["error"] == "" and len(row["pcm"]) == 16000 * 4  # 1 s of float32
+    assert row["error"] == "" and len(row["pcm"]) == 16000 * 2  # 1 s of 16-bit PCM
 
 
 # ---- the bad-input corpus (review: hardening, last part) ---------------------------------------

@@ -23,11 +23,13 @@ class AudioLoader:
         s3_filesystem=None,
         *,
         any_s3_object: bool = False,
-        pcm16: bool = False,
+        pcm16: bool = True,
     ) -> None:
         """``any_s3_object``: for the operator's own work (batch jobs, ``hark transcribe``), whose
         s3:// URLs may read whatever the server's credentials reach; URLs from API callers are
-        limited to ``settings.s3_allow``. ``pcm16``: audio as 16-bit PCM (see ``Audio``)."""
+        limited to ``settings.s3_allow``. ``pcm16``: audio as 16-bit PCM (see ``Audio``), half the
+        memory; every path that transcribes files (the API, jobs, ``hark batch``, ``hark transcribe``)
+        loads it so, so that one file gives one result whichever way it came."""
         self.guard = UrlGuard.from_settings(settings.allow_private_urls, settings.url_allowlist, resolver)
         self.s3_allowlist = None if any_s3_object else S3Allowlist.from_settings(settings.s3_allow)
         self.limits = FetchLimits(
