@@ -147,7 +147,8 @@ def decode_row(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
     if out["error"]:  # a manifest line that could not be read: nothing to fetch
         return out
     try:
-        loader = AudioLoader(settings, any_s3_object=True, pcm16=True)  # the operator's own job; the rows carry int16
+        # The operator's own job; 16-bit PCM, as the rows carry it.
+        loader = AudioLoader(settings, any_s3_object=True, pcm16=True)
         uri = row["uri"]
         audio = loader.from_url(uri) if "://" in uri else loader.from_path(uri)
         out["pcm"] = audio.samples.tobytes()  # 16-bit PCM bytes: one binary column for any length

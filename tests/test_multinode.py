@@ -14,9 +14,9 @@ worker nodes, each with its own raylet and object store), deployed with ``serve 
 from __future__ import annotations
 
 import json
-import re
 import logging
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -342,8 +342,8 @@ def test_an_upgrade_replaces_only_what_changed_and_loses_no_job(app, cluster, cl
     # The old Jobs replicas finished their runs in the drain or handed them back uncounted: no job
     # waited out a lease and ran twice.
     assert [job.run_attempts for job in finished] == [1] * len(expected)
-    log.info(f"upgrade: new Jobs replicas {upgraded_s:.1f} s after serve deploy, no other deployment redeployed; {len(expected)} jobs "
-             f"delivered once each, none run twice")
+    log.info(f"upgrade: new Jobs replicas {upgraded_s:.1f} s after serve deploy, no other deployment redeployed; "
+             f"{len(expected)} jobs delivered once each, none run twice")
 
 
 def test_losing_a_worker_node_mid_load_completes_every_job_once(app, cluster, clips, media_server, receiver, postgres):

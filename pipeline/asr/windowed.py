@@ -140,9 +140,9 @@ class WindowedEngine(ABC):
         self._settings = settings
         # A minute at a time: faster-whisper's VAD pass copies its input twice, and the audio may
         # be 16-bit PCM (AudioFetch's), scaled to float32 a block at a time.
-        self._speech: SpeechFinder | None = (
-            in_blocks(silero_speech(min_silence_duration_ms=settings.vad_min_silence_ms)) if settings.vad_filter else None
-        )
+        self._speech: SpeechFinder | None = None
+        if settings.vad_filter:
+            self._speech = in_blocks(silero_speech(min_silence_duration_ms=settings.vad_min_silence_ms))
 
     # --- what each engine implements -----------------------------------------------------------
     @abstractmethod

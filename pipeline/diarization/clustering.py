@@ -376,7 +376,9 @@ def _speech_mels(encoder: SpeakerEncoder, samples: np.ndarray, regions, cfg: Clu
     Resemblyzer's training data had (-30 dBFS over the speech), and the seconds of speech."""
     # 30 s at a time: the speech of a long file (one region may be all of it) is never copied whole.
     step = 30 * SAMPLE_RATE
-    pieces = (as_float32(samples[a : min(a + step, e)]).astype(np.float64) for s, e in regions for a in range(s, e, step))
+    pieces = (
+        as_float32(samples[a : min(a + step, e)]).astype(np.float64) for s, e in regions for a in range(s, e, step)
+    )
     energy = sum(float(np.dot(x, x)) for x in pieces)
     n = sum(e - s for s, e in regions)
     rms = float(np.sqrt(energy / n)) if n else 0.0
