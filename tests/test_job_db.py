@@ -227,6 +227,63 @@ def test_a_stopping_runner_finishes_what_it_can_and_hands_the_rest_back_at_once(
     assert [store.get(job.job_id).run_attempts for job in (stuck, failing)] == [1, 1]
 
 
+def test_a_lease_is_renewed_on_time_while_the_other_store_calls_are_slow(tmp_path):
+    """A loaded machine or database: claims and delivery polls take longer than a lease. The
+    renewals of a running job do not queue behind them (or the lease would run out and another
+    runner would run the job again: CI saw it at a 3 s lease)."""
+    from test_flow import FakeAudio, FakeMeter, FakeRecognizer, FakeSpeakers
+
+    from pipeline.service.db import sqlite_url
+
+    lease_s, slow_s = 1.0, 1.5
+
+    class SlowStore(SqlJobStore):
+        def __init__(self, url: str) -> None:
+            super().__init__(url)
+            self.held_since: float | None = None  # when the lease was last set
+            self.gaps: list[float] = []
+
+        def claim(self, worker, lease_s):
+            if self.held_since is not None:  # the job is running: every further claim is slow
+                time.sleep(slow_s)
+            job = super().claim(worker, lease_s)
+            if job is not None:
+                self.held_since = time.monotonic()
+            return job
+
+        def due_deliveries(self, limit):
+            time.sleep(slow_s)
+            return super().due_deliveries(limit)
+
+        def renew(self, job_id, worker, lease_s):
+            self.gaps.append(time.monotonic() - self.held_since)
+            self.held_since = time.monotonic()
+            return super().renew(job_id, worker, lease_s)
+
+    class LongAudio(FakeAudio):
+        async def from_url(self, url: str):
+            await asyncio.sleep(3 * lease_s)
+            return await super().from_url(url)
+
+    store = SlowStore(sqlite_url(tmp_path / "jobs.sqlite3"))
+    job = store.create("key_a", {"params": {}, "url": "http://media.test/long.wav"}, None)
+    runner = JobRunner(Settings(data_dir=tmp_path, jobs_lease_s=lease_s), store, LongAudio(),
+                       TranscriptionFlow(FakeRecognizer(), FakeSpeakers()), meter_for=lambda key_id: FakeMeter())
+
+    async def run() -> None:
+        runner.start()
+        deadline = time.monotonic() + 20
+        while store.get(job.job_id).state != COMPLETED:
+            assert time.monotonic() < deadline, "the job did not complete"
+            await asyncio.sleep(0.05)
+        await runner.stop(drain_s=0)
+
+    asyncio.run(run())
+    assert len(store.gaps) >= 6  # one renewal every lease_s / 3 while the job ran
+    assert max(store.gaps) < lease_s, store.gaps
+    assert store.get(job.job_id).run_attempts == 1
+
+
 def test_a_database_restart_loses_nothing_acknowledged(postgres):
     url = postgres.new_database()
     store = SqlJobStore(url)

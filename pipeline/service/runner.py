@@ -136,9 +136,12 @@ class JobRunner:
         self._active_jobs_for = lambda key: per_key_limits.get(key, default_limits).active_jobs
         self._worker = f"runner-{uuid.uuid4().hex[:12]}"
         self._on_lease_lost = on_lease_lost
-        # Store calls (claims, lease renewals, results) and webhook DNS lookups each have their own
-        # threads: however many receivers are slow, a lease is renewed on time.
+        # Store calls (claims, results, delivery polls), lease renewals and webhook DNS lookups each
+        # have their own threads: however many receivers are slow, and however long the other store
+        # calls take on a loaded machine, a renewal never waits behind them for its lease to run out
+        # (another runner would then run the job again).
         self._db = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hark-jobs-store")
+        self._leases = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hark-jobs-lease")
         self._dns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hark-webhook-dns")
         self._delivering: set[str] = set()
         self._tasks: list[asyncio.Task] = []  # the run and delivery loops
@@ -306,7 +309,8 @@ class JobRunner:
                 return
 
     async def _renew(self, job_id: str) -> bool:
-        return await self._call(self._store.renew, job_id, self._worker, self._settings.jobs_lease_s)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._leases, self._store.renew, job_id, self._worker, self._settings.jobs_lease_s)
 
     async def _lease_lost(self, job: Job, when: str) -> None:
         logger.warning("job %s: lease lost %s; another runner holds it now, this run stops uncharged",
