@@ -66,7 +66,7 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.2, what: str =
 
 # Each runs in a pytest process of its own beside the rest (tests/test_separate_envs.py), with a Ray
 # of its own; named on the command line, it is collected as usual.
-collect_ignore = ["test_multinode.py", "test_gpu_placement.py"]
+collect_ignore = ["test_multinode.py", "test_gpu_placement.py", "test_install.py"]
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:

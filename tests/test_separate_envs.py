@@ -7,7 +7,10 @@
   environment): left out of the session's own collection (conftest's ``collect_ignore``; name the
   file to run it directly);
 - the GPU profiles' placement (tests/test_gpu_placement.py, a Ray of its own with two fake GPUs, in
-  this environment): the same way.
+  this environment): the same way;
+- the install checks (tests/test_install.py: every module imports, and ``hark serve`` starts a Ray
+  of its own four times), in this environment, the same way: ~3 minutes of a single process mostly
+  waiting on Ray's start-up, which overlaps the rest instead of adding to it.
 
 scripts/vllm-env.sh and scripts/pyannote-env.sh build each environment once (cached under
 ~/.cache/hark) and print its python; these tests run the suites there and check the outcome.
@@ -117,6 +120,8 @@ RUNS = {
         env={"HARK_TEST_ENGINES": "vllm", "HARK_IN_VLLM_ENV": "1"},
         # Seen once in CI at load ~24 (one engine of the 18 tests; its worker's own error not kept).
         retry_on=("WorkerProc initialization failed",)),
+    "test_install_suite": EnvRun(None, "tests/test_install.py", minimum_passed=83, env={},
+                                 retry_on=("The current node timed out during startup",)),
     "test_pyannote_backend_in_its_environment": EnvRun(
         "pyannote-env.sh", "tests/pyannote_env", minimum_passed=3, env={"HARK_IN_PYANNOTE_ENV": "1"}),
     "test_multinode_cluster_suite": EnvRun(None, "tests/test_multinode.py", minimum_passed=4, env={},
@@ -148,6 +153,11 @@ def start_in_background(test_name: str) -> None:
 @pytest.mark.timeout(2400)
 def test_vllm_engine_meets_the_engine_contract():
     RUNS["test_vllm_engine_meets_the_engine_contract"].check(timeout_s=2300)
+
+
+@pytest.mark.timeout(2400)
+def test_install_suite():
+    RUNS["test_install_suite"].check(timeout_s=2300)
 
 
 @pytest.mark.timeout(2400)
