@@ -284,6 +284,47 @@ def test_a_lease_is_renewed_on_time_while_the_other_store_calls_are_slow(tmp_pat
     assert store.get(job.job_id).run_attempts == 1
 
 
+def test_a_renewal_that_fails_once_does_not_end_the_run(tmp_path):
+    """The database fails one lease renewal (a dropped connection): the run goes on, the next
+    renewal keeps the lease, and the job completes in its first run."""
+    from test_flow import FakeAudio, FakeMeter, FakeRecognizer, FakeSpeakers
+
+    from pipeline.service.db import sqlite_url
+
+    lease_s = 0.6
+
+    class FlakyStore(SqlJobStore):
+        renewals = 0
+
+        def renew(self, job_id, worker, lease_s):
+            FlakyStore.renewals += 1
+            if FlakyStore.renewals == 1:
+                raise ConnectionError("server closed the connection unexpectedly")
+            return super().renew(job_id, worker, lease_s)
+
+    class LongAudio(FakeAudio):
+        async def from_url(self, url: str):
+            await asyncio.sleep(3 * lease_s)
+            return await super().from_url(url)
+
+    store = FlakyStore(sqlite_url(tmp_path / "jobs.sqlite3"))
+    job = store.create("key_a", {"params": {}, "url": "http://media.test/long.wav"}, None)
+    runner = JobRunner(Settings(data_dir=tmp_path, jobs_lease_s=lease_s), store, LongAudio(),
+                       TranscriptionFlow(FakeRecognizer(), FakeSpeakers()), meter_for=lambda key_id: FakeMeter())
+
+    async def run() -> None:
+        runner.start()
+        deadline = time.monotonic() + 20
+        while store.get(job.job_id).state != COMPLETED:
+            assert time.monotonic() < deadline, "the job did not complete"
+            await asyncio.sleep(0.05)
+        await runner.stop(drain_s=0)
+
+    asyncio.run(run())
+    assert FlakyStore.renewals >= 3
+    assert store.get(job.job_id).run_attempts == 1
+
+
 def test_a_database_restart_loses_nothing_acknowledged(postgres):
     url = postgres.new_database()
     store = SqlJobStore(url)

@@ -302,11 +302,17 @@ class JobRunner:
             self._track(self._run(job)).add_done_callback(lambda _: slots.release())
 
     async def _heartbeat(self, job_id: str) -> None:
-        """Renew the lease until it is lost (then return)."""
+        """Renew the lease until it is lost (then return). A renewal that fails (the database away
+        for a moment) is tried again at the next beat: the lease may well still hold, and the run
+        goes on unless another runner has taken the job meanwhile."""
         while True:
             await asyncio.sleep(self._settings.jobs_lease_s / 3)
-            if not await self._renew(job_id):
-                return
+            try:
+                if not await self._renew(job_id):
+                    return
+            except Exception:  # noqa: BLE001 - logged; the next beat tries again
+                logger.warning("job %s: renewing its lease failed; trying again at the next beat", job_id,
+                               exc_info=True)
 
     async def _renew(self, job_id: str) -> bool:
         return await asyncio.get_running_loop().run_in_executor(
