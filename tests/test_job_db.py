@@ -227,12 +227,35 @@ def test_a_stopping_runner_finishes_what_it_can_and_hands_the_rest_back_at_once(
     assert [store.get(job.job_id).run_attempts for job in (stuck, failing)] == [1, 1]
 
 
+def run_a_long_job(store: SqlJobStore, lease_s: float, tmp_path):
+    """One job whose run lasts three leases, run to completion by a real runner over ``store``."""
+    from test_flow import FakeAudio, FakeMeter, FakeRecognizer, FakeSpeakers
+
+    class LongAudio(FakeAudio):
+        async def from_url(self, url: str):
+            await asyncio.sleep(3 * lease_s)
+            return await super().from_url(url)
+
+    job = store.create("key_a", {"params": {}, "url": "http://media.test/long.wav"}, None)
+    runner = JobRunner(Settings(data_dir=tmp_path, jobs_lease_s=lease_s), store, LongAudio(),
+                       TranscriptionFlow(FakeRecognizer(), FakeSpeakers()), meter_for=lambda key_id: FakeMeter())
+
+    async def run() -> None:
+        runner.start()
+        deadline = time.monotonic() + 20
+        while store.get(job.job_id).state != COMPLETED:
+            assert time.monotonic() < deadline, "the job did not complete"
+            await asyncio.sleep(0.05)
+        await runner.stop(drain_s=0)
+
+    asyncio.run(run())
+    return job
+
+
 def test_a_lease_is_renewed_on_time_while_the_other_store_calls_are_slow(tmp_path):
     """A loaded machine or database: claims and delivery polls take longer than a lease. The
     renewals of a running job do not queue behind them (or the lease would run out and another
     runner would run the job again: CI saw it at a 3 s lease)."""
-    from test_flow import FakeAudio, FakeMeter, FakeRecognizer, FakeSpeakers
-
     from pipeline.service.db import sqlite_url
 
     lease_s, slow_s = 1.0, 1.5
@@ -260,25 +283,8 @@ def test_a_lease_is_renewed_on_time_while_the_other_store_calls_are_slow(tmp_pat
             self.held_since = time.monotonic()
             return super().renew(job_id, worker, lease_s)
 
-    class LongAudio(FakeAudio):
-        async def from_url(self, url: str):
-            await asyncio.sleep(3 * lease_s)
-            return await super().from_url(url)
-
     store = SlowStore(sqlite_url(tmp_path / "jobs.sqlite3"))
-    job = store.create("key_a", {"params": {}, "url": "http://media.test/long.wav"}, None)
-    runner = JobRunner(Settings(data_dir=tmp_path, jobs_lease_s=lease_s), store, LongAudio(),
-                       TranscriptionFlow(FakeRecognizer(), FakeSpeakers()), meter_for=lambda key_id: FakeMeter())
-
-    async def run() -> None:
-        runner.start()
-        deadline = time.monotonic() + 20
-        while store.get(job.job_id).state != COMPLETED:
-            assert time.monotonic() < deadline, "the job did not complete"
-            await asyncio.sleep(0.05)
-        await runner.stop(drain_s=0)
-
-    asyncio.run(run())
+    job = run_a_long_job(store, lease_s, tmp_path)
     assert len(store.gaps) >= 6  # one renewal every lease_s / 3 while the job ran
     assert max(store.gaps) < lease_s, store.gaps
     assert store.get(job.job_id).run_attempts == 1
@@ -287,8 +293,6 @@ def test_a_lease_is_renewed_on_time_while_the_other_store_calls_are_slow(tmp_pat
 def test_a_renewal_that_fails_once_does_not_end_the_run(tmp_path):
     """The database fails one lease renewal (a dropped connection): the run goes on, the next
     renewal keeps the lease, and the job completes in its first run."""
-    from test_flow import FakeAudio, FakeMeter, FakeRecognizer, FakeSpeakers
-
     from pipeline.service.db import sqlite_url
 
     lease_s = 0.6
@@ -302,25 +306,8 @@ def test_a_renewal_that_fails_once_does_not_end_the_run(tmp_path):
                 raise ConnectionError("server closed the connection unexpectedly")
             return super().renew(job_id, worker, lease_s)
 
-    class LongAudio(FakeAudio):
-        async def from_url(self, url: str):
-            await asyncio.sleep(3 * lease_s)
-            return await super().from_url(url)
-
     store = FlakyStore(sqlite_url(tmp_path / "jobs.sqlite3"))
-    job = store.create("key_a", {"params": {}, "url": "http://media.test/long.wav"}, None)
-    runner = JobRunner(Settings(data_dir=tmp_path, jobs_lease_s=lease_s), store, LongAudio(),
-                       TranscriptionFlow(FakeRecognizer(), FakeSpeakers()), meter_for=lambda key_id: FakeMeter())
-
-    async def run() -> None:
-        runner.start()
-        deadline = time.monotonic() + 20
-        while store.get(job.job_id).state != COMPLETED:
-            assert time.monotonic() < deadline, "the job did not complete"
-            await asyncio.sleep(0.05)
-        await runner.stop(drain_s=0)
-
-    asyncio.run(run())
+    job = run_a_long_job(store, lease_s, tmp_path)
     assert FlakyStore.renewals >= 3
     assert store.get(job.job_id).run_attempts == 1
 
