@@ -8,8 +8,8 @@
   file to run it directly);
 - the GPU profiles' placement (tests/test_gpu_placement.py, a Ray of its own with two fake GPUs, in
   this environment): the same way;
-- the install checks (tests/test_install.py: every module imports, and ``hark serve`` starts a Ray
-  of its own four times), in this environment, the same way: ~3 minutes of a single process mostly
+- the install checks (tests/test_install.py: every module imports, and ``hark serve`` runs for real,
+  on a Ray of its own), in this environment, the same way: ~3 minutes of a single process mostly
   waiting on Ray's start-up, which overlaps the rest instead of adding to it.
 
 scripts/vllm-env.sh and scripts/pyannote-env.sh build each environment once (cached under
