@@ -20,6 +20,7 @@ index: ``-m "not package_index"`` leaves them out.
 from __future__ import annotations
 
 import atexit
+import functools
 import importlib.metadata
 import logging
 import os
@@ -47,9 +48,11 @@ PIP_TO_UV = {"global.index-url": "UV_INDEX_URL", "global.extra-index-url": "UV_E
              "global.find-links": "UV_FIND_LINKS", "global.constraint": "UV_CONSTRAINT"}
 
 
+@functools.cache
 def uv_environment() -> dict[str, str]:
     """This process's environment, with pip's index settings (its PIP_* variables, else its
-    configuration files) for uv, which chooses among indexes as pip does (the best version from any)."""
+    configuration files) for uv, which chooses among indexes as pip does (the best version from any).
+    Read once (four ``pip config`` processes) for both resolutions."""
     env = {**os.environ, "UV_INDEX_STRATEGY": "unsafe-best-match"}
     for setting, variable in PIP_TO_UV.items():
         value = os.environ.get("PIP_" + setting.split(".")[1].replace("-", "_").upper()) or subprocess.run(
