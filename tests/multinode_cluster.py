@@ -12,21 +12,25 @@ once the cluster is up, then answers each command read from stdin:
 
 - ``status``: Serve's own view (``serve.status()``) of the app's deployments, and where each live
   replica runs (``{"deployment", "node"}``, node by name);
-- ``remove NAME``: kills that node's raylet and every process on it at once (SIGKILL, no graceful
-  shutdown), as a lost VM or pod.
+- ``remove NAME``: kills that node's raylet and every process on it, its workers too, at once
+  (SIGKILL, no graceful shutdown), as a lost VM or pod; it answers once none of them is left.
 
 End of stdin shuts the cluster down (only the processes it started).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import time
+from pathlib import Path
 
 import ray
+import ray._private.ray_constants as ray_constants
 import ray._private.services as services
 from ray import serve
 from ray.cluster_utils import Cluster
@@ -58,6 +62,48 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes under ``pid`` (a raylet's workers and agents), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it exited meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found += (kids := children.get(todo.pop(), []))
+        todo += kids
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def lose_node(cluster: Cluster, node) -> None:
+    """The node's raylet and everything under it killed at once, as when its VM is lost.
+    ``Cluster.remove_node`` kills the processes the node started (the raylet, its object store)
+    but not the raylet's workers: they notice the dead raylet later (a periodic check), and meanwhile
+    a replica on the "lost" node went on working (a job runner claimed a job after the node was
+    gone). Answers once none of them is left."""
+    [raylet] = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET]
+    workers = _descendants(raylet.process.pid)
+    for pid in [raylet.process.pid, *workers]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    cluster.remove_node(node, allow_graceful=False)
+    deadline = time.monotonic() + 30
+    while not all(_gone(pid) for pid in workers):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes of the lost node still alive: {[p for p in workers if not _gone(p)]}")
+        time.sleep(0.05)
 
 
 def _name(value) -> str:
@@ -119,7 +165,7 @@ def main(dashboard_port: int, object_store_mb: int) -> None:
                 if command == "status":
                     answer = _status(names)
                 elif command == "remove":
-                    cluster.remove_node(nodes.pop(rest[0]), allow_graceful=False)
+                    lose_node(cluster, nodes.pop(rest[0]))
                     answer = {"removed": rest[0]}
                 else:
                     answer = {"error": f"unknown command {command!r}"}

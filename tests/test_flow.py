@@ -4,6 +4,7 @@ with fakes at the Protocol seams (the real parts run in tests/test_api.py and fr
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import numpy as np
 import pytest
@@ -166,9 +167,12 @@ def test_runner_requeues_a_busy_job_without_using_up_a_run(tmp_path):
     assert job.api_status == "processing" and job.run_attempts == 0
 
 
-def test_runner_requeues_after_a_dead_worker_until_the_runs_are_used_up(tmp_path):
-    again = _run_one(tmp_path / "a", WorkerLost(), run_attempts=0)
+def test_runner_requeues_after_a_dead_worker_until_the_runs_are_used_up(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="pipeline.service.runner"):
+        again = _run_one(tmp_path / "a", WorkerLost(), run_attempts=0)
     assert again.api_status == "processing" and again.run_attempts == 1
+    # The operator (and the multi-node test) can tell a death's rerun from any other.
+    assert f"job {again.job_id}: a worker it needed died (run 1 of at most {MAX_RUN_ATTEMPTS})" in caplog.text
     failed = _run_one(tmp_path / "b", WorkerLost(), run_attempts=MAX_RUN_ATTEMPTS - 1)
     assert failed.api_status == "failed"
     assert f"died on this job {MAX_RUN_ATTEMPTS} times" in failed.payload()["error"]["error"]

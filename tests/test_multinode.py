@@ -382,20 +382,27 @@ def test_losing_a_worker_node_mid_load_completes_every_job_once(app, cluster, cl
     survivor = ({"a", "b"} - {victim}).pop()
     assert cluster.ask(f"remove {victim}") == {"removed": victim}
     removed_at = time.monotonic()
-    # Runners go on claiming jobs until the node is gone: what the lost one held then is still
-    # "running" under its lease right after, beside the snapshot above.
+    # Runners go on claiming jobs until the node is gone (``remove`` answers once every process of
+    # it is dead): what the lost one held then is still "running" under its lease, beside the
+    # snapshot above.
     with store.engine.connect() as conn:
         held = {job_id for (job_id,) in conn.execute(sa.select(jobs.c.job_id).where(jobs.c.state == "running"))}
     running_at_removal = {job_id for job_id, _ in running} | held
 
     finished = delivered_once(store, receiver, clips, expected, "/multinode")
     recovered_s = time.monotonic() - removed_at
-    # Only jobs that were running when the node went were run again.
+    # Only jobs the node's loss reached ran again: those running when it went, and any whose call
+    # met one of its replicas before Serve routed around them (the runner logs that death). A job
+    # rerun for any other reason (a lease lost by a live runner) fails this.
     reruns = {job.job_id for job in finished if job.run_attempts > 1}
-    assert reruns <= running_at_removal
+    lines = replica_log_lines(cluster, "Jobs", r"a worker it needed died|lease lost|failed")
+    met_the_loss = {job_id for job_id in reruns if any(f"job {job_id}: a worker it needed died" in line
+                                                       for line in lines)}
+    assert reruns <= running_at_removal | met_the_loss, "\n".join(lines)
     # What is left runs on the surviving worker only.
     status = cluster.ask("status")
     assert {r["node"] for r in status["replicas"] if r["deployment"] in ("ASR", "Jobs")} == {survivor}
     log.info(f"{len(expected)} jobs submitted in {submitted_s:.1f} s, both runners busy at {busy_s:.1f} s; "
              f"node {victim} removed with {len(running_at_removal)} jobs running; all {len(expected)} jobs "
-             f"completed and delivered {recovered_s:.1f} s later, {len(reruns)} run again")
+             f"completed and delivered {recovered_s:.1f} s later, {len(reruns)} run again "
+             f"({len(reruns - running_at_removal)} of them met a replica of the lost node later)")

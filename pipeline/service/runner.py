@@ -386,6 +386,9 @@ class JobRunner:
             busy = isinstance(err, ServiceUnavailable) and not died
             if busy or (died and job.run_attempts < MAX_RUN_ATTEMPTS):
                 # Busy, or a worker died: back to the queue, untouched; only deaths use up runs.
+                if died:
+                    logger.warning("job %s: a worker it needed died (run %d of at most %d); it goes back to the "
+                                   "queue", job.job_id, job.run_attempts, MAX_RUN_ATTEMPTS)
                 raise _Requeue(count_attempt=not busy) from None
             if died:
                 err = ServiceUnavailable(f"The ASR worker died on this job {job.run_attempts} times")
