@@ -34,14 +34,16 @@ def make_session(**options):
         return Transcript((Segment("".join(w.text for w in words), 0, audio.duration_s, -0.1, len(words), tuple(words)),),
                           "en", 0.99, audio.duration_s)
 
-    def vad(samples):
-        nonzero = np.flatnonzero(samples)
-        if not len(nonzero):
-            return []
-        return [(int(nonzero[0]), int(nonzero[-1]) + 1)]
-
-    session = StreamingSession(transcribe, StreamOptions(**options), vad=vad)
+    session = StreamingSession(transcribe, StreamOptions(**options), vad=scripted_vad)
     return session, calls
+
+
+def scripted_vad(samples):
+    """Speech is wherever the scripted audio is not zero."""
+    nonzero = np.flatnonzero(samples)
+    if not len(nonzero):
+        return []
+    return [(int(nonzero[0]), int(nonzero[-1]) + 1)]
 
 
 def audio_for(t0, t1):
@@ -97,6 +99,71 @@ def test_each_decode_hears_the_stream_s_previous_audio_before_the_utterance(cont
         assert all(start <= 0.2 and end - start <= context_s for start, end in second)
     else:
         assert all(start >= 3.5 for start, _ in second)
+
+
+def recording_kinds(session) -> list[bool]:
+    """Whether each decode of ``session`` is an interim, in call order (beside make_session's calls)."""
+    kinds, inner = [], session.transcribe
+
+    async def transcribe(audio, opts):
+        kinds.append(opts.interim)
+        return await inner(audio, opts)
+
+    session.transcribe = transcribe
+    return kinds
+
+
+def test_the_final_decode_starts_halfway_through_the_pause_and_the_endpoint_uses_it():
+    # Speech ends at 2.9 s and 5.2 s; the endpoint comes after 400 ms of silence. The final's
+    # decode is sent after 200 ms of it (what follows the speech is silence), not at the endpoint.
+    session, calls = make_session(interim_every_s=0.5, endpointing_ms=400)
+    kinds = recording_kinds(session)
+    events = run(session)
+    finals = [end for (_, end, _), interim in zip(calls, kinds, strict=True) if not interim]
+    assert len(finals) == 2  # one decode per utterance's final, none made again at the endpoint
+    assert 2.9 + 0.19 <= finals[0] < 2.9 + 0.39 and 5.2 + 0.19 <= finals[1] < 5.2 + 0.39
+    said = " ".join(e["text"] for e in events if e["is_final"] and e["text"]).split()
+    assert said == ["One", "two", "three.", "Four", "five.", "Six", "seven."]
+    assert sum(e["speech_final"] for e in events) == 2
+
+
+def test_an_early_final_decode_is_dropped_when_the_speaker_goes_on():
+    # A pause of 1.2 s (2.9 -> 4.1 s) is past half the 1.6 s endpointing: a final decode starts,
+    # then speech comes again. That decode lacks "Six seven." and must not be the final.
+    session, calls = make_session(interim_every_s=0.5, endpointing_ms=1600)
+    kinds = recording_kinds(session)
+    events = run(session)
+    finals = [end for (_, end, _), interim in zip(calls, kinds, strict=True) if not interim]
+    assert len(finals) == 2 and 2.9 + 0.79 <= finals[0] < 4.1 and finals[1] >= 5.2
+    said = " ".join(e["text"] for e in events if e["is_final"] and e["text"]).split()
+    assert said == ["One", "two", "three.", "Four", "five.", "Six", "seven."]
+    [ended] = [e for e in events if e["speech_final"]]
+    assert ended["text"].endswith("Six seven.")
+
+
+def test_a_stream_that_ends_without_finish_cancels_its_early_final_decode():
+    # The client hangs up in the pause: the final decode already sent is not needed any more.
+    cancelled = []
+
+    async def transcribe(audio, opts):
+        try:
+            await asyncio.Event().wait()  # a decode still running
+        except asyncio.CancelledError:
+            cancelled.append(opts.interim)
+            raise
+
+    session = StreamingSession(transcribe, StreamOptions(endpointing_ms=400, first_interim_s=60), vad=scripted_vad)
+
+    async def go():
+        for k in range(32):  # to 3.2 s: speech ended at 2.9 s, 300 ms of silence
+            assert await session.feed(audio_for(k / 10, (k + 1) / 10)) == []
+        await asyncio.sleep(0)
+        assert cancelled == []  # sent, and running
+        session.close()
+        await asyncio.sleep(0)
+        return list(cancelled)  # before asyncio.run cancels what is left
+
+    assert asyncio.run(go()) == [False]
 
 
 def test_a_session_that_is_behind_skips_interims_and_finalises_once_it_has_caught_up():

@@ -225,6 +225,7 @@ class StreamServer:
         try:
             await self._loop(channel, session, decoder, budget, tab, request_id, params.channels)
         finally:
+            session.close()
             try:
                 await asyncio.to_thread(decoder.abort)  # stops a container decoder's thread
             finally:

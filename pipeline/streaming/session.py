@@ -4,13 +4,15 @@ The session keeps the audio of the current utterance. Every ``interim_every_s`` 
 re-decodes the utterance; words on which two successive hypotheses agree (local agreement), and
 that are not in the last ``unstable_tail_s`` of audio, become final and never change. When the
 speaker pauses for ``endpointing_ms`` (Silero VAD), the whole utterance is decoded once more and
-what was not yet final is finalised with ``speech_final``. Each decode starts with the stream's
-previous audio (up to ``context_s`` in all) and keeps only the words of the utterance: Whisper
-garbles a short utterance heard alone. A session that is behind (audio waiting) skips interims
-and finalises the utterances that ended meanwhile together, once it has caught up. Decoding goes through an injected
-coroutine, so the service uses the same ASR deployment as batch requests and tests can fake it.
-The VAD runs in a worker thread (``executor``; the loop's default one when None), never on the
-event loop that serves every stream of the process.
+what was not yet final is finalised with ``speech_final``; that decode starts halfway through the
+pause (what follows the speech is silence) and is used if the speaker said nothing more. Each
+decode starts with the stream's previous audio (up to ``context_s`` in all) and keeps only the
+words of the utterance: Whisper garbles a short utterance heard alone. A session that is behind
+(audio waiting) skips interims and finalises the utterances that ended meanwhile together, once
+it has caught up. Decoding goes through an injected coroutine, so the service uses the same ASR
+deployment as batch requests and tests can fake it. The VAD runs in a worker thread
+(``executor``; the loop's default one when None), never on the event loop that serves every
+stream of the process.
 """
 
 from __future__ import annotations
@@ -63,6 +65,24 @@ class StreamOptions:
 
 
 @dataclass
+class _EarlyFinal:
+    """A final decode started before the endpoint, while the pause is still short."""
+
+    task: asyncio.Task  # the Transcript
+    origin_s: float  # absolute time of its audio's start
+    offset_s: float  # the utterance's start then
+    speech_end: int  # where the speech ended then (buffer index)
+
+    def holds_all_speech(self, offset_s: float, speech_end: int) -> bool:
+        """Did it decode all the speech there is now (no speech came after it started)?"""
+        return offset_s == self.offset_s and speech_end <= self.speech_end + _SPEECH_END_SLACK
+
+
+# The VAD's end of speech may move by a few frames as more audio comes; that is not new speech.
+_SPEECH_END_SLACK = SAMPLE_RATE // 20
+
+
+@dataclass
 class StreamingSession:
     transcribe: Transcribe
     options: StreamOptions = field(default_factory=StreamOptions)
@@ -88,6 +108,7 @@ class StreamingSession:
     stream_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # feed and finish run one at a time, in call order: each awaits the VAD and the recogniser.
     _turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _early: _EarlyFinal | None = None
 
     def __post_init__(self) -> None:
         self.language = self.options.language
@@ -111,7 +132,13 @@ class StreamingSession:
         async with self._turn:
             if self.speech_seen:
                 return await self._finalise(speech_final=True)
+            self._drop_early()
             return []
+
+    def close(self) -> None:
+        """The stream ended without ``finish`` (the client went away, an error): a final decode
+        started early is not needed."""
+        self._drop_early()
 
     async def _feed(self, samples: np.ndarray, behind: bool = False) -> list[dict[str, Any]]:
         self.buffer = np.concatenate([self.buffer, samples.astype(np.float32, copy=False)])
@@ -121,6 +148,8 @@ class StreamingSession:
             return []
         self._since_vad = 0
         await self._update_vad()
+        if self._early is not None and not self._early.holds_all_speech(self.offset_s, self._speech_end):
+            self._drop_early()  # the speaker went on: that decode missed what came after
         if not self.speech_seen:
             # Nothing said yet (and all of it checked): keep only the last half second, so
             # silence costs no memory.
@@ -136,7 +165,11 @@ class StreamingSession:
         if behind:
             return []
         if self.trailing_silence_s * 2000 >= self.options.endpointing_ms:
-            return []  # the utterance is likely ending: its final comes soon, no interim to delay it
+            # The utterance is likely ending: no interim to delay its final, whose decode starts
+            # now (the endpoint uses it if the speaker says nothing more).
+            if self._early is None:
+                await self._start_early_final()
+            return []
         due = self.options.interim_every_s if self._decoded_len else self.options.first_interim_s
         if (len(self.buffer) - self._decoded_len) >= due * SAMPLE_RATE:
             return await self._interim()
@@ -186,7 +219,9 @@ class StreamingSession:
 
     # ---- decoding -------------------------------------------------------------------------------
 
-    async def _decode(self, beam_size: int | None, interim: bool = False) -> list[Word]:
+    def _request(self, beam_size: int | None, interim: bool) -> tuple[Audio, AsrOptions, float]:
+        """The audio and options of a decode of the utterance so far, and the absolute time of
+        the audio's start."""
         self._decoded_len = len(self.buffer)
         # Left context: the stream's previous audio, up to context_s in all.
         lead = min(len(self.past), max(0, int(self.options.context_s * SAMPLE_RATE) - len(self.buffer)))
@@ -202,7 +237,14 @@ class StreamingSession:
             temperature_fallback=not interim, max_new_tokens=int(20 + 10 * duration),
             stream=self.stream_id, interim=interim,
         )
-        transcript = await self.transcribe(Audio(samples), opts)
+        return Audio(samples), opts, origin_s
+
+    async def _decode(self, beam_size: int | None, interim: bool = False) -> list[Word]:
+        audio, opts, origin_s = self._request(beam_size, interim)
+        return self._words(await self.transcribe(audio, opts), origin_s)
+
+    def _words(self, transcript: Transcript, origin_s: float) -> list[Word]:
+        """The words of a decode that are new in this utterance, at absolute times."""
         if self.language is None and transcript.words:
             self.language = transcript.language  # keep one language for the whole stream
         committed_end = self.committed[-1].end if self.committed else -1.0
@@ -250,8 +292,26 @@ class StreamingSession:
             events.append(self._results(rest, is_final=False, speech_final=False))
         return events
 
+    async def _start_early_final(self) -> None:
+        audio, opts, origin_s = self._request(self.options.final_beam_size, interim=False)
+        task = asyncio.ensure_future(self.transcribe(audio, opts))
+        task.add_done_callback(_retrieve)
+        self._early = _EarlyFinal(task, origin_s, self.offset_s, self._speech_end)
+        await asyncio.sleep(0)  # the request goes out now, not at this session's next await
+
+    def _drop_early(self) -> None:
+        early, self._early = self._early, None
+        if early is not None:
+            early.task.cancel()  # its windows not yet started leave the ASR queue
+
     async def _finalise(self, speech_final: bool) -> list[dict[str, Any]]:
-        words = await self._decode(beam_size=self.options.final_beam_size)
+        early = self._early
+        if early is not None and early.holds_all_speech(self.offset_s, self._speech_end):
+            self._early = None
+            words = self._words(await early.task, early.origin_s)
+        else:
+            self._drop_early()
+            words = await self._decode(beam_size=self.options.final_beam_size)
         end = self.offset_s + len(self.buffer) / SAMPLE_RATE
         events = [self._results(words, is_final=True, speech_final=speech_final, end=end)]
         self._history = (self._history + self.committed + words)[-_HISTORY_WORDS:]
@@ -283,6 +343,13 @@ class StreamingSession:
         if is_final and words:
             self._final_end_s = words[-1].end
         return message
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Mark a dropped early decode's error as seen: it was not needed (the one that is needed is
+    awaited, and raises there)."""
+    if not task.cancelled():
+        task.exception()
 
 
 _HISTORY_WORDS = 12
