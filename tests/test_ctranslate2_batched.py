@@ -92,8 +92,7 @@ def test_short_windows_are_padded_with_silence_and_stream_decodes_encode_fewer_f
     # Live-stream decodes holding 10 s at least (HARK_ASR__STREAM_MIN_WINDOW_S: the stream's
     # previous audio fills them) encode their length in whole seconds and 3 s of silence after it
     # (HARK_ASR__STREAM_PAD_S), less 30 s; files 30 s.
-    # ~9 s: too short for the floor (a stream's first words), so HARK_ASR__STREAM_SHORT_WINDOW_S.
-    assert engine._features(task(AsrOptions(stream="s"))).features.shape[-1] == 1500
+    assert engine._features(task(AsrOptions(stream="s"))).features.shape[-1] == 3000  # ~9 s: too short
     longer = replace(task(AsrOptions(stream="s")), samples=np.concatenate([samples, samples[: 2 * 16000]]))
     work = engine._features(longer)
     assert work.features.shape[-1] == -(-len(longer.samples) // 16000) * 100 + 300

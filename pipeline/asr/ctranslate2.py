@@ -210,23 +210,21 @@ class CTranslate2Engine:
         """Mel frames the encoder sees for a window holding ``frames``: 30 s, or with short windows
         on, the window rounded up to whole seconds and at least the floor (CTranslate2 encodes
         fewer frames than 3000; below ~10 s Whisper's accuracy drops). Live-stream decodes have
-        a floor of their own, encode ``stream_short_window_s`` when they hold less audio than it,
-        and ``stream_pad_s`` of silence after their audio otherwise."""
+        a floor of their own, encode 30 s when they hold less audio than it, and ``stream_pad_s``
+        of silence after their audio otherwise."""
         floor_s = self._settings.stream_min_window_s if stream else self._settings.min_window_s
         floor = int(floor_s * 100)
         if floor <= 0:
             return _FRAMES
+        if stream and frames < floor:
+            # A stream's window is filled up to the floor with its previous audio; one that could
+            # not be (the stream's first words) is padded to 30 s: padded to 10 s with silence,
+            # an 8 kHz "quick brown fox" came out "quick round-tox ... lady nod".
+            return _FRAMES
         # A stream's audio ends at the live edge, often mid-phrase: with no silence after it in
         # the window, Whisper loops and repeats itself ("at least at least at least ...").
         pad = int(self._settings.stream_pad_s * 100) if stream else 0
-        needed = -(-frames // 100) * 100 + pad
-        if stream and frames < floor:
-            # A stream's window is filled up to the floor with its previous audio; one that could
-            # not be (the stream's first words) is padded with silence to a size of its own: to
-            # 10 s, an 8 kHz "quick brown fox" came out "quick round-tox ... lady nod"; 15 s was as
-            # accurate as 30 s on the stream-start decodes measured (see the setting).
-            return min(_FRAMES, max(int(self._settings.stream_short_window_s * 100), needed))
-        return min(_FRAMES, max(floor, needed))
+        return min(_FRAMES, max(floor, -(-frames // 100) * 100 + pad))
 
     def _tokenizer(self, language: str, task: str = "transcribe") -> Tokenizer:
         if (language, task) not in self._tokenizers:

@@ -84,16 +84,6 @@ class AsrSettings(BaseModel):
         description="CTranslate2: live-stream decodes encode this many seconds at least instead of 30 s "
         "(the stream's previous audio fills the window up to it); 0 = 30 s windows.",
     )
-    stream_short_window_s: float = Field(
-        15.0,
-        ge=1,
-        le=30,
-        description="CTranslate2: seconds a live-stream decode encodes when it holds less than "
-        "stream_min_window_s (a stream's first words: too little previous audio to fill the floor), "
-        "padded with silence. Measured on 15 stream-start decodes of the test speech (3-10 s, half of "
-        "them 8 kHz): 15 s as accurate as 30 s (mean WER 25.5 % against 25.7 %) in a third of the "
-        "time; 10 s misheard 8 kHz speech (30.1 %).",
-    )
     stream_pad_s: float = Field(
         3.0,
         ge=0,
