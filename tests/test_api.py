@@ -334,31 +334,35 @@ def test_ready_answers_at_once_while_the_asr_queue_is_full(serve_app, clips):
 
     handle = serve.get_deployment_handle("ASR", app_name="hark")
     speech = decode(clips["sample"].path, max_duration_s=60).samples
-    minute = Audio(np.concatenate([speech, speech]))  # seconds of work for each request
+    # Seconds of work for each request: the queue must stay full through the probes below (a
+    # cancelled request's windows not yet started are dropped, so a longer audio costs no more).
+    speech_2min = Audio(np.concatenate([speech] * 4))
 
     def refused(response) -> bool:
-        """True when the full queue refused the request; False while it is in flight."""
+        """True when the full queue refused the request; False while it is in flight. A refusal
+        comes at once on a quiet machine; with a 0.2 s wait here, CI once found room in a queue
+        counted full (a refusal that came late under load, counted as queued, would do that)."""
         try:
-            response.result(timeout_s=0.2)
+            response.result(timeout_s=2)
         except BackPressureError:
             return True
         except TimeoutError:
             return False
-        raise AssertionError("a minute of speech transcribed in 0.2 s: the queue cannot be filled this way")
+        raise AssertionError("two minutes of speech transcribed in 2 s: the queue cannot be filled this way")
 
     # The test app lets ASR hold 2 requests and queue 2 more (per caller). Requests sent in one
     # go can be refused while the first are still being routed: add them one at a time.
     busy = []
 
     def fill() -> bool:
-        response = handle.transcribe.remote(minute, AsrOptions(language="en"))
+        response = handle.transcribe.remote(speech_2min, AsrOptions(language="en"))
         if not refused(response):
             busy.append(response)
         return len(busy) == 4
 
     def probe_refused() -> bool:
         # Were it let in, an unknown language is refused before any batch: cheap either way.
-        return refused(handle.transcribe.remote(minute, AsrOptions(language="xx")))
+        return refused(handle.transcribe.remote(speech_2min, AsrOptions(language="xx")))
 
     try:
         wait_until(fill, 60, interval_s=0.05, what="2 transcriptions running and 2 queued")
