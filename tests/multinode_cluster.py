@@ -23,12 +23,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import sys
 import time
-from pathlib import Path
 
+import psutil
 import ray
 import ray._private.ray_constants as ray_constants
 import ray._private.services as services
@@ -64,29 +63,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _descendants(pid: int) -> list[int]:
-    """The processes under ``pid`` (a raylet's workers and agents), from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # it exited meanwhile
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        found += (kids := children.get(todo.pop(), []))
-        todo += kids
-    return found
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
-
-
 def lose_node(cluster: Cluster, node) -> None:
     """The node's raylet and everything under it killed at once, as when its VM is lost.
     ``Cluster.remove_node`` kills the processes the node started (the raylet, its object store)
@@ -94,15 +70,23 @@ def lose_node(cluster: Cluster, node) -> None:
     a replica on the "lost" node went on working (a job runner claimed a job after the node was
     gone). Answers once none of them is left."""
     [raylet] = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET]
-    workers = _descendants(raylet.process.pid)
-    for pid in [raylet.process.pid, *workers]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    root = psutil.Process(raylet.process.pid)
+    workers = root.children(recursive=True)
+    for process in [root, *workers]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
     cluster.remove_node(node, allow_graceful=False)
+
+    def alive(process: psutil.Process) -> bool:
+        try:
+            return process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
     deadline = time.monotonic() + 30
-    while not all(_gone(pid) for pid in workers):
+    while any(alive(p) for p in workers):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"processes of the lost node still alive: {[p for p in workers if not _gone(p)]}")
+            raise RuntimeError(f"processes of the lost node still alive: {[p.pid for p in workers if alive(p)]}")
         time.sleep(0.05)
 
 
