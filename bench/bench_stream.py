@@ -110,7 +110,8 @@ def in_process_streamer(args, costs: list[tuple[bool, float, float]]) -> tuple[S
         return result
 
     async def stream(samples: np.ndarray, speed: float) -> list[tuple[float, dict]]:
-        session = StreamingSession(transcribe, StreamOptions(context_s=args.context_s))
+        session = StreamingSession(transcribe, StreamOptions(context_s=args.context_s,
+                                                             first_interim_s=args.first_interim_s))
         queue: asyncio.Queue = asyncio.Queue()
 
         async def send(chunk):
@@ -178,7 +179,8 @@ def latency(stream: Streamer, repeats: int) -> None:
     early, late = [x for x in final_lag[:third] if x == x], [x for x in final_lag[-third:] if x == x]
     print(f"  final result lag, first third {statistics.median(early):.2f} s, last third {statistics.median(late):.2f} s "
           f"(goal: not growing)")
-    print("  per utterance: " + " ".join(f"{x:.2f}" for x in final_lag))
+    print("  per utterance, final: " + " ".join(f"{x:.2f}" for x in final_lag))
+    print("  per utterance, first: " + " ".join(f"{x:.2f}" for x in first_lag))
 
 
 def accuracy(stream: Streamer, clips, base: str | None, args) -> None:
@@ -199,10 +201,14 @@ def accuracy(stream: Streamer, clips, base: str | None, args) -> None:
 
 
 def main() -> None:
+    from pipeline.streaming.session import StreamOptions
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--in-process", action="store_true", help="session + scheduler in this process")
     parser.add_argument("--context-s", type=float, default=10.0, help="in-process: the session's left context")
     parser.add_argument("--stream-floor-s", type=float, default=10.0, help="in-process: stream decodes' window floor")
+    parser.add_argument("--first-interim-s", type=float, default=StreamOptions.first_interim_s,
+                        help="in-process: the first interim of an utterance, at this much of its audio")
     parser.add_argument("--repeats", type=int, default=3, help="the conversation, this many times in one stream")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")

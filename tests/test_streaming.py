@@ -176,6 +176,45 @@ def test_a_session_that_is_behind_skips_interims_and_finalises_once_it_has_caugh
     assert events[0]["text"] == "One two three. Four five. Six seven."
 
 
+def test_an_utterance_that_ends_while_the_session_is_behind_is_finalised_alone_once_it_catches_up():
+    # The pause (2.9 -> 4.1 s) reaches the 400 ms endpoint while audio waits (a decode held the
+    # session); it catches up at 4.5 s, in the next utterance. The first utterance is finalised
+    # then, alone, up to its endpoint (one decode); the second goes on as an utterance of its own,
+    # instead of both waiting for the second's end in one final.
+    session, calls = make_session(interim_every_s=0.5, endpointing_ms=400)
+    kinds = recording_kinds(session)
+    events = run(session, behind_until_s=4.5)
+    assert not kinds[0] and calls[0][1] == pytest.approx(2.9 + 0.4)
+    finals = [e for e in events if e["is_final"]]
+    assert [(e["text"], e["speech_final"]) for e in finals] == [("One two three. Four five.", True), ("Six seven.", True)]
+    assert finals[0]["start"] + finals[0]["duration"] < 4.1 <= finals[1]["start"]
+
+
+def test_the_first_interim_comes_after_first_interim_s_of_speech_and_again_until_it_hears_words():
+    # Speech starts at 0.2 s (the buffer holds silence before it). The first interim comes after
+    # 0.3 s of speech; one that hears nothing is followed 0.3 s later, not interim_every_s later.
+    session, calls = make_session(first_interim_s=0.3, interim_every_s=1.5, endpointing_ms=400)
+    inner = session.transcribe
+
+    async def deaf_at_first(audio, opts):  # hears nothing in audio that ends before 1 s
+        heard = await inner(audio, opts)
+        return heard if calls[-1][1] >= 1.0 else Transcript((), "en", 0.99, audio.duration_s)
+
+    session.transcribe = deaf_at_first
+    run(session, total_s=2.8)
+    assert [end for _, end, _ in calls[:4]] == pytest.approx([0.5, 0.8, 1.1, 2.6])
+
+
+def test_the_left_context_keeps_the_last_context_s_of_the_stream_s_audio():
+    session, _ = make_session(context_s=10.0)
+    for seconds in (5.4, 3.4):
+        session._remember(np.full(int(seconds * SAMPLE_RATE), seconds, np.float32))
+    assert len(session.past) == int(8.8 * SAMPLE_RATE)  # all of both, less than 10 s
+    session._remember(np.full(4 * SAMPLE_RATE, 4.0, np.float32))
+    assert len(session.past) == 10 * SAMPLE_RATE
+    assert [round(float(session.past[i]), 1) for i in (0, 13 * SAMPLE_RATE // 5, -1)] == [5.4, 3.4, 4.0]
+
+
 def test_no_interims_when_not_asked():
     session, _ = make_session(interim_every_s=0.5, interim_results=False)
     assert all(e["is_final"] for e in run(session))

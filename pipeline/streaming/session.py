@@ -9,7 +9,8 @@ pause (what follows the speech is silence) and is used if the speaker said nothi
 decode starts with the stream's previous audio (up to ``context_s`` in all) and keeps only the
 words of the utterance: Whisper garbles a short utterance heard alone. A session that is behind
 (audio waiting) skips interims and finalises the utterances that ended meanwhile together, once
-it has caught up. Decoding goes through an injected coroutine, so the service uses the same ASR
+it has caught up, up to the last pause that ended one (the speech after it goes on as the next
+utterance). Decoding goes through an injected coroutine, so the service uses the same ASR
 deployment as batch requests and tests can fake it. The VAD runs in a worker thread
 (``executor``; the loop's default one when None), never on the event loop that serves every
 stream of the process.
@@ -61,7 +62,11 @@ class StreamOptions:
     # Whisper drops and garbles words of a short utterance heard alone ("Ever failed" became
     # "Everfair old"); only words after the utterance's start are kept. 0: the utterance alone.
     context_s: float = 10.0
-    first_interim_s: float = 1.0  # the first interim of an utterance, at this much of its audio
+    # The first interim of an utterance comes after this much of its speech (not counting the
+    # silence kept before it), again every first_interim_s until one hears words, then every
+    # interim_every_s. In process, on the three-voice conversation (bench/bench_stream.py), 1.0 s
+    # gave a first result 1.63 s after speech started (median), 0.6 s 1.27 s, 0.4 s 1.22 s.
+    first_interim_s: float = 0.5
 
 
 @dataclass
@@ -102,6 +107,10 @@ class StreamingSession:
     _decoded_len: int = 0
     _vad_checked: int = 0  # buffer[:_vad_checked] has been through the VAD
     _speech_end: int = 0  # buffer index where the last speech seen ends
+    _speech_start: int = 0  # buffer index where the utterance's speech starts
+    # Buffer index where an utterance ended while the session was behind: it is finalised there
+    # once the session catches up, not together with the speech that came after it.
+    _ended_at: int | None = None
     language: str | None = None
     # Names this stream's decodes to the ASR scheduler: served before files, a newer interim
     # replacing one not yet started.
@@ -156,22 +165,28 @@ class StreamingSession:
             if len(self.buffer) > 2 * PRE_ROLL:
                 self._drop_front(len(self.buffer) - PRE_ROLL)
             return []
-        duration = len(self.buffer) / SAMPLE_RATE
-        if duration >= self.options.max_utterance_s:
-            ended = self.trailing_silence_s * 1000 >= self.options.endpointing_ms
+        ended = self.trailing_silence_s * 1000 >= self.options.endpointing_ms
+        if len(self.buffer) >= self.options.max_utterance_s * SAMPLE_RATE:
             return await self._finalise(speech_final=ended)
-        if self.trailing_silence_s * 1000 >= self.options.endpointing_ms and not behind:
+        if ended and not behind:
             return await self._finalise(speech_final=True)
         if behind:
+            if ended and (self._ended_at is None or self._ended_at <= self._speech_end):
+                # The pause reached the endpoint: the utterance ends here, whatever follows.
+                endpoint = self._speech_end + self.options.endpointing_ms * SAMPLE_RATE // 1000
+                self._ended_at = min(len(self.buffer), endpoint)
             return []
+        if self._ended_at is not None:
+            return await self._finalise_ended()
         if self.trailing_silence_s * 2000 >= self.options.endpointing_ms:
             # The utterance is likely ending: no interim to delay its final, whose decode starts
             # now (the endpoint uses it if the speaker says nothing more).
             if self._early is None:
                 await self._start_early_final()
             return []
-        due = self.options.interim_every_s if self._decoded_len else self.options.first_interim_s
-        if (len(self.buffer) - self._decoded_len) >= due * SAMPLE_RATE:
+        heard = bool(self.committed or self.previous)
+        due = self.options.interim_every_s if heard else self.options.first_interim_s
+        if len(self.buffer) - max(self._decoded_len, self._speech_start) >= due * SAMPLE_RATE:
             return await self._interim()
         return []
 
@@ -192,6 +207,7 @@ class StreamingSession:
                 drop = max(0, start + regions[0][0] - PRE_ROLL)
                 self._drop_front(drop)
                 start -= drop
+                self._speech_start = start + regions[0][0]
             self.speech_seen = True
             self._speech_end = start + regions[-1][1]
         if self.speech_seen:
@@ -206,6 +222,9 @@ class StreamingSession:
         self._decoded_len = max(0, self._decoded_len - n)
         self._vad_checked = max(0, self._vad_checked - n)
         self._speech_end -= n
+        self._speech_start = max(0, self._speech_start - n)
+        if self._ended_at is not None:
+            self._ended_at = max(0, self._ended_at - n)
 
     def _remember(self, samples: np.ndarray) -> None:
         """Keep the last ``context_s`` of the audio that leaves the buffer, as left context."""
@@ -215,7 +234,7 @@ class StreamingSession:
         if len(samples) >= keep:
             self.past = samples[-keep:].copy()
         else:
-            self.past = np.concatenate([self.past[len(self.past) - (keep - len(samples)):], samples])
+            self.past = np.concatenate([self.past[max(0, len(self.past) - (keep - len(samples))):], samples])
 
     # ---- decoding -------------------------------------------------------------------------------
 
@@ -320,7 +339,22 @@ class StreamingSession:
         self.buffer = np.zeros(0, np.float32)
         self.committed, self.previous = [], None
         self.speech_seen, self.trailing_silence_s, self._decoded_len = False, 0.0, 0
-        self._vad_checked = self._speech_end = 0
+        self._vad_checked = self._speech_end = self._speech_start = 0
+        self._ended_at = None
+        return events
+
+    async def _finalise_ended(self) -> list[dict[str, Any]]:
+        """Finalise what was said up to the pause in which an utterance ended while the session was
+        behind (one decode, however many utterances ended in that audio); the speech after it
+        starts the next utterance."""
+        cut, self._ended_at = self._ended_at, None
+        self._drop_early()
+        rest, speech_end = self.buffer[cut:], self._speech_end - cut
+        self.buffer, self._speech_end = self.buffer[:cut], min(self._speech_end, cut)
+        events = await self._finalise(speech_final=True)
+        self.buffer, self.speech_seen = rest, True
+        self._vad_checked, self._speech_end = len(rest), max(0, speech_end)
+        self.trailing_silence_s = (len(rest) - self._speech_end) / SAMPLE_RATE
         return events
 
     def _results(self, words: list[Word], *, is_final: bool, speech_final: bool, end: float | None = None) -> dict[str, Any]:
