@@ -168,6 +168,7 @@ def main() -> None:
             stop.wait(0.3)
 
     health_s: list[float] = []
+    health_at: list[float] = []  # when each was asked, on the clock of ``started``
 
     def ask_health() -> None:
         with httpx.Client(timeout=30) as client:
@@ -175,6 +176,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 client.get(f"{base}/health").raise_for_status()
                 health_s.append(time.perf_counter() - t0)
+                health_at.append(t0 - started)
                 stop.wait(0.2)
 
     stream_results: list[int] = []
@@ -235,6 +237,9 @@ def main() -> None:
         print(f"/health during the request: {len(health_s)} answers, median {1000 * sorted(health_s)[len(health_s) // 2]:.0f} ms, "
               f"worst {1000 * max(health_s):.0f} ms; {args.streams} live streams finished {len(stream_results)} "
               f"plays with {sum(stream_results)} final results")
+        slowest = sorted(zip(health_s, health_at), reverse=True)[:5]
+        print("  slowest: " + ", ".join(f"{1000 * s:.0f} ms at {at:.1f} s" for s, at in slowest)
+              + f" (the request was answered at {elapsed:.1f} s)")
     print(f"whole app extra memory (sum of PSS peaks over baselines): {extra:.0f} MB = "
           f"{extra / decoded_mb:.2f}x the decoded audio")
     # The peaks above come at different moments; this is the most the app held at one moment.
