@@ -89,10 +89,12 @@ def start_service(settings_overrides: dict, port: int = 7171) -> str:
     from ray import serve
 
     from deployments.app import build_app
+    from deployments.launch import front_first
 
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     app_cfg = config["applications"][0]
     options = {d.pop("name"): d for d in app_cfg["deployments"]}
+    front_first()  # as `hark serve` starts a local Ray
     ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 3600})
     serve.run(build_app({"settings": settings_overrides, "deployment_options": options}), name="hark", route_prefix="/")

@@ -238,12 +238,13 @@ class Settings(BaseSettings):
     fetch_max_redirects: int = Field(5, ge=0, description="Redirects followed, each re-checked.")
     retry_after_s: int = Field(30, ge=1, description="Retry-After sent with 503 when queues are full.")
     compute_nice: int = Field(
-        5,
+        19,
         ge=0,
         le=19,
-        description="CPU priority the decoding, ASR and diarization replicas lower themselves by (Unix nice), "
-        "so that on a saturated machine the HTTP front (proxy, ingress, /health) is served first; 0: "
-        "the same priority as the rest.",
+        description="CPU priority the decoding, ASR and diarization replicas lower themselves by (Unix nice, "
+        "at most to 19, the lowest), so that on a saturated machine the HTTP front (proxy, ingress, /health) "
+        "is served first; 0: the same priority as the rest. `hark serve` starts a new local Ray with its "
+        "workers at nice 0 (Ray's own default is 15), so there the front runs at 0 and these at 19.",
     )
     data_dir: Path | None = Field(
         None,
