@@ -32,7 +32,8 @@ def yield_cpu_to_the_front(settings: Settings) -> None:
     On Linux a priority belongs to a thread (``os.nice`` changes only the caller's, and Serve runs
     a replica's constructor on a thread of its own), so every thread of the process is lowered;
     threads started later inherit it from the thread that starts them. (Ray runs its own threads at
-    nice 0 and the Python threads of a worker at 15; 19 is the lowest priority there is.)"""
+    nice 0 and the Python threads of a worker at 15, or at 0 in a Ray that ``hark serve`` started:
+    ``launch.front_first``; 19 is the lowest priority there is.)"""
     if not settings.compute_nice:
         return
     tasks = f"/proc/{os.getpid()}/task"
