@@ -350,7 +350,7 @@ class StreamingSession:
         cut, self._ended_at = self._ended_at, None
         self._drop_early()
         rest, speech_end = self.buffer[cut:], self._speech_end - cut
-        self.buffer, self._speech_end = self.buffer[:cut], min(self._speech_end, cut)
+        self.buffer = self.buffer[:cut]
         events = await self._finalise(speech_final=True)
         self.buffer, self.speech_seen = rest, True
         self._vad_checked, self._speech_end = len(rest), max(0, speech_end)
