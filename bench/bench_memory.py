@@ -27,6 +27,7 @@ Talks to loopback only; starts and stops its own Ray instance.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import struct
 import sys
@@ -181,12 +182,6 @@ def main() -> None:
                     at.append(t0 - started)
                 stop.wait(0.2)
 
-    def ask_health() -> None:
-        ask("/health", health_s, health_at)
-
-    def ask_proxy() -> None:
-        ask("/-/healthz", proxy_s)
-
     stream_results: list[int] = []
 
     def stream() -> None:
@@ -211,7 +206,8 @@ def main() -> None:
 
         asyncio.run(run())
 
-    threads = [threading.Thread(target=f, daemon=True) for f in (sample, ask_health, ask_proxy, *[stream] * args.streams)]
+    asks = [functools.partial(ask, "/health", health_s, health_at), functools.partial(ask, "/-/healthz", proxy_s)]
+    threads = [threading.Thread(target=f, daemon=True) for f in (sample, *asks, *[stream] * args.streams)]
     for thread in threads:
         thread.start()
     media = MediaServer().__enter__()

@@ -208,7 +208,7 @@ def main() -> None:
     parser.add_argument("--context-s", type=float, default=10.0, help="in-process: the session's left context")
     parser.add_argument("--stream-floor-s", type=float, default=10.0, help="in-process: stream decodes' window floor")
     parser.add_argument("--first-interim-s", type=float, default=StreamOptions.first_interim_s,
-                        help="in-process: the first interim of an utterance, at this much of its audio")
+                        help="in-process: the first interim of an utterance, after this much of its speech")
     parser.add_argument("--repeats", type=int, default=3, help="the conversation, this many times in one stream")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
