@@ -205,6 +205,27 @@ def test_the_first_interim_comes_after_first_interim_s_of_speech_and_again_until
     assert [end for _, end, _ in calls[:4]] == pytest.approx([0.5, 0.8, 1.1, 2.6])
 
 
+def test_words_whisper_adds_past_the_end_of_the_audio_never_reach_a_result():
+    # On a decode that ends soon after the speech, Whisper can run on past the audio, repeating
+    # what it heard, every such word timed at the very end (the stream bench: "... after heart. I
+    # have the numbers from last quarter ..." all at 9.98 s of 10 s). They were not heard.
+    session, calls = make_session(interim_every_s=0.5, endpointing_ms=400)
+    inner = session.transcribe
+
+    async def runs_on(audio, opts):
+        heard = await inner(audio, opts)
+        end = audio.duration_s - 0.02
+        loop = tuple(Word(text, end, end, 0.5) for text in (" One", " two", " three.", " One", " two"))
+        return Transcript((*heard.segments, Segment("", end, end, -0.5, 5, loop)), "en", 0.99, audio.duration_s)
+
+    session.transcribe = runs_on
+    events = run(session)
+    said = " ".join(e["text"] for e in events if e["is_final"] and e["text"]).split()
+    assert said == ["One", "two", "three.", "Four", "five.", "Six", "seven."]
+    for event in events:  # interims too: each word lies in what had been heard when it was sent
+        assert all(w["start"] < w["end"] or w["word"] in ".," for w in event["words"]), event
+
+
 def test_the_left_context_keeps_the_last_context_s_of_the_stream_s_audio():
     session, _ = make_session(context_s=10.0)
     for seconds in (5.4, 3.4):

@@ -267,7 +267,13 @@ class StreamingSession:
         if self.language is None and transcript.words:
             self.language = transcript.language  # keep one language for the whole stream
         committed_end = self.committed[-1].end if self.committed else -1.0
-        words = [Word(w.text, w.start + origin_s, w.end + origin_s, w.probability) for w in transcript.words]
+        # A word timed at the very end of the audio was not heard in it: on a decode that ends
+        # soon after the speech (a stream's window is not padded to 30 s), Whisper can run on past
+        # the audio, repeating what it heard, with every such word clamped to the end ("... after
+        # that. I have the numbers from last quarter ready ...", each at 9.98 s of 10 s).
+        heard_before = transcript.duration_s - _PAST_THE_END_S
+        words = [Word(w.text, w.start + origin_s, w.end + origin_s, w.probability)
+                 for w in transcript.words if w.start < heard_before]
         # Only what lies in this utterance (not in the context before it; a word's middle
         # decides, Whisper's word times are approximate) and after the final words: those
         # never change.
@@ -387,6 +393,8 @@ def _retrieve(task: asyncio.Task) -> None:
 
 
 _HISTORY_WORDS = 12
+# A word that starts this close to the end of a decode's audio is one Whisper added past it.
+_PAST_THE_END_S = 0.05
 _MIN_REPEAT = 3
 
 
