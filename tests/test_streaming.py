@@ -226,6 +226,29 @@ def test_words_whisper_adds_past_the_end_of_the_audio_never_reach_a_result():
         assert all(w["start"] < w["end"] or w["word"] in ".," for w in event["words"]), event
 
 
+def test_an_utterance_s_first_word_timed_early_into_the_pause_is_kept():
+    # Whisper often times an utterance's first word early, into the silence before it; when the
+    # utterance starts soon after the last one's endpoint, that word's middle can lie before the
+    # utterance's audio (Beckett's "Fail better.": "Fail" at 7.97-8.31 s, the utterance from
+    # 8.20 s), and it was taken for left context and lost. Here "Six" (4.1 s) is timed 3.2-3.8 s,
+    # the second utterance's audio starts at 3.6 s, and the first's last word ends at 2.9 s.
+    session, calls = make_session(interim_every_s=0.5, endpointing_ms=400)
+    inner = session.transcribe
+
+    async def early(audio, opts):
+        heard = await inner(audio, opts)
+        origin = session.offset_s + len(session.buffer) / SAMPLE_RATE - audio.duration_s
+        words = tuple(Word(w.text, 3.2 - origin, 3.8 - origin, w.probability) if w.text == " Six" else w
+                      for w in heard.words)
+        return Transcript((Segment("", 0, audio.duration_s, -0.1, len(words), words),), "en", 0.99, audio.duration_s)
+
+    session.transcribe = early
+    events = run(session)
+    finals = [e for e in events if e["is_final"] and e["text"]]
+    assert " ".join(e["text"] for e in finals).split() == ["One", "two", "three.", "Four", "five.", "Six", "seven."]
+    assert finals[-1]["start"] == pytest.approx(3.2)  # and no word of the first utterance again
+
+
 def test_the_left_context_keeps_the_last_context_s_of_the_stream_s_audio():
     session, _ = make_session(context_s=10.0)
     for seconds in (5.4, 3.4):

@@ -276,8 +276,14 @@ class StreamingSession:
                  for w in transcript.words if w.start < heard_before]
         # Only what lies in this utterance (not in the context before it; a word's middle
         # decides, Whisper's word times are approximate) and after the final words: those
-        # never change.
-        fresh = [w for w in words if w.start >= committed_end - 0.02 and (w.start + w.end) / 2 >= self.offset_s]
+        # never change. Whisper often times an utterance's first word early, into the silence
+        # before it, and the utterance may start right after the last one's endpoint: its middle
+        # may lie up to _EARLY_START_S before the utterance, if after the last final word.
+        # Such a word starts no earlier than the last final word ended: results never overlap.
+        after = self._final_end_s
+        start = max(self.offset_s - _EARLY_START_S, min(self.offset_s, after))
+        fresh = [w if w.start >= after else Word(w.text, after, max(w.end, after), w.probability)
+                 for w in words if w.start >= committed_end - 0.02 and (w.start + w.end) / 2 >= start]
         # A re-decode can repeat the last final words with shifted times: drop such an overlap.
         tail = [_norm(w.text) for w in self.committed[-5:]]
         for k in range(min(len(tail), len(fresh)), 0, -1):
@@ -393,6 +399,9 @@ def _retrieve(task: asyncio.Task) -> None:
 
 
 _HISTORY_WORDS = 12
+# How far before its utterance's start Whisper may time the middle of the utterance's first word
+# (Beckett's "Fail better." after "Fail again.": "Fail" at 7.97-8.31 s, the utterance from 8.20 s).
+_EARLY_START_S = 0.3
 # A word that starts this close to the end of a decode's audio is one Whisper added past it.
 _PAST_THE_END_S = 0.05
 _MIN_REPEAT = 3
