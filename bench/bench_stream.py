@@ -145,21 +145,32 @@ def batch_text(args, clip, base: str | None) -> str:
     return engine.transcribe([decode(clip.path, max_duration_s=600)], [AsrOptions()])[0].text
 
 
+def _plain(word: str) -> str:
+    return "".join(c for c in word.lower() if c.isalnum() or c == "'")
+
+
 def latency(stream: Streamer, repeats: int) -> None:
     audio, reference = conversation.build()
     one = audio.duration_s
     samples = np.concatenate([audio.samples] * repeats)
-    utterances = [(k * one + start, k * one + end) for k in range(repeats) for _, start, end in reference]
+    utterances = [(k * one + start, k * one + end, _plain(text.split()[-1]))
+                  for k in range(repeats) for (_, start, end), (_, text) in zip(reference, conversation.LINES)]
     received = asyncio.run(stream(samples, 1.0))
     results = [(t, m) for t, m in received if m["type"] == "Results"]
     finals = [(t, m) for t, m in results if m["is_final"]]
     speech_finals = [(t, m) for t, m in results if m["speech_final"]]
     final_lag, first_lag, speech_final_lag = [], [], []
-    for start, end in utterances:
-        # The first final result that reaches the utterance's end (its last word final).
-        after = [t for t, m in finals if m["start"] + m["duration"] >= end - 0.3 and m["start"] <= end]
+    for start, end, last in utterances:
+        # The first final result that reaches the utterance's end (its last word final): one that
+        # ends within 0.3 s of it, or holds its last word in its last 1.5 s (Whisper may time the
+        # last word's end early: espeak's "today." fades out, "today!" ended 0.31 s before it).
+        def reaches(m: dict) -> bool:
+            return m["start"] <= end and (m["start"] + m["duration"] >= end - 0.3 or any(
+                _plain(w["word"]) == last and end - 1.5 <= w["start"] <= end for w in m["words"]))
+
+        after = [t for t, m in finals if reaches(m)]
         final_lag.append(min(after) - end if after else float("nan"))
-        after = [t for t, m in speech_finals if m["start"] + m["duration"] >= end - 0.3 and m["start"] <= end]
+        after = [t for t, m in speech_finals if reaches(m)]
         speech_final_lag.append(min(after) - end if after else float("nan"))
         first = [t for t, m in results if m["start"] < end and m["start"] + m["duration"] > start]
         first_lag.append(min(first) - start if first else float("nan"))
