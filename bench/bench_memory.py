@@ -1,10 +1,17 @@
-"""Peak memory per replica while the service transcribes one 2 h file (review finding 16).
+"""Peak memory per replica while the service transcribes a 2 h file (review finding 16).
 
 The decoded audio of 2 h is 460.8 MB of float32. It must go from AudioFetch to ASR and
 diarization by object reference, never through the ingress. Prints, per replica, the resident
 memory before the request and its peak during it (RSS, and PSS: shared pages divided among the
 processes that map them), the object store's peak use, and the whole app's extra memory as a
 multiple of the decoded audio.
+
+It sends a 20 min file first, then the 2 h one (``--minutes``), to the same app, each measured
+against the app just before it. Part of what a request holds does not grow with its length: each
+ASR lane's decoding step (the beams' copies of a 30 s window's encoder output and attention
+keys), the speaker models' batches. The last line separates the two: the 2 h file's peak over
+the 20 min file's, against their difference in decoded audio, is the memory that grows with the
+audio.
 
 The file is 2 h of 8 kHz 8-bit WAV (57.6 MB, under the 100 MB upload cap): silence with a
 test clip every 10 minutes (Beckett's, pyannote's two-speaker sample, espeak's sentences in
@@ -20,7 +27,7 @@ free (review finding 13).
 ``--source url`` sends the file's URL instead (a loopback HTTP server serves it): the ingress
 then never holds the file, only AudioFetch downloads it.
 
-Usage: python bench/bench_memory.py [--minutes 120] [--no-diarize] [--streams 3] [--source upload|url]
+Usage: python bench/bench_memory.py [--minutes 20 120] [--no-diarize] [--streams 3] [--source upload|url]
 Talks to loopback only; starts and stops its own Ray instance.
 """
 
@@ -47,6 +54,7 @@ import assets  # noqa: E402
 from servers import MediaServer  # noqa: E402
 
 from pipeline.audio.decode import decode  # noqa: E402
+from pipeline.core.types import SAMPLE_RATE  # noqa: E402
 
 KEY = "bench-key"
 MB = 1e6
@@ -104,9 +112,94 @@ def object_store_used_mb() -> float:
     return float("nan")
 
 
+def one_request(args, minutes: float, pids: dict[str, int], media, base: str, health_s: list[float],
+                health_at: list[float], proxy_s: list[float], stream_results: list[int], warm: float) -> float:
+    """Send one ``minutes`` long file, sample every process while it runs, print its table, and
+    return the most the app held at one moment (PSS). ``warm``: the app's PSS after its warm-up."""
+    data = long_file(minutes, args.one_clip)
+    decoded_mb = minutes * 60 * SAMPLE_RATE * 4 / MB
+    baseline = {name: memory(pid) for name, pid in pids.items()}
+    store_baseline = object_store_used_mb()
+    peak = dict(baseline)
+    store_peak = store_baseline
+    together_baseline = sum(pss for _, pss in baseline.values())
+    together_peak = together_baseline
+    at_peak: dict[str, float] = {}  # each process's PSS when the app held the most
+    started = time.perf_counter()
+    peak_at_s = 0.0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal store_peak, together_peak, at_peak, peak_at_s
+        while not done.is_set():
+            now = {}
+            for name, pid in pids.items():
+                rss, pss = memory(pid)
+                peak[name] = (max(peak[name][0], rss), max(peak[name][1], pss))
+                now[name] = pss
+            if sum(now.values()) > together_peak:
+                together_peak, at_peak, peak_at_s = sum(now.values()), now, time.perf_counter() - started
+            store_peak = max(store_peak, object_store_used_mb())
+            done.wait(0.3)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    first_health, first_play = len(health_s), len(stream_results)
+    media.files["long.wav"] = data
+    if args.source == "url":
+        request = {"json": {"url": media.url("/files/long.wav")}}
+    else:
+        request = {"content": data, "headers": {"Content-Type": "audio/wav"}}
+    started = time.perf_counter()
+    r = httpx.post(f"{base}/v1/listen", params={"diarize": str(not args.no_diarize).lower(), "timestamps": "true"},
+                   headers={"Authorization": f"Token {KEY}", **request.pop("headers", {})}, timeout=3600, **request)
+    elapsed = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    assert r.status_code == 200, r.text
+    body = r.json()
+    print(f"\n{minutes:g} min file by {args.source} ({len(data) / MB:.1f} MB WAV, {decoded_mb:.1f} MB decoded), "
+          f"diarize={not args.no_diarize}: answered in {elapsed:.0f} s, {len(body.get('words', []))} words, "
+          f"{len(body.get('speakers') or [])} speaker turns")
+    print(f"{'process':28} {'RSS before':>11} {'RSS peak':>10} {'PSS before':>11} {'PSS peak':>10} {'PSS extra':>10}")
+    extra = 0.0
+    for name in pids:
+        (rss0, pss0), (rss1, pss1) = baseline[name], peak[name]
+        extra += pss1 - pss0
+        print(f"{name:28} {rss0:9.0f}MB {rss1:8.0f}MB {pss0:9.0f}MB {pss1:8.0f}MB {pss1 - pss0:8.0f}MB")
+    print(f"object store: {store_baseline:.0f} MB before, {store_peak:.0f} MB at peak")
+    took = health_s[first_health:]
+    if took:
+        at = [t - started for t in health_at[first_health:]]
+        print(f"/health during the request: {len(took)} answers, median {1000 * sorted(took)[len(took) // 2]:.0f} ms, "
+              f"worst {1000 * max(took):.0f} ms; {args.streams} live streams finished {len(stream_results) - first_play} "
+              f"plays with {sum(stream_results[first_play:])} final results")
+        slowest = sorted(zip(took, at), reverse=True)[:5]
+        print("  slowest: " + ", ".join(f"{1000 * s:.0f} ms at {t:.1f} s" for s, t in slowest)
+              + f" (the request was answered at {elapsed:.1f} s)")
+        print(f"  over 100 ms: {sum(s > 0.1 for s in took)} of {len(took)}; Serve's proxy alone (/-/healthz, whole "
+              f"run so far): median {1000 * sorted(proxy_s)[len(proxy_s) // 2]:.0f} ms, worst "
+              f"{1000 * max(proxy_s):.0f} ms, {sum(s > 0.1 for s in proxy_s)} of {len(proxy_s)} over 100 ms")
+    print(f"whole app extra memory (sum of PSS peaks over baselines): {extra:.0f} MB = "
+          f"{extra / decoded_mb:.2f}x the decoded audio")
+    # The peaks above come at different moments; this is the most the app held at one moment.
+    held = together_peak - together_baseline
+    print(f"whole app extra memory at its peak (PSS of all processes sampled together): {held:.0f} MB = "
+          f"{held / decoded_mb:.2f}x the decoded audio, {peak_at_s:.0f} s after the request was sent; of it:")
+    for name, pss in sorted(at_peak.items(), key=lambda item: baseline[item[0]][1] - item[1]):
+        if abs(pss - baseline[name][1]) >= 5:
+            print(f"  {name:28} {pss - baseline[name][1]:+8.0f} MB")
+    if together_baseline - warm >= 5:  # what earlier requests left allocated (kept for reuse) counts too
+        print(f"  over the app's baseline after its warm-up ({warm:.0f} MB): {together_peak - warm:.0f} MB = "
+              f"{(together_peak - warm) / decoded_mb:.2f}x the decoded audio")
+    return together_peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--minutes", type=float, default=120)
+    parser.add_argument("--minutes", type=float, nargs="+", default=[20, 120],
+                        help="one request per length, in turn, on the same app (the shortest is the reference for "
+                             "memory that grows with the audio)")
     parser.add_argument("--no-diarize", action="store_true")
     parser.add_argument("--streams", type=int, default=3)
     parser.add_argument("--source", choices=["upload", "url"], default="upload")
@@ -119,8 +212,6 @@ def main() -> None:
 
     from deployments.app import build_app
 
-    data = long_file(args.minutes, args.one_clip)
-    decoded_mb = args.minutes * 60 * 16000 * 4 / MB
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     options = {d.pop("name"): d for d in config["applications"][0]["deployments"]}
     ray.init(address="local", num_cpus=4, object_store_memory=2 * 1024**3, include_dashboard=False, log_to_driver=False)
@@ -143,33 +234,9 @@ def main() -> None:
                          headers={"Authorization": f"Token {KEY}", "Content-Type": "audio/wav"},
                          content=assets.prepare()["sample"].path.read_bytes(), timeout=600)
     assert warm_up.status_code == 200, warm_up.text
-    baseline = {name: memory(pid) for name, pid in pids.items()}
-    store_baseline = object_store_used_mb()
-    peak = dict(baseline)
-    store_peak = store_baseline
     stop = threading.Event()
-
-    together_baseline = sum(pss for _, pss in baseline.values())
-    together_peak = together_baseline
-    at_peak: dict[str, float] = {}  # each process's PSS when the app held the most
-    started = time.perf_counter()
-    peak_at_s = 0.0
-
-    def sample() -> None:
-        nonlocal store_peak, together_peak, at_peak, peak_at_s
-        while not stop.is_set():
-            now = {}
-            for name, pid in pids.items():
-                rss, pss = memory(pid)
-                peak[name] = (max(peak[name][0], rss), max(peak[name][1], pss))
-                now[name] = pss
-            if sum(now.values()) > together_peak:
-                together_peak, at_peak, peak_at_s = sum(now.values()), now, time.perf_counter() - started
-            store_peak = max(store_peak, object_store_used_mb())
-            stop.wait(0.3)
-
     health_s: list[float] = []
-    health_at: list[float] = []  # when each was asked, on the clock of ``started``
+    health_at: list[float] = []  # when each was asked, on time.perf_counter()
     proxy_s: list[float] = []  # Serve's own /-/healthz, answered by the HTTP proxy without the ingress
 
     def ask(path: str, took: list[float], at: list[float] | None = None) -> None:
@@ -179,7 +246,7 @@ def main() -> None:
                 client.get(f"{base}{path}").raise_for_status()
                 took.append(time.perf_counter() - t0)
                 if at is not None:
-                    at.append(t0 - started)
+                    at.append(t0)
                 stop.wait(0.2)
 
     stream_results: list[int] = []
@@ -206,57 +273,33 @@ def main() -> None:
 
         asyncio.run(run())
 
+    warm = sum(memory(pid)[1] for pid in pids.values())
+    print(f"baseline: the app's PSS {warm:.0f} MB after a 30 s warm-up request ({cold:.0f} MB cold)")
     asks = [functools.partial(ask, "/health", health_s, health_at), functools.partial(ask, "/-/healthz", proxy_s)]
-    threads = [threading.Thread(target=f, daemon=True) for f in (sample, *asks, *[stream] * args.streams)]
+    threads = [threading.Thread(target=f, daemon=True) for f in (*asks, *[stream] * args.streams)]
     for thread in threads:
         thread.start()
     media = MediaServer().__enter__()
-    media.files["long.wav"] = data
-    if args.source == "url":
-        request = {"json": {"url": media.url("/files/long.wav")}}
-    else:
-        request = {"content": data, "headers": {"Content-Type": "audio/wav"}}
-    started = time.perf_counter()
-    r = httpx.post(f"{base}/v1/listen", params={"diarize": str(not args.no_diarize).lower(), "timestamps": "true"},
-                   headers={"Authorization": f"Token {KEY}", **request.pop("headers", {})}, timeout=3600, **request)
-    elapsed = time.perf_counter() - started
+    at_once: dict[float, float] = {}  # minutes -> the most the app held at one moment (PSS)
+    for minutes in args.minutes:
+        at_once[minutes] = one_request(args, minutes, pids, media, base, health_s, health_at, proxy_s, stream_results,
+                                       warm)
     stop.set()
     for thread in threads:
         thread.join(timeout=120)
-    assert r.status_code == 200, r.text
-    body = r.json()
     media.__exit__(None, None, None)
-    print(f"{args.minutes:g} min file by {args.source} ({len(data) / MB:.1f} MB WAV, {decoded_mb:.1f} MB decoded), "
-          f"diarize={not args.no_diarize}: answered in {elapsed:.0f} s, {len(body.get('words', []))} words, "
-          f"{len(body.get('speakers') or [])} speaker turns")
-    print(f"baseline: the app's PSS {together_baseline:.0f} MB after a 30 s warm-up request ({cold:.0f} MB cold)")
-    print(f"{'process':28} {'RSS before':>11} {'RSS peak':>10} {'PSS before':>11} {'PSS peak':>10} {'PSS extra':>10}")
-    extra = 0.0
-    for name in pids:
-        (rss0, pss0), (rss1, pss1) = baseline[name], peak[name]
-        extra += pss1 - pss0
-        print(f"{name:28} {rss0:9.0f}MB {rss1:8.0f}MB {pss0:9.0f}MB {pss1:8.0f}MB {pss1 - pss0:8.0f}MB")
-    print(f"object store: {store_baseline:.0f} MB before, {store_peak:.0f} MB at peak")
-    if health_s:
-        print(f"/health during the request: {len(health_s)} answers, median {1000 * sorted(health_s)[len(health_s) // 2]:.0f} ms, "
-              f"worst {1000 * max(health_s):.0f} ms; {args.streams} live streams finished {len(stream_results)} "
-              f"plays with {sum(stream_results)} final results")
-        slowest = sorted(zip(health_s, health_at), reverse=True)[:5]
-        print("  slowest: " + ", ".join(f"{1000 * s:.0f} ms at {at:.1f} s" for s, at in slowest)
-              + f" (the request was answered at {elapsed:.1f} s)")
-        over = sum(s > 0.1 for s in health_s)
-        print(f"  over 100 ms: {over} of {len(health_s)}; Serve's proxy alone (/-/healthz): median "
-              f"{1000 * sorted(proxy_s)[len(proxy_s) // 2]:.0f} ms, worst {1000 * max(proxy_s):.0f} ms, "
-              f"{sum(s > 0.1 for s in proxy_s)} of {len(proxy_s)} over 100 ms")
-    print(f"whole app extra memory (sum of PSS peaks over baselines): {extra:.0f} MB = "
-          f"{extra / decoded_mb:.2f}x the decoded audio")
-    # The peaks above come at different moments; this is the most the app held at one moment.
-    at_once = together_peak - together_baseline
-    print(f"whole app extra memory at its peak (PSS of all processes sampled together): {at_once:.0f} MB = "
-          f"{at_once / decoded_mb:.2f}x the decoded audio, {peak_at_s:.0f} s after the request was sent; of it:")
-    for name, pss in sorted(at_peak.items(), key=lambda item: baseline[item[0]][1] - item[1]):
-        if abs(pss - baseline[name][1]) >= 5:
-            print(f"  {name:28} {pss - baseline[name][1]:+8.0f} MB")
+    if len(at_once) > 1:
+        # What grows with the audio, apart from what any request of this service holds while it runs
+        # (a decoding step's working memory in ASR, the speaker models' batch): the longest file's
+        # peak over the shortest's, against the difference of their decoded audio.
+        short, long = min(at_once), max(at_once)
+        grown = at_once[long] - at_once[short]
+        decoded = (long - short) * 60 * SAMPLE_RATE * 4 / MB
+        fixed = at_once[short] - warm - grown / decoded * short * 60 * SAMPLE_RATE * 4 / MB
+        print(f"\nmemory that grows with the audio: the app's peak at {long:g} min less its peak at {short:g} min: "
+              f"{grown:+.0f} MB for {decoded:.0f} MB more decoded audio = {grown / decoded:.2f}x; what a request "
+              f"holds whatever its length (the {short:g} min peak over the warm baseline, less that slope's "
+              f"share): {fixed:.0f} MB")
     serve.shutdown()
     ray.shutdown()
 
