@@ -671,6 +671,9 @@ def words_of(text: str, start: float = 0.0) -> list[Word]:
         ("I said no no", "no no no.", "no no no."),
         # The same words further back in the history are not a repeat of its end.
         ("I don't hear that in New Jersey now. Well, there isn't that much difference.", "I don't hear that", "I don't hear that"),
+        # Nor a sentence said again after other words (the speaker repeats what they heard).
+        ("Sheila and Texas originally from Chicago. Oh, I'm...", "originally from Chicago also.",
+         "originally from Chicago also."),
     ],
 )
 def test_a_decode_that_repeats_the_last_final_words_of_the_stream_loses_the_repeat(history, fresh, kept):

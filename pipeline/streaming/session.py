@@ -413,15 +413,21 @@ def _drop_repeat(fresh: list[Word], history: list[Word]) -> list[Word]:
     A decode starts with the stream's previous audio as context, and Whisper can hear the
     context's last words again and time them after it ("... New Jersey now." then "I don't hear
     that New Jersey" once more, as a new utterance). A repeat is at least ``_MIN_REPEAT`` words
-    equal to a run of the history that ends at its last word or up to two words before it (the
-    repeat cut short); fewer words may be a real repeat ("Hello? Hello?") and are kept."""
+    equal to a run of the history that ends at its last word or up to two words before it, in
+    the middle of a sentence (the repeat cut short); fewer words may be a real repeat ("Hello?
+    Hello?") and are kept, and so is a sentence said again after other words (pyannote's sample:
+    "... originally from Chicago. Oh, I'm...", then "originally from Chicago also.")."""
     old = [_norm(w.text) for w in history]
     new = [_norm(w.text) for w in fresh]
     for k in range(min(len(old), len(new)), _MIN_REPEAT - 1, -1):
         for end in range(len(old), max(k, len(old) - 2) - 1, -1):
-            if old[end - k : end] == new[:k]:
+            if old[end - k : end] == new[:k] and (end == len(old) or not _ends_sentence(history[end - 1].text)):
                 return fresh[k:]
     return fresh
+
+
+def _ends_sentence(text: str) -> bool:
+    return text.rstrip().endswith((".", "?", "!", "…"))
 
 
 def _norm(text: str) -> str:
