@@ -40,6 +40,7 @@ import struct
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -112,8 +113,17 @@ def object_store_used_mb() -> float:
     return float("nan")
 
 
-def one_request(args, minutes: float, pids: dict[str, int], media, base: str, health_s: list[float],
-                health_at: list[float], proxy_s: list[float], stream_results: list[int], warm: float) -> float:
+@dataclass
+class Probes:
+    """What the threads beside the requests record, for the whole run."""
+
+    health_s: list[float] = field(default_factory=list)  # /health's answer times
+    health_at: list[float] = field(default_factory=list)  # when each was asked, on time.perf_counter()
+    proxy_s: list[float] = field(default_factory=list)  # /-/healthz: the proxy alone, not the ingress
+    plays: list[int] = field(default_factory=list)  # final results of each play of the live streams
+
+
+def one_request(args, minutes: float, pids: dict[str, int], media, base: str, probes: Probes, warm: float) -> float:
     """Send one ``minutes`` long file, sample every process while it runs, print its table, and
     return the most the app held at one moment (PSS). ``warm``: the app's PSS after its warm-up."""
     data = long_file(minutes, args.one_clip)
@@ -144,7 +154,7 @@ def one_request(args, minutes: float, pids: dict[str, int], media, base: str, he
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    first_health, first_play = len(health_s), len(stream_results)
+    first_health, first_play = len(probes.health_s), len(probes.plays)
     media.files["long.wav"] = data
     if args.source == "url":
         request = {"json": {"url": media.url("/files/long.wav")}}
@@ -168,12 +178,12 @@ def one_request(args, minutes: float, pids: dict[str, int], media, base: str, he
         extra += pss1 - pss0
         print(f"{name:28} {rss0:9.0f}MB {rss1:8.0f}MB {pss0:9.0f}MB {pss1:8.0f}MB {pss1 - pss0:8.0f}MB")
     print(f"object store: {store_baseline:.0f} MB before, {store_peak:.0f} MB at peak")
-    took = health_s[first_health:]
+    took, proxy_s = probes.health_s[first_health:], probes.proxy_s
     if took:
-        at = [t - started for t in health_at[first_health:]]
+        at = [t - started for t in probes.health_at[first_health:]]
         print(f"/health during the request: {len(took)} answers, median {1000 * sorted(took)[len(took) // 2]:.0f} ms, "
-              f"worst {1000 * max(took):.0f} ms; {args.streams} live streams finished {len(stream_results) - first_play} "
-              f"plays with {sum(stream_results[first_play:])} final results")
+              f"worst {1000 * max(took):.0f} ms; {args.streams} live streams finished {len(probes.plays) - first_play} "
+              f"plays with {sum(probes.plays[first_play:])} final results")
         slowest = sorted(zip(took, at), reverse=True)[:5]
         print("  slowest: " + ", ".join(f"{1000 * s:.0f} ms at {t:.1f} s" for s, t in slowest)
               + f" (the request was answered at {elapsed:.1f} s)")
@@ -235,9 +245,7 @@ def main() -> None:
                          content=assets.prepare()["sample"].path.read_bytes(), timeout=600)
     assert warm_up.status_code == 200, warm_up.text
     stop = threading.Event()
-    health_s: list[float] = []
-    health_at: list[float] = []  # when each was asked, on time.perf_counter()
-    proxy_s: list[float] = []  # Serve's own /-/healthz, answered by the HTTP proxy without the ingress
+    probes = Probes()
 
     def ask(path: str, took: list[float], at: list[float] | None = None) -> None:
         with httpx.Client(timeout=30) as client:
@@ -249,7 +257,6 @@ def main() -> None:
                     at.append(t0)
                 stop.wait(0.2)
 
-    stream_results: list[int] = []
 
     def stream() -> None:
         import asyncio
@@ -269,21 +276,21 @@ def main() -> None:
                     async for raw in ws:
                         finals += '"is_final": true' in raw or '"is_final":true' in raw
                     await sender
-                stream_results.append(finals)
+                probes.plays.append(finals)
 
         asyncio.run(run())
 
     warm = sum(memory(pid)[1] for pid in pids.values())
     print(f"baseline: the app's PSS {warm:.0f} MB after a 30 s warm-up request ({cold:.0f} MB cold)")
-    asks = [functools.partial(ask, "/health", health_s, health_at), functools.partial(ask, "/-/healthz", proxy_s)]
+    asks = [functools.partial(ask, "/health", probes.health_s, probes.health_at),
+            functools.partial(ask, "/-/healthz", probes.proxy_s)]
     threads = [threading.Thread(target=f, daemon=True) for f in (*asks, *[stream] * args.streams)]
     for thread in threads:
         thread.start()
     media = MediaServer().__enter__()
     at_once: dict[float, float] = {}  # minutes -> the most the app held at one moment (PSS)
     for minutes in args.minutes:
-        at_once[minutes] = one_request(args, minutes, pids, media, base, health_s, health_at, proxy_s, stream_results,
-                                       warm)
+        at_once[minutes] = one_request(args, minutes, pids, media, base, probes, warm)
     stop.set()
     for thread in threads:
         thread.join(timeout=120)
