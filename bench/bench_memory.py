@@ -8,8 +8,7 @@ multiple of the decoded audio.
 
 It sends a 20 min file first, then the 2 h one (``--minutes``), to the same app, each measured
 against the app just before it. Part of what a request holds does not grow with its length: each
-ASR lane's decoding step (the beams' copies of a 30 s window's encoder output and attention
-keys), the speaker models' batches. The last line separates the two: the 2 h file's peak over
+ASR lane's decoding step (CTranslate2's working memory), the speaker models' batches. The last line separates the two: the 2 h file's peak over
 the 20 min file's, against their difference in decoded audio, is the memory that grows with the
 audio.
 
@@ -59,6 +58,11 @@ from pipeline.core.types import SAMPLE_RATE  # noqa: E402
 
 KEY = "bench-key"
 MB = 1e6
+
+
+def decoded_mb(minutes: float) -> float:
+    """The decoded audio of ``minutes`` as float32, the finding's measure."""
+    return minutes * 60 * SAMPLE_RATE * 4 / MB
 
 
 def long_file(minutes: float, one_clip: bool = False) -> bytes:
@@ -127,7 +131,7 @@ def one_request(args, minutes: float, pids: dict[str, int], media, base: str, pr
     """Send one ``minutes`` long file, sample every process while it runs, print its table, and
     return the most the app held at one moment (PSS). ``warm``: the app's PSS after its warm-up."""
     data = long_file(minutes, args.one_clip)
-    decoded_mb = minutes * 60 * SAMPLE_RATE * 4 / MB
+    decoded = decoded_mb(minutes)
     baseline = {name: memory(pid) for name, pid in pids.items()}
     store_baseline = object_store_used_mb()
     peak = dict(baseline)
@@ -135,7 +139,6 @@ def one_request(args, minutes: float, pids: dict[str, int], media, base: str, pr
     together_baseline = sum(pss for _, pss in baseline.values())
     together_peak = together_baseline
     at_peak: dict[str, float] = {}  # each process's PSS when the app held the most
-    started = time.perf_counter()
     peak_at_s = 0.0
     done = threading.Event()
 
@@ -152,8 +155,6 @@ def one_request(args, minutes: float, pids: dict[str, int], media, base: str, pr
             store_peak = max(store_peak, object_store_used_mb())
             done.wait(0.3)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     first_health, first_play = len(probes.health_s), len(probes.plays)
     media.files["long.wav"] = data
     if args.source == "url":
@@ -161,6 +162,8 @@ def one_request(args, minutes: float, pids: dict[str, int], media, base: str, pr
     else:
         request = {"content": data, "headers": {"Content-Type": "audio/wav"}}
     started = time.perf_counter()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     r = httpx.post(f"{base}/v1/listen", params={"diarize": str(not args.no_diarize).lower(), "timestamps": "true"},
                    headers={"Authorization": f"Token {KEY}", **request.pop("headers", {})}, timeout=3600, **request)
     elapsed = time.perf_counter() - started
@@ -168,7 +171,7 @@ def one_request(args, minutes: float, pids: dict[str, int], media, base: str, pr
     sampler.join()
     assert r.status_code == 200, r.text
     body = r.json()
-    print(f"\n{minutes:g} min file by {args.source} ({len(data) / MB:.1f} MB WAV, {decoded_mb:.1f} MB decoded), "
+    print(f"\n{minutes:g} min file by {args.source} ({len(data) / MB:.1f} MB WAV, {decoded:.1f} MB decoded), "
           f"diarize={not args.no_diarize}: answered in {elapsed:.0f} s, {len(body.get('words', []))} words, "
           f"{len(body.get('speakers') or [])} speaker turns")
     print(f"{'process':28} {'RSS before':>11} {'RSS peak':>10} {'PSS before':>11} {'PSS peak':>10} {'PSS extra':>10}")
@@ -191,17 +194,17 @@ def one_request(args, minutes: float, pids: dict[str, int], media, base: str, pr
               f"run so far): median {1000 * sorted(proxy_s)[len(proxy_s) // 2]:.0f} ms, worst "
               f"{1000 * max(proxy_s):.0f} ms, {sum(s > 0.1 for s in proxy_s)} of {len(proxy_s)} over 100 ms")
     print(f"whole app extra memory (sum of PSS peaks over baselines): {extra:.0f} MB = "
-          f"{extra / decoded_mb:.2f}x the decoded audio")
+          f"{extra / decoded:.2f}x the decoded audio")
     # The peaks above come at different moments; this is the most the app held at one moment.
     held = together_peak - together_baseline
     print(f"whole app extra memory at its peak (PSS of all processes sampled together): {held:.0f} MB = "
-          f"{held / decoded_mb:.2f}x the decoded audio, {peak_at_s:.0f} s after the request was sent; of it:")
+          f"{held / decoded:.2f}x the decoded audio, {peak_at_s:.0f} s after the request was sent; of it:")
     for name, pss in sorted(at_peak.items(), key=lambda item: baseline[item[0]][1] - item[1]):
         if abs(pss - baseline[name][1]) >= 5:
             print(f"  {name:28} {pss - baseline[name][1]:+8.0f} MB")
     if together_baseline - warm >= 5:  # what earlier requests left allocated (kept for reuse) counts too
         print(f"  over the app's baseline after its warm-up ({warm:.0f} MB): {together_peak - warm:.0f} MB = "
-              f"{(together_peak - warm) / decoded_mb:.2f}x the decoded audio")
+              f"{(together_peak - warm) / decoded:.2f}x the decoded audio")
     return together_peak
 
 
@@ -301,8 +304,8 @@ def main() -> None:
         # peak over the shortest's, against the difference of their decoded audio.
         short, long = min(at_once), max(at_once)
         grown = at_once[long] - at_once[short]
-        decoded = (long - short) * 60 * SAMPLE_RATE * 4 / MB
-        fixed = at_once[short] - warm - grown / decoded * short * 60 * SAMPLE_RATE * 4 / MB
+        decoded = decoded_mb(long) - decoded_mb(short)
+        fixed = at_once[short] - warm - grown / decoded * decoded_mb(short)
         print(f"\nmemory that grows with the audio: the app's peak at {long:g} min less its peak at {short:g} min: "
               f"{grown:+.0f} MB for {decoded:.0f} MB more decoded audio = {grown / decoded:.2f}x; what a request "
               f"holds whatever its length (the {short:g} min peak over the warm baseline, less that slope's "

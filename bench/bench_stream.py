@@ -40,6 +40,8 @@ import assets  # noqa: E402
 import conversation  # noqa: E402
 from textnorm import wer  # noqa: E402
 
+from pipeline.transcription.render import strip_punctuation  # noqa: E402
+
 KEY = "stream-key"
 CHUNK_S = 0.1
 # A stream: samples and a pace (x real time) -> [(seconds since the stream started, message)]
@@ -145,15 +147,11 @@ def batch_text(args, clip, base: str | None) -> str:
     return engine.transcribe([decode(clip.path, max_duration_s=600)], [AsrOptions()])[0].text
 
 
-def _plain(word: str) -> str:
-    return "".join(c for c in word.lower() if c.isalnum() or c == "'")
-
-
 def latency(stream: Streamer, repeats: int) -> None:
     audio, reference = conversation.build()
     one = audio.duration_s
     samples = np.concatenate([audio.samples] * repeats)
-    utterances = [(k * one + start, k * one + end, _plain(text.split()[-1]))
+    utterances = [(k * one + start, k * one + end, strip_punctuation(text.split()[-1]))
                   for k in range(repeats) for (_, start, end), (_, text) in zip(reference, conversation.LINES)]
     received = asyncio.run(stream(samples, 1.0))
     results = [(t, m) for t, m in received if m["type"] == "Results"]
@@ -166,7 +164,7 @@ def latency(stream: Streamer, repeats: int) -> None:
         # last word's end early: espeak's "today." fades out, "today!" ended 0.31 s before it).
         def reaches(m: dict) -> bool:
             return m["start"] <= end and (m["start"] + m["duration"] >= end - 0.3 or any(
-                _plain(w["word"]) == last and end - 1.5 <= w["start"] <= end for w in m["words"]))
+                strip_punctuation(w["word"]).strip() == last and end - 1.5 <= w["start"] <= end for w in m["words"]))
 
         after = [t for t, m in finals if reaches(m)]
         final_lag.append(min(after) - end if after else float("nan"))

@@ -209,7 +209,7 @@ def test_words_whisper_adds_past_the_end_of_the_audio_never_reach_a_result():
     # On a decode that ends soon after the speech, Whisper can run on past the audio, repeating
     # what it heard, every such word timed at the very end (the stream bench: "... after heart. I
     # have the numbers from last quarter ..." all at 9.98 s of 10 s). They were not heard.
-    session, calls = make_session(interim_every_s=0.5, endpointing_ms=400)
+    session, _ = make_session(interim_every_s=0.5, endpointing_ms=400)
     inner = session.transcribe
 
     async def runs_on(audio, opts):
@@ -232,7 +232,7 @@ def test_an_utterance_s_first_word_timed_early_into_the_pause_is_kept():
     # utterance's audio (Beckett's "Fail better.": "Fail" at 7.97-8.31 s, the utterance from
     # 8.20 s), and it was taken for left context and lost. Here "Six" (4.1 s) is timed 3.2-3.8 s,
     # the second utterance's audio starts at 3.6 s, and the first's last word ends at 2.9 s.
-    session, calls = make_session(interim_every_s=0.5, endpointing_ms=400)
+    session, _ = make_session(interim_every_s=0.5, endpointing_ms=400)
     inner = session.transcribe
 
     async def early(audio, opts):
