@@ -40,10 +40,14 @@ class Linear16Decoder:
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def close(self, max_s: float | None = None) -> np.ndarray:
-        return np.zeros(0, np.float32)
+        """The resampler's last few milliseconds (it holds back samples it needs to filter with);
+        ``max_s`` is not needed: what is held back is under one frame's worth."""
+        resampler, self._resampler = self._resampler, None
+        out = [f.to_ndarray().reshape(-1) for f in resampler.resample(None)] if resampler is not None else []
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def abort(self) -> None:
-        pass
+        self._resampler = None
 
 
 class ContainerDecoder:
