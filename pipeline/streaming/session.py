@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.transcription.render import api_words, strip_punctuation
+from pipeline.transcription.render import api_words, ends_sentence, strip_punctuation
 from pipeline.asr.scheduler import InterimSkipped
 from pipeline.audio.vad import silero_speech
 from pipeline.core.types import SAMPLE_RATE, AsrOptions, Audio, Transcript, Word
@@ -312,7 +312,7 @@ class StreamingSession:
             # Final audio need not be decoded again, but Whisper drops words when a chunk starts
             # mid-phrase: restart the buffer only after a final word that ends a sentence (or
             # when the buffer grows long), never in the middle of one.
-            cut_at = next((w for w in reversed(agreed) if w.text.rstrip().endswith((".", "?", "!", "。", "？", "！"))), None)
+            cut_at = next((w for w in reversed(agreed) if ends_sentence(w.text)), None)
             if cut_at is None and len(self.buffer) / SAMPLE_RATE > self.options.max_utterance_s / 2:
                 cut_at = agreed[-1]
             if cut_at is not None:
@@ -421,13 +421,9 @@ def _drop_repeat(fresh: list[Word], history: list[Word]) -> list[Word]:
     new = [_norm(w.text) for w in fresh]
     for k in range(min(len(old), len(new)), _MIN_REPEAT - 1, -1):
         for end in range(len(old), max(k, len(old) - 2) - 1, -1):
-            if old[end - k : end] == new[:k] and (end == len(old) or not _ends_sentence(history[end - 1].text)):
+            if old[end - k : end] == new[:k] and (end == len(old) or not ends_sentence(history[end - 1].text)):
                 return fresh[k:]
     return fresh
-
-
-def _ends_sentence(text: str) -> bool:
-    return text.rstrip().endswith((".", "?", "!", "…"))
 
 
 def _norm(text: str) -> str:

@@ -12,12 +12,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.core.types import Word
-from pipeline.transcription.render import api_words, strip_punctuation
+from pipeline.transcription.render import api_words, ends_sentence, strip_punctuation
 from pipeline.transcription.subtitles import speaker_name
 
 UTT_SPLIT_S = 0.8  # Deepgram's default pause that ends an utterance
 PARAGRAPH_PAUSE_S = 2.0  # a silence this long starts a new paragraph
-_SENTENCE_END = frozenset(".?!…。？！")
 
 
 def _runs(words: Sequence[Word], speakers: Sequence[str] | None, pause_s: float) -> list[list[int]]:
@@ -69,7 +68,7 @@ def paragraphs(words: Sequence[Word], speakers: Sequence[str] | None, *, punctua
         sentences, current = [], []
         for i in run:
             current.append(words[i])
-            if words[i].text.strip()[-1:] in _SENTENCE_END:
+            if ends_sentence(words[i].text):
                 sentences.append(current)
                 current = []
         if current:

@@ -41,6 +41,12 @@ def _split_marks(token: str) -> _Split:
 
 
 _INNER_MARKS = frozenset("'’‐-.,:/_")
+_SENTENCE_END = frozenset(".?!…。？！")
+
+
+def ends_sentence(text: str) -> bool:
+    """Does a word, as Whisper writes it (its marks attached), end a sentence?"""
+    return text.rstrip()[-1:] in _SENTENCE_END
 
 
 def strip_punctuation(text: str) -> str:

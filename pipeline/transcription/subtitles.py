@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pipeline.core.errors import InvalidParameter
 from pipeline.core.types import Transcript
 from pipeline.transcription.merge import group_turns
-from pipeline.transcription.render import strip_punctuation
+from pipeline.transcription.render import ends_sentence, strip_punctuation
 
 SubtitleFormat = Literal["srt", "vtt"]
 # What /v1/listen and GET /v1/jobs/{id} answer with ``format=``: JSON (the default) or a file.
@@ -33,7 +33,6 @@ FILE_FORMATS: dict[str, str] = {
 }
 # Languages written without spaces between words: their units are joined as they are.
 _UNSPACED = frozenset({"zh", "ja", "th", "lo", "my", "km", "bo", "yue"})
-_SENTENCE_END = frozenset(".?!…。？！")
 
 
 @dataclass(frozen=True)
@@ -245,7 +244,7 @@ def _starts_new_cue(current: list[TimedText], unit: TimedText, limits: CueLimits
         unit.speaker != current[0].speaker
         or unit.start - last.end > limits.max_pause_s
         or unit.end - current[0].start > limits.max_duration_s
-        or (last.text.strip()[-1:] in _SENTENCE_END)
+        or ends_sentence(last.text)
         or _layout([*current, unit], limits, _reserve(current[0].speaker)) is None
     )
 
