@@ -224,7 +224,9 @@ def main() -> None:
     from ray import serve
 
     from deployments.app import build_app
+    from deployments.launch import front_first
 
+    front_first()  # as `hark serve` starts a local Ray: the HTTP front outranks the compute replicas
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     options = {d.pop("name"): d for d in config["applications"][0]["deployments"]}
     ray.init(address="local", num_cpus=4, object_store_memory=2 * 1024**3, include_dashboard=False, log_to_driver=False)
