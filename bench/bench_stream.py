@@ -8,7 +8,8 @@ Figures, each from this one run:
   (goal <= 1.5 s); and the lag of the first third against the last third (goal: not growing);
 - accuracy: WER of the streamed finals against the reference and against the same file's batch
   transcript, at 1x and 2x real time (goal: within 2 points of batch), on pyannote's sample.wav
-  (a real two-speaker conversation) and beckett.wav (six two-word phrases);
+  (a real two-speaker conversation) and beckett.wav (six two-word phrases), the mean of
+  ``--accuracy-runs`` streams of each (their spread shown);
 - in-process runs only: each decode's cost (interim and final), timed around the ASR call.
 
 ``--in-process`` runs the streaming session over a window scheduler and engine in this process,
@@ -193,6 +194,8 @@ def latency(stream: Streamer, repeats: int) -> None:
 
 
 def accuracy(stream: Streamer, clips, base: str | None, args) -> None:
+    """Each clip streamed ``--accuracy-runs`` times at each pace: a stream's words depend on when
+    its decodes ran (which audio each one held), so one run can be a few points off another."""
     from pipeline.audio.decode import decode
 
     for name in ("sample", "beckett"):
@@ -201,12 +204,18 @@ def accuracy(stream: Streamer, clips, base: str | None, args) -> None:
         samples = decode(clip.path, max_duration_s=600).samples
         line = []
         for speed in (1.0, 2.0):
-            received = asyncio.run(stream(samples, speed))
-            text = " ".join(m["text"] for _, m in received if m["type"] == "Results" and m["is_final"] and m["text"])
-            line.append(f"{speed:g}x {100 * wer(clip.text, text):5.1f} % (vs batch text {100 * wer(batch, text):5.1f} %)")
-            if args.verbose:
-                print(f"    {name} {speed:g}x: {text}")
-        print(f"  {name:8} WER batch {100 * wer(clip.text, batch):5.1f} %; streamed finals " + "; ".join(line))
+            runs, against_batch = [], []
+            for _ in range(args.accuracy_runs):
+                received = asyncio.run(stream(samples, speed))
+                text = " ".join(m["text"] for _, m in received if m["type"] == "Results" and m["is_final"] and m["text"])
+                runs.append(100 * wer(clip.text, text))
+                against_batch.append(100 * wer(batch, text))
+                if args.verbose:
+                    print(f"    {name} {speed:g}x: {text}")
+            spread = f" (runs {', '.join(f'{x:.1f}' for x in runs)})" if len(runs) > 1 else ""
+            line.append(f"{speed:g}x {statistics.mean(runs):5.1f} %{spread}, vs batch text "
+                        f"{statistics.mean(against_batch):5.1f} %")
+        print(f"  {name:8} WER batch {100 * wer(clip.text, batch):5.1f} %; streamed finals (mean) " + "; ".join(line))
 
 
 def main() -> None:
@@ -219,6 +228,7 @@ def main() -> None:
     parser.add_argument("--first-interim-s", type=float, default=StreamOptions.first_interim_s,
                         help="in-process: the first interim of an utterance, after this much of its speech")
     parser.add_argument("--repeats", type=int, default=3, help="the conversation, this many times in one stream")
+    parser.add_argument("--accuracy-runs", type=int, default=3, help="each clip streamed this many times at each pace")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--verbose", action="store_true")
