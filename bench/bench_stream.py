@@ -114,7 +114,8 @@ def in_process_streamer(args, costs: list[tuple[bool, float, float]]) -> tuple[S
 
     async def stream(samples: np.ndarray, speed: float) -> list[tuple[float, dict]]:
         session = StreamingSession(transcribe, StreamOptions(context_s=args.context_s,
-                                                             first_interim_s=args.first_interim_s))
+                                                             first_interim_s=args.first_interim_s,
+                                                             final_beam_size=args.final_beam_size))
         queue: asyncio.Queue = asyncio.Queue()
 
         async def send(chunk):
@@ -227,6 +228,8 @@ def main() -> None:
     parser.add_argument("--stream-floor-s", type=float, default=10.0, help="in-process: stream decodes' window floor")
     parser.add_argument("--first-interim-s", type=float, default=StreamOptions.first_interim_s,
                         help="in-process: the first interim of an utterance, after this much of its speech")
+    parser.add_argument("--final-beam-size", type=lambda v: None if v == "none" else int(v), default=1,
+                        help="beam width of the finals (the service's stream_final_beam_size); none: the engine's")
     parser.add_argument("--repeats", type=int, default=3, help="the conversation, this many times in one stream")
     parser.add_argument("--accuracy-runs", type=int, default=3, help="each clip streamed this many times at each pace")
     parser.add_argument("--skip-accuracy", action="store_true")
@@ -239,13 +242,14 @@ def main() -> None:
     base = None
     if args.in_process:
         stream, close = in_process_streamer(args, costs)
-        print(f"in process: context {args.context_s:g} s, stream window floor {args.stream_floor_s:g} s")
+        print(f"in process: context {args.context_s:g} s, stream window floor {args.stream_floor_s:g} s, "
+              f"finals' beam: {args.final_beam_size or 'the engine default'}")
     else:
         from bench_service import start_service
 
-        base = start_service({"license_keys": [KEY]}, port=7173)
+        base = start_service({"license_keys": [KEY], "stream_final_beam_size": args.final_beam_size or 0}, port=7173)
         stream = service_streamer(base.replace("http", "ws") + "/v1/listen/stream")
-        print("through the service (WebSocket API)")
+        print(f"through the service (WebSocket API), finals' beam: {args.final_beam_size or 'the engine default'}")
     print(f"load average at start: {loadavg()}")
     asyncio.run(stream(conversation.build()[0].samples[: 16000 * 4], 4.0))  # warm-up
     costs.clear()

@@ -131,7 +131,8 @@ class Ingress(OpenAIRoutes):
         self._guard = UrlGuard.from_settings(settings.allow_private_urls, settings.url_allowlist)
         self._audio = HandleAudio(fetch, retry)
         self._flow = TranscriptionFlow(HandleRecognizer(asr, retry), HandleSpeakers(diarization, retry))
-        self._streams = StreamServer(self._flow, StreamLimits.from_settings(settings))
+        self._streams = StreamServer(self._flow, StreamLimits.from_settings(settings),
+                                     final_beam_size=settings.stream_final_beam_size or None)
         self._accounting = accounting
         self._asr = asr
         self._jobs = jobs

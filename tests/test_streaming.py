@@ -526,7 +526,7 @@ class BookMeter:
         return self.book.usage("k")["audio_s_today"]
 
 
-def serve_stream(frames, limits, advance_s, meter=None):
+def serve_stream(frames, limits, advance_s, meter=None, recognizer=None, **server_options):
     """Serve ``frames`` then CloseStream; returns (messages sent, close code, seconds charged)."""
     import json
 
@@ -534,7 +534,8 @@ def serve_stream(frames, limits, advance_s, meter=None):
     from pipeline.transcription.flow import TranscriptionFlow
 
     clock = Clock()
-    server = StreamServer(TranscriptionFlow(FakeRecognizer(), speakers=None), limits, clock=clock)
+    server = StreamServer(TranscriptionFlow(recognizer or FakeRecognizer(), speakers=None), limits, clock=clock,
+                          **server_options)
     channel = FakeChannel([*({"bytes": f} for f in frames), {"text": json.dumps({"type": "CloseStream"})}], clock, advance_s)
     meter = meter or BookMeter()
     asyncio.run(server.serve(channel, StreamParams(), meter=meter))
@@ -571,6 +572,30 @@ def test_a_stream_is_cut_off_when_its_keys_audio_quota_runs_out():
     assert 55 <= charged <= 60  # cut within one reservation step of the quota, charged what was received
     sent, code, _ = serve_stream([SECOND], StreamLimits(), 1.0, meter=meter)  # spent: refused at once
     assert (sent[-1].get("code"), code) == ("RATE_LIMITED", 1008)
+
+
+@pytest.mark.parametrize("final_beam_size", [1, 5, None])
+def test_the_server_decodes_finals_at_the_beam_width_it_is_given(clips, final_beam_size):
+    """``stream_final_beam_size`` reaches every final decode of a stream; interims stay greedy."""
+    from pipeline.audio.decode import decode
+    from pipeline.streaming.limits import StreamLimits
+    from pipeline.tools.stream_client import linear16
+
+    asked = []
+
+    class Recording(FakeRecognizer):
+        async def transcribe(self, audio, options):
+            asked.append(options)
+            return await super().transcribe(audio, options)
+
+    pcm = linear16(decode(clips["beckett"].path, max_duration_s=60).samples)
+    frames = [pcm[i : i + SAMPLE_RATE] for i in range(0, len(pcm), SAMPLE_RATE)]  # 0.5 s each
+    sent, code, _ = serve_stream(frames, StreamLimits(), 0.5, recognizer=Recording(), final_beam_size=final_beam_size)
+    assert code == 1000 and sent[-1]["type"] == "Metadata"
+    finals, interims = [o for o in asked if not o.interim], [o for o in asked if o.interim]
+    # (Interims run only while the server keeps up with the frames, which come at once here.)
+    assert finals and {o.beam_size for o in finals} == {final_beam_size}
+    assert all(o.beam_size == 1 for o in interims)
 
 
 def test_a_busy_server_does_not_make_a_real_time_client_look_fast(clips):

@@ -94,10 +94,11 @@ class StreamParams(BaseModel):
                 raise InvalidParameter(f"{param} must be true or false", param=param) from None
             raise InvalidParameter(f"{param}: {error['msg']}", param=param) from None
 
-    def session_options(self) -> StreamOptions:
+    def session_options(self, final_beam_size: int | None = 1) -> StreamOptions:
         return StreamOptions(language=self.language, punctuate=self.punctuate,
                              interim_results=self.interim_results,
-                             endpointing_ms=ENDPOINTING_OFF_MS if self.endpointing_ms is None else self.endpointing_ms)
+                             endpointing_ms=ENDPOINTING_OFF_MS if self.endpointing_ms is None else self.endpointing_ms,
+                             final_beam_size=final_beam_size)
 
 
 def _control(text: str | None) -> str | None:
@@ -190,8 +191,9 @@ class StreamServer:
     """Serves streams over a flow, each held to ``limits``."""
 
     def __init__(self, flow: TranscriptionFlow, limits: StreamLimits, *, cpu_threads: int = 4,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 final_beam_size: int | None = 1, clock: Callable[[], float] = time.monotonic) -> None:
         self._flow, self._limits, self._clock = flow, limits, clock
+        self._final_beam_size = final_beam_size  # None: the engine's width
         # VAD and decoding take milliseconds a call; a few threads keep the loop free without
         # letting many streams crowd the cores.
         self._cpu = ThreadPoolExecutor(max_workers=cpu_threads, thread_name_prefix="stream-cpu")
@@ -219,7 +221,8 @@ class StreamServer:
         except HarkError as err:
             await send_error(channel, err, close_code=1008)
             return
-        session = StreamingSession(transcribe=self._flow.recognizer.transcribe, options=params.session_options(),
+        session = StreamingSession(transcribe=self._flow.recognizer.transcribe,
+                                   options=params.session_options(self._final_beam_size),
                                    executor=self._cpu)
         budget = StreamBudget(self._limits, clock=self._clock)
         try:
