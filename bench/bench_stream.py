@@ -242,14 +242,14 @@ def main() -> None:
     base = None
     if args.in_process:
         stream, close = in_process_streamer(args, costs)
-        print(f"in process: context {args.context_s:g} s, stream window floor {args.stream_floor_s:g} s, "
-              f"finals' beam: {args.final_beam_size or 'the engine default'}")
+        print(f"in process: context {args.context_s:g} s, stream window floor {args.stream_floor_s:g} s")
     else:
         from bench_service import start_service
 
         base = start_service({"license_keys": [KEY], "stream_final_beam_size": args.final_beam_size or 0}, port=7173)
         stream = service_streamer(base.replace("http", "ws") + "/v1/listen/stream")
-        print(f"through the service (WebSocket API), finals' beam: {args.final_beam_size or 'the engine default'}")
+        print("through the service (WebSocket API)")
+    print(f"finals' beam: {args.final_beam_size or 'the engine default'}")
     print(f"load average at start: {loadavg()}")
     asyncio.run(stream(conversation.build()[0].samples[: 16000 * 4], 4.0))  # warm-up
     costs.clear()

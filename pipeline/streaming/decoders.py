@@ -36,18 +36,19 @@ class Linear16Decoder:
             return mono
         frame = av.AudioFrame.from_ndarray(mono[None, :], format="flt", layout="mono")
         frame.sample_rate = self.sample_rate
+        return self._resample(frame)
+
+    def close(self, max_s: float | None = None) -> np.ndarray:
+        """The resampler's last few milliseconds (it holds back samples it needs to filter with;
+        once flushed it has none): under one frame's worth, so ``max_s`` is not needed."""
+        return self._resample(None) if self._resampler is not None else np.zeros(0, np.float32)
+
+    def _resample(self, frame) -> np.ndarray:
         out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
-    def close(self, max_s: float | None = None) -> np.ndarray:
-        """The resampler's last few milliseconds (it holds back samples it needs to filter with);
-        ``max_s`` is not needed: what is held back is under one frame's worth."""
-        resampler, self._resampler = self._resampler, None
-        out = [f.to_ndarray().reshape(-1) for f in resampler.resample(None)] if resampler is not None else []
-        return np.concatenate(out) if out else np.zeros(0, np.float32)
-
     def abort(self) -> None:
-        self._resampler = None
+        pass
 
 
 class ContainerDecoder:

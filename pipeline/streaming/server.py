@@ -94,7 +94,7 @@ class StreamParams(BaseModel):
                 raise InvalidParameter(f"{param} must be true or false", param=param) from None
             raise InvalidParameter(f"{param}: {error['msg']}", param=param) from None
 
-    def session_options(self, final_beam_size: int | None = 1) -> StreamOptions:
+    def session_options(self, final_beam_size: int | None = StreamOptions.final_beam_size) -> StreamOptions:
         return StreamOptions(language=self.language, punctuate=self.punctuate,
                              interim_results=self.interim_results,
                              endpointing_ms=ENDPOINTING_OFF_MS if self.endpointing_ms is None else self.endpointing_ms,
@@ -191,7 +191,8 @@ class StreamServer:
     """Serves streams over a flow, each held to ``limits``."""
 
     def __init__(self, flow: TranscriptionFlow, limits: StreamLimits, *, cpu_threads: int = 4,
-                 final_beam_size: int | None = 1, clock: Callable[[], float] = time.monotonic) -> None:
+                 final_beam_size: int | None = StreamOptions.final_beam_size,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._flow, self._limits, self._clock = flow, limits, clock
         self._final_beam_size = final_beam_size  # None: the engine's width
         # VAD and decoding take milliseconds a call; a few threads keep the loop free without
