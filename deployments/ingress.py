@@ -138,6 +138,7 @@ class Ingress(OpenAIRoutes):
         self._jobs = jobs
         self._background: set[asyncio.Task] = set()
         self._readiness = Readiness(functools.partial(app_is_running, serve.get_replica_context().app_name))
+        self._readiness.start()  # Serve runs the constructor on the replica's event loop
 
     @app.get("/", include_in_schema=False)
     async def home(self) -> RedirectResponse:

@@ -14,10 +14,13 @@ class Controller:
         self.calls = 0
         self.release = threading.Event()
         self.release.set()
+        self.waiting = False
 
     def __call__(self) -> bool:
         self.calls += 1
+        self.waiting = not self.release.is_set()
         assert self.release.wait(10)
+        self.waiting = False
         return self.ready
 
 
@@ -25,27 +28,41 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_first_probe_waits_for_the_controller_then_slow_refreshes_answer_the_last_status():
+def test_first_probe_waits_for_the_controller_then_answers_the_last_status_at_once():
     async def scenario() -> None:
         controller = Controller()
-        readiness = Readiness(controller, wait_s=0.05, first_wait_s=5)
+        readiness = Readiness(controller, interval_s=0.01, first_wait_s=5)
         assert await readiness.ready() is True  # a first answer is awaited
         controller.release.clear()  # the controller is now busy
         loop = asyncio.get_running_loop()
         started = loop.time()
-        assert await readiness.ready() is True  # the last status, after wait_s
+        for _ in range(5):
+            assert await readiness.ready() is True  # the last status
         assert loop.time() - started < 1
-        calls = controller.calls
-        assert await readiness.ready() is True
-        assert controller.calls == calls, "a second refresh started while one was running"
         controller.ready = False
         controller.release.set()
-        for _ in range(200):  # the refresh in flight ends with the new status
-            if await readiness.ready() is False:
+        await wait_for(readiness, False)
+        await readiness.stop()
+
+    run(scenario())
+
+
+def test_the_controller_is_asked_without_probes():
+    """Regression (CI, 2026-12-03): the status was refreshed only by probes, so a probe after a
+    quiet minute (older than ``stale_s``) waited for a controller slowed by two transcriptions,
+    more than 5 s, and answered 503. Now it is asked every ``interval_s`` from the start."""
+    async def scenario() -> None:
+        controller = Controller()
+        readiness = Readiness(controller, interval_s=0.01)
+        readiness.start()
+        for _ in range(500):
+            if controller.calls >= 3:
                 break
             await asyncio.sleep(0.01)
         else:
-            raise AssertionError("the controller's new status never reached /ready")
+            raise AssertionError(f"the controller was asked {controller.calls} times in 5 s")
+        assert await readiness.ready() is True
+        await readiness.stop()
 
     run(scenario())
 
@@ -55,16 +72,21 @@ def test_no_first_answer_or_a_stale_one_is_not_ready():
         now = [0.0]
         controller = Controller()
         controller.release.clear()
-        readiness = Readiness(controller, wait_s=0.01, first_wait_s=0.05, stale_s=30, clock=lambda: now[0])
+        readiness = Readiness(controller, interval_s=0.01, first_wait_s=0.05, stale_s=30, clock=lambda: now[0])
         assert await readiness.ready() is False  # nothing heard yet
         controller.release.set()
-        assert await readiness.ready() is True
-        controller.release.clear()
+        await wait_for(readiness, True)
+        controller.release.clear()  # the controller stops answering
+        for _ in range(500):  # until the asking is blocked in a call
+            if controller.waiting:
+                break
+            await asyncio.sleep(0.01)
         now[0] = 29.0
         assert await readiness.ready() is True  # recent enough
         now[0] = 61.0
         assert await readiness.ready() is False  # the last answer is too old to stand for now
         controller.release.set()
+        await readiness.stop()
 
     run(scenario())
 
@@ -73,4 +95,17 @@ def test_a_failing_controller_call_is_not_ready():
     def broken() -> bool:
         raise RuntimeError("controller gone")
 
-    assert run(Readiness(broken).ready()) is False
+    async def scenario() -> None:
+        readiness = Readiness(broken)
+        assert await readiness.ready() is False
+        await readiness.stop()
+
+    run(scenario())
+
+
+async def wait_for(readiness: Readiness, status: bool) -> None:
+    for _ in range(500):
+        if await readiness.ready() is status:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"/ready never became {status}")
