@@ -93,12 +93,12 @@ def test_short_windows_are_padded_with_silence_and_stream_decodes_encode_fewer_f
     # previous audio fills them) encode their length in whole seconds and 3 s of silence after it
     # (HARK_ASR__STREAM_PAD_S), less 30 s; files 30 s.
     assert engine._features(task(AsrOptions(stream="s"))).features.shape[-1] == 3000  # ~9 s: too short
-    # ... except an interim in a known language: the floor, or its length and the silence after
-    # it; one that detects the language, 30 s.
+    # ... except an interim: the floor, or its length and the silence after it, whether it is
+    # given the language or detects it.
     interim = task(AsrOptions(stream="s", interim=True))
     seconds = -(-len(samples) // 16000)
     assert engine._features(interim).features.shape[-1] == max(1000, seconds * 100 + 300) < 3000
-    assert engine._features(replace(interim, language=None)).features.shape[-1] == 3000
+    assert engine._features(replace(interim, language=None)).features.shape[-1] == max(1000, seconds * 100 + 300)
     longer = replace(task(AsrOptions(stream="s")), samples=np.concatenate([samples, samples[: 2 * 16000]]))
     work = engine._features(longer)
     assert work.features.shape[-1] == -(-len(longer.samples) // 16000) * 100 + 300

@@ -80,6 +80,24 @@ def test_real_time_pace_and_browser_subprotocol_auth(serve_app, clips):
     assert wer(clips["beckett"].text, text) <= 0.2 and text == text.lower()
 
 
+def test_a_stream_s_language_is_detected_from_its_finals(serve_app, clips):
+    """No language given: the stream takes it from a final decode sure of it, not from its first
+    interim (half a second of speech): espeak-ng's French sentence came out in Japanese to the end
+    when its first interim's guess held for the whole stream."""
+
+    async def both():
+        return await asyncio.gather(*(stream(ws_url(serve_app), pcm_of(clips[name]), speed=2.0)
+                                      for name in ("french", "spanish")))
+
+    for name, (messages, code) in zip(("french", "spanish"), asyncio.run(both())):
+        language = {"french": "fr", "spanish": "es"}[name]
+        assert code == 1000 and messages[-1]["type"] == "Metadata"
+        assert messages[-1]["language"] == language, (name, messages)
+        finals = [m for m in messages if m["type"] == "Results" and m["is_final"] and m["words"]]
+        assert finals and finals[-1]["language"] == language, (name, finals)
+    assert wer(clips["spanish"].text, finals_text(messages)) <= 0.35, finals_text(messages)
+
+
 def test_other_rates_and_channels(serve_app, clips):
     """8 kHz stereo PCM is read as such: the stream lasts as long as the clip, and its finals say what the
     model says of the same audio as a file, decoded greedily as a stream's finals are. At 8 kHz Whisper

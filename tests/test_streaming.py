@@ -1,6 +1,7 @@
 """The streaming session's logic, with a scripted recogniser at the Transcribe seam."""
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -203,6 +204,40 @@ def test_the_first_interim_comes_after_first_interim_s_of_speech_and_again_until
     session.transcribe = deaf_at_first
     run(session, total_s=2.8)
     assert [end for _, end, _ in calls[:4]] == pytest.approx([0.5, 0.8, 1.1, 2.6])
+
+
+@pytest.mark.parametrize("final_probability", [0.57, 0.3])
+def test_the_stream_s_language_comes_from_a_final_sure_of_it_not_from_an_interim(final_probability):
+    """Regression: the first decode with words set the stream's language for good, and that is an
+    interim that heard half a second of speech: a French sentence (espeak-ng) streamed without a
+    language came out in Japanese to the end. Whisper base detected its first 0.5-1 s as Chinese
+    (0.46-0.50) and the whole sentence as French (0.53-0.57)."""
+    session, _ = make_session(first_interim_s=0.3, endpointing_ms=400)
+    inner = session.transcribe
+    asked = []  # (interim, the language the decode was given)
+
+    async def detecting(audio, opts):
+        asked.append((opts.interim, opts.language))
+        heard = await inner(audio, opts)
+        if opts.language:
+            return replace(heard, language=opts.language, language_probability=1.0)
+        language, probability = ("zh", 0.46) if opts.interim else ("fr", final_probability)
+        return replace(heard, language=language, language_probability=probability)
+
+    session.transcribe = detecting
+    results = [e for e in run(session) if e["type"] == "Results" and e["words"]]
+    first_final = next(i for i, (interim, _) in enumerate(asked) if not interim)
+    assert first_final > 0 and len(asked) > first_final + 1  # interims before it, decodes after it
+    assert all(language is None for _, language in asked[: first_final + 1])
+    if final_probability >= 0.5:
+        assert session.language == session.language_now == "fr"
+        assert all(language == "fr" for _, language in asked[first_final + 1:])
+    else:  # not sure enough: every decode detects again
+        assert session.language is None and session.language_now in ("zh", "fr")
+        assert all(language is None for _, language in asked)
+    # Each result says what its decode heard until the language is known.
+    assert results[0]["language"] == "zh" and not results[0]["is_final"]
+    assert {r["language"] for r in results if r["is_final"]} == {"fr"}
 
 
 def test_words_whisper_adds_past_the_end_of_the_audio_never_reach_a_result():

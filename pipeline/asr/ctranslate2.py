@@ -196,8 +196,7 @@ class CTranslate2Engine:
     # --- steps ---------------------------------------------------------------------------------
     def _features(self, task: WindowTask) -> _Work:
         frames = min(len(task.samples) // _HOP, _FRAMES)
-        encoded = self._encoded_frames(frames, stream=task.options.stream is not None,
-                                       interim=task.options.interim and task.language is not None)
+        encoded = self._encoded_frames(frames, stream=task.options.stream is not None, interim=task.options.interim)
         samples = task.samples
         if encoded < _FRAMES and len(samples) < encoded * _HOP:
             # A short window is padded with silence in the audio, not with zeros in the mel: a
@@ -212,8 +211,7 @@ class CTranslate2Engine:
         on, the window rounded up to whole seconds and at least the floor (CTranslate2 encodes
         fewer frames than 3000; below ~10 s Whisper's accuracy drops). Live-stream decodes have
         a floor of their own and ``stream_pad_s`` of silence after their audio; a final that holds
-        less audio than the floor, or a decode that detects the language, encodes 30 s
-        (``interim``: a stream's interim decode in a known language)."""
+        less audio than the floor encodes 30 s (``interim``: a stream's interim decode)."""
         floor_s = self._settings.stream_min_window_s if stream else self._settings.min_window_s
         floor = int(floor_s * 100)
         if floor <= 0:
@@ -224,10 +222,13 @@ class CTranslate2Engine:
             # on 15 short clips (espeak-ng's sentences, the start of pyannote's sample, decoded
             # greedily) WER was 24.9 % against 21.9 %: a lone "Hello?" came out in Korean, and in a
             # known language, 23.7 % ("Hello, hello, hello, hello, I didn't know"). An interim is
-            # padded to the floor once the stream's language is known: 0.35 s a decode against
-            # 1.05 s on 2 cores, so a stream's first words show sooner. Its words become final only
-            # where two interims agree, 3 s from the live edge (``unstable_tail_s``): at a stream's
-            # start the final decodes nearly all of them again.
+            # padded to the floor: 0.35 s a decode against 1.05 s on 2 cores, so a stream's first
+            # words show sooner. Its words become final only where two interims agree, 3 s from the
+            # live edge (``unstable_tail_s``): at a stream's start the final decodes nearly all of
+            # them again. Language detection is no worse at 10 s than at 30 s (espeak-ng's eight
+            # sentences and pyannote's sample, their first 0.5, 1 and 2 s and whole: wrong 3 times
+            # of 36 either way, all on 2 s or less), and a stream takes its language from a final
+            # (``StreamingSession.language``), not from an interim's first half second.
             return _FRAMES
         # A stream's audio ends at the live edge, often mid-phrase: with no silence after it in
         # the window, Whisper loops and repeats itself ("at least at least at least ...").

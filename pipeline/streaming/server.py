@@ -306,5 +306,5 @@ class StreamServer:
         for event in [*await session.feed(tail), *await session.finish()]:
             await channel.send_json(event)
         await channel.send_json({"type": "Metadata", "request_id": request_id, "duration": round(session.received_s, 3),
-                                 "channels": channels, "language": session.language})
+                                 "channels": channels, "language": session.language_now})
         await channel.close(1000)

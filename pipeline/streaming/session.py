@@ -111,7 +111,10 @@ class StreamingSession:
     # Buffer index where an utterance ended while the session was behind: it is finalised there
     # once the session catches up, not together with the speech that came after it.
     _ended_at: int | None = None
+    # The stream's language: given, or detected by its first final decode that is sure enough of
+    # it (``_LANGUAGE_LOCK_PROBABILITY``), and then held; until then every decode detects its own.
     language: str | None = None
+    _heard_language: str | None = None  # the language of the last decode with words
     # Names this stream's decodes to the ASR scheduler: served before files, a newer interim
     # replacing one not yet started.
     stream_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -260,12 +263,23 @@ class StreamingSession:
 
     async def _decode(self, beam_size: int | None, interim: bool = False) -> list[Word]:
         audio, opts, origin_s = self._request(beam_size, interim)
-        return self._words(await self.transcribe(audio, opts), origin_s)
+        return self._words(await self.transcribe(audio, opts), origin_s, final=not interim)
 
-    def _words(self, transcript: Transcript, origin_s: float) -> list[Word]:
+    @property
+    def language_now(self) -> str | None:
+        """The stream's language, or before it is known, what the last decode with words heard."""
+        return self.language or self._heard_language
+
+    def _words(self, transcript: Transcript, origin_s: float, *, final: bool) -> list[Word]:
         """The words of a decode that are new in this utterance, at absolute times."""
         if self.language is None and transcript.words:
-            self.language = transcript.language  # keep one language for the whole stream
+            self._heard_language = transcript.language
+            # One language for the whole stream, from a whole utterance: an interim hears its
+            # first half second. Whisper base on espeak's French sentence: its first 0.5-1 s
+            # detected as Chinese (0.46-0.50), the whole sentence as French (0.53-0.57); a stream
+            # that kept its first interim's language came out in Japanese to the end.
+            if final and transcript.language_probability >= _LANGUAGE_LOCK_PROBABILITY:
+                self.language = transcript.language
         committed_end = self.committed[-1].end if self.committed else -1.0
         # A word timed at the very end of the audio was not heard in it: on a decode that ends
         # soon after the speech (a stream's window is not padded to 30 s), Whisper can run on past
@@ -339,7 +353,7 @@ class StreamingSession:
         early = self._early
         if early is not None and early.holds_all_speech(self.offset_s, self._speech_end):
             self._early = None
-            words = self._words(await early.task, early.origin_s)
+            words = self._words(await early.task, early.origin_s, final=True)
         else:
             self._drop_early()
             words = await self._decode(beam_size=self.options.final_beam_size)
@@ -384,7 +398,7 @@ class StreamingSession:
                 w.model_dump(exclude_none=True)
                 for w in api_words(words, self.options.punctuate, previous_end_s=self._final_end_s)
             ],
-            "language": self.language,
+            "language": self.language_now,
         }
         if is_final and words:
             self._final_end_s = words[-1].end
@@ -405,6 +419,9 @@ _EARLY_START_S = 0.3
 # A word that starts this close to the end of a decode's audio is one Whisper added past it.
 _PAST_THE_END_S = 0.05
 _MIN_REPEAT = 3
+# A final's detected language holds for the stream from this probability (faster-whisper's
+# ``language_detection_threshold``); below it, the next decodes detect again, with more audio.
+_LANGUAGE_LOCK_PROBABILITY = 0.5
 
 
 def _drop_repeat(fresh: list[Word], history: list[Word]) -> list[Word]:
