@@ -14,13 +14,10 @@ class Controller:
         self.calls = 0
         self.release = threading.Event()
         self.release.set()
-        self.waiting = False
 
     def __call__(self) -> bool:
         self.calls += 1
-        self.waiting = not self.release.is_set()
         assert self.release.wait(10)
-        self.waiting = False
         return self.ready
 
 
@@ -67,20 +64,30 @@ def test_the_controller_is_asked_without_probes():
     run(scenario())
 
 
+def test_not_ready_is_asked_again_at_once():
+    """Regression (CI): with the status asked only every ``interval_s``, ``hark serve`` said ready
+    and a /ready right after it answered 503, the last status being from before the app ran."""
+    async def scenario() -> None:
+        controller = Controller(ready=False)
+        readiness = Readiness(controller, interval_s=600)
+        assert await readiness.ready() is False
+        controller.ready = True  # the app is up now; the next periodic ask is 10 min away
+        assert await readiness.ready() is True
+        await readiness.stop()
+
+    run(scenario())
+
+
 def test_no_first_answer_or_a_stale_one_is_not_ready():
     async def scenario() -> None:
         now = [0.0]
         controller = Controller()
         controller.release.clear()
-        readiness = Readiness(controller, interval_s=0.01, first_wait_s=0.05, stale_s=30, clock=lambda: now[0])
+        readiness = Readiness(controller, interval_s=600, first_wait_s=0.05, stale_s=30, clock=lambda: now[0])
         assert await readiness.ready() is False  # nothing heard yet
         controller.release.set()
         await wait_for(readiness, True)
         controller.release.clear()  # the controller stops answering
-        for _ in range(500):  # until the asking is blocked in a call
-            if controller.waiting:
-                break
-            await asyncio.sleep(0.01)
         now[0] = 29.0
         assert await readiness.ready() is True  # recent enough
         now[0] = 61.0
