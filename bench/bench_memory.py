@@ -102,6 +102,19 @@ def memory(pid: int) -> tuple[float, float]:
     return info.rss / MB, info.pss / MB
 
 
+def rss_parts(pid: int) -> tuple[float, float]:
+    """RSS in two parts: the process's own memory (RssAnon) and the shared memory it has touched
+    (RssShmem: mostly Ray's object store, whose pages stay counted in a process that wrote or read
+    an object there until it unmaps them, after the object is gone)."""
+    parts = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(("RssAnon:", "RssShmem:")):
+                name, value = line.split(":")
+                parts[name] = int(value.split()[0]) * 1024 / MB
+    return parts.get("RssAnon", 0.0), parts.get("RssShmem", 0.0)
+
+
 def object_store_used_mb() -> float:
     import ray
     from ray._private.internal_api import memory_summary
@@ -135,6 +148,7 @@ def one_request(args, minutes: float, pids: dict[str, int], media, base: str, pr
     baseline = {name: memory(pid) for name, pid in pids.items()}
     store_baseline = object_store_used_mb()
     peak = dict(baseline)
+    parts_peak = {name: rss_parts(pid) for name, pid in pids.items()}
     store_peak = store_baseline
     together_baseline = sum(pss for _, pss in baseline.values())
     together_peak = together_baseline
@@ -149,6 +163,8 @@ def one_request(args, minutes: float, pids: dict[str, int], media, base: str, pr
             for name, pid in pids.items():
                 rss, pss = memory(pid)
                 peak[name] = (max(peak[name][0], rss), max(peak[name][1], pss))
+                anon, shmem = rss_parts(pid)
+                parts_peak[name] = (max(parts_peak[name][0], anon), max(parts_peak[name][1], shmem))
                 now[name] = pss
             if sum(now.values()) > together_peak:
                 together_peak, at_peak, peak_at_s = sum(now.values()), now, time.perf_counter() - started
@@ -174,12 +190,16 @@ def one_request(args, minutes: float, pids: dict[str, int], media, base: str, pr
     print(f"\n{minutes:g} min file by {args.source} ({len(data) / MB:.1f} MB WAV, {decoded:.1f} MB decoded), "
           f"diarize={not args.no_diarize}: answered in {elapsed:.0f} s, {len(body.get('words', []))} words, "
           f"{len(body.get('speakers') or [])} speaker turns")
-    print(f"{'process':28} {'RSS before':>11} {'RSS peak':>10} {'PSS before':>11} {'PSS peak':>10} {'PSS extra':>10}")
+    print(f"{'process':28} {'RSS before':>11} {'RSS peak':>10} {'PSS before':>11} {'PSS peak':>10} {'PSS extra':>10}"
+          f" {'anon peak':>10} {'shmem peak':>11}")
     extra = 0.0
     for name in pids:
         (rss0, pss0), (rss1, pss1) = baseline[name], peak[name]
         extra += pss1 - pss0
-        print(f"{name:28} {rss0:9.0f}MB {rss1:8.0f}MB {pss0:9.0f}MB {pss1:8.0f}MB {pss1 - pss0:8.0f}MB")
+        print(f"{name:28} {rss0:9.0f}MB {rss1:8.0f}MB {pss0:9.0f}MB {pss1:8.0f}MB {pss1 - pss0:8.0f}MB"
+              f" {parts_peak[name][0]:8.0f}MB {parts_peak[name][1]:9.0f}MB")
+    print("(anon: a process's own memory; shmem: shared memory it has touched, mostly Ray's object store; each "
+          "column's peak on its own)")
     print(f"object store: {store_baseline:.0f} MB before, {store_peak:.0f} MB at peak")
     took, proxy_s = probes.health_s[first_health:], probes.proxy_s
     if took:

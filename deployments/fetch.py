@@ -39,5 +39,9 @@ class AudioFetchDeployment:
         """``data``: the upload's bytes as a uint8 array, read in place from the object store."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._loader.from_bytes, data)
 
+    async def from_blob(self, url: str) -> Audio:
+        """An upload the ingress wrote to the blob store (``StoredAudio``), read from there."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._loader.from_blob, url)
+
     def describe(self) -> dict:
         return replica_info(self._settings)

@@ -23,6 +23,7 @@ from pipeline.asr.base import Capabilities
 from pipeline.asr.scheduler import InterimSkipped, Replaced
 from pipeline.core.errors import HarkError, ServiceUnavailable, WorkerLost
 from pipeline.core.types import AsrOptions, Audio, Diarization, Transcript
+from pipeline.service.blobs import StoredAudio
 
 logger = logging.getLogger("ray.serve")
 
@@ -103,6 +104,16 @@ class HandleAudio:
 
     async def from_url(self, url: str) -> AudioRef:
         return await self._kept(self._fetch.from_url.remote(url))
+
+    async def from_blob(self, url: str) -> AudioRef:
+        """An upload in the blob store, read and decoded by AudioFetch: it never passes through here."""
+        return await self._kept(self._fetch.from_blob.remote(url))
+
+    async def from_upload(self, audio: bytes | bytearray | StoredAudio) -> AudioRef:
+        """A request's upload, as ``read_listen_input`` left it: in memory, or in the blob store."""
+        if isinstance(audio, StoredAudio):
+            return await self.from_blob(audio.url)
+        return await self.from_bytes(audio)
 
     async def from_bytes(self, data: bytes | bytearray) -> AudioRef:
         # As an array the upload travels out of band: written once, straight into the object

@@ -33,7 +33,8 @@ from pipeline.core.errors import HarkError, InvalidParameter, MissingParameter
 from pipeline.core.settings import Settings
 from pipeline.service.auth import KeyRing
 from pipeline.service.runner import JobRequest, refuse_unrunnable
-from pipeline.service.upload import AUDIO_FIELD, ListenInput, read_listen_input
+from pipeline.service.blobs import BlobStore
+from pipeline.service.upload import AUDIO_FIELD, HeldUpload, ListenInput, read_listen_input
 from pipeline.streaming.limits import StreamLimits
 from pipeline.streaming.server import ChannelClosed, StreamParams, StreamServer
 from pipeline.transcription.flow import TranscriptionFlow
@@ -130,6 +131,8 @@ class Ingress(OpenAIRoutes):
         self._retry = retry = settings.retry_after_s
         self._guard = UrlGuard.from_settings(settings.allow_private_urls, settings.url_allowlist)
         self._audio = HandleAudio(fetch, retry)
+        # Uploads above a megabyte go there as they arrive, and AudioFetch reads them from there.
+        self._blobs = BlobStore(settings.job_blob_url)
         self._flow = TranscriptionFlow(HandleRecognizer(asr, retry), HandleSpeakers(diarization, retry))
         self._streams = StreamServer(self._flow, StreamLimits.from_settings(settings),
                                      final_beam_size=settings.stream_final_beam_size or None)
@@ -230,8 +233,10 @@ class Ingress(OpenAIRoutes):
         task.add_done_callback(self._background.discard)
 
     async def _read_body(self, request: Request, audio_field: str = AUDIO_FIELD) -> ListenInput:
-        """The request's body as options, a URL and audio bytes, within the upload cap (the form's
-        audio in ``audio_field``): for /v1/listen and the OpenAI routes alike."""
+        """The request's body as options, a URL and audio, within the upload cap (the form's audio
+        in ``audio_field``): for /v1/listen and the OpenAI routes alike. Audio above a megabyte is
+        in the blob store (a ``StoredAudio``), never whole in this process: hold it in a
+        ``HeldUpload``, which deletes it."""
         declared = request.headers.get("content-length")
         return await read_listen_input(
             request.headers.get("content-type"),
@@ -240,10 +245,15 @@ class Ingress(OpenAIRoutes):
             max_bytes=self._settings.max_file_bytes,
             max_mb=self._settings.max_file_mb,
             audio_field=audio_field,
+            blobs=self._blobs,
         )
 
     async def _transcribe(self, request: Request, key_id: str) -> _Answer:
         source = await self._read_body(request)
+        async with HeldUpload(source.audio) as upload:
+            return await self._transcribe_input(request, key_id, source, upload)
+
+    async def _transcribe_input(self, request: Request, key_id: str, source: ListenInput, upload: HeldUpload) -> _Answer:
         if source.url is not None and source.audio is not None:
             raise InvalidParameter("Send either a url or an audio file, not both", param="url")
         if source.url is None and source.audio is None:
@@ -259,17 +269,17 @@ class Ingress(OpenAIRoutes):
         idempotency_key = request.headers.get("idempotency-key")
         if params.callback_url is not None or idempotency_key:
             job = JobRequest(key_id, params, url=source.url, audio=source.audio, idempotency_key=idempotency_key)
-            answer = await self._as_job(job)
+            answer = await self._as_job(job, upload)
             if fmt != "json" and answer.status == 200:
                 answer.file, answer.file_format = await asyncio.to_thread(render_body, answer.body, fmt), fmt
             return answer
         if source.url is not None:
             audio = await self._audio.from_url(source.url)
         else:
-            audio = await self._audio.from_bytes(source.audio)
-            # The upload (up to 100 MB) is not held while the audio is transcribed: AudioFetch
-            # has decoded it, and the request can take minutes.
-            del source
+            audio = await self._audio.from_upload(source.audio)
+            # AudioFetch has decoded it: an upload in the blob store is deleted now, not after a
+            # transcription that can take minutes.
+            await upload.drop()
         # The decoded audio is awaited before the ASR call, not chained into it: Serve counts
         # a request against max_queued_requests only when it enters the router, and a chained
         # request enters before its input exists, so a full queue would never refuse it.
@@ -282,11 +292,12 @@ class Ingress(OpenAIRoutes):
             ), fmt
         return answer
 
-    async def _as_job(self, job: JobRequest) -> _Answer:
+    async def _as_job(self, job: JobRequest, upload: HeldUpload) -> _Answer:
         """A job: answered 202 at once with a callback_url; else (an Idempotency-Key alone)
         awaited here, so that a repeat of the same request gets the same result."""
         # getaddrinfo blocks: off the event loop.
         await asyncio.to_thread(refuse_unrunnable, job, self._guard, self._settings.webhook_secret_for(job.key_id) is not None)
+        upload.hand_over()  # the job runner keeps it with the job, or deletes it
         payload = await call(self._jobs.submit.remote(job), self._retry)
         if job.params.callback_url is not None:
             # A replay answers as the first request was answered; GET /v1/jobs/{id} has the rest.

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from deployments.handles import HandleMeter, call, unwrap
 from pipeline.core.errors import HarkError, InvalidParameter, MissingParameter
+from pipeline.service.upload import HeldUpload, ListenInput
 from pipeline.transcription import openai_format
 from pipeline.transcription.openai_format import OpenAIParams, Task
 
@@ -85,6 +86,11 @@ class OpenAIRoutes:
 
     async def _openai_transcribe(self, request: Request, key_id: str, task: Task) -> tuple[Response, float]:
         source = await self._read_body(request, audio_field="file")
+        async with HeldUpload(source.audio) as upload:
+            return await self._openai_transcribe_input(source, upload, key_id, task)
+
+    async def _openai_transcribe_input(self, source: ListenInput, upload: HeldUpload, key_id: str,
+                                       task: Task) -> tuple[Response, float]:
         params = OpenAIParams.parse(source.fields, source.lists, task)
         openai_format.check_model(params.model, self._settings.asr.model)
         if source.audio is None:
@@ -94,7 +100,8 @@ class OpenAIRoutes:
             raise InvalidParameter(f"The {caps.engine} engine cannot time words", param="timestamp_granularities")
         listen = params.listen_params(word_times=caps.word_timestamps)
         await self._flow.check(listen, task=task)
-        audio = await self._audio.from_bytes(source.audio)
+        audio = await self._audio.from_upload(source.audio)
+        await upload.drop()  # decoded: not held while it is transcribed
         result = await self._flow.run(audio, listen, request_id=f"req_{uuid.uuid4().hex}",
                                       meter=HandleMeter(self._accounting, key_id, self._retry),
                                       asr_options=params.asr_options(listen, task))

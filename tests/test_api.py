@@ -110,6 +110,31 @@ def test_raw_body_upload(api, beckett_bytes):
     assert r.status_code == 200 and r.json()["text"].startswith("Ever tried")
 
 
+def test_an_upload_above_a_megabyte_goes_through_the_blob_store_and_is_deleted(api, clips, data_dir):
+    """Review finding 16: such an upload is written to the blob store as it arrives (not held in
+    the ingress), AudioFetch decodes it from there, and it is deleted once decoded; a job keeps it
+    until it has run. Raw, as a form, on the OpenAI route, and as a job."""
+    from pipeline.service.upload import SPILL_BYTES
+
+    samples = decode(clips["beckett"].path, max_duration_s=60).samples
+    big = wav_bytes(np.concatenate([samples, np.zeros(30 * 16000, np.float32)]))
+    assert len(big) > SPILL_BYTES
+    uploads = data_dir / "audio"
+    before = set(uploads.glob("upload-*"))  # jobs of other tests may still hold theirs
+    sends = {
+        "raw": lambda: api.post("/v1/listen", content=big, headers={"Content-Type": "audio/wav"}),
+        "form": lambda: api.post("/v1/listen", files={"audio": ("a.wav", big)}, data={"language": "en"}),
+        "openai": lambda: api.post("/v1/audio/transcriptions", files={"file": ("a.wav", big)}, data={"model": "whisper-1"}),
+        "job": lambda: api.post("/v1/listen", content=big, headers={"Content-Type": "audio/wav",
+                                                                     "Idempotency-Key": uuid.uuid4().hex}),
+    }
+    for how, send in sends.items():
+        r = send()
+        assert r.status_code == 200, (how, r.text)
+        assert r.json()["text"].startswith("Ever tried"), (how, r.text)
+    wait_until(lambda: set(uploads.glob("upload-*")) <= before, 30, what="the uploads deleted")
+
+
 @pytest.mark.parametrize("encoding", sorted(ENCODINGS))
 def test_every_format_through_the_api(api, clips, encoding):
     samples = decode(clips["beckett"].path, max_duration_s=60).samples

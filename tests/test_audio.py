@@ -49,6 +49,33 @@ def test_an_upload_is_decoded_where_it_lies(beckett, encoding):
     assert from_array.source_format == encoding.split("-")[0]
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_an_upload_in_the_blob_store_is_decoded_from_there(beckett, where, tmp_path, request):
+    """Uploads above a megabyte reach AudioFetch as a URL in the blob store (``StoredAudio``): the
+    same samples as from bytes; one that is not there (a local directory of another node) is a
+    503 that says what to set."""
+    from conftest import S3_BUCKET
+    from pipeline.audio.loader import AudioLoader
+    from pipeline.core.errors import ServiceUnavailable
+    from pipeline.core.settings import Settings
+    from pipeline.service.blobs import BlobStore
+
+    if where == "s3":
+        request.getfixturevalue("s3_server")
+    store = BlobStore(f"s3://{S3_BUCKET}/blobs-{tmp_path.name}" if where == "s3" else str(tmp_path))
+    data = encode(beckett.samples, "mp3")
+    writer = store.writer()
+    writer.write(data)
+    stored = writer.close()
+    got = AudioLoader(Settings()).from_blob(stored.url)
+    np.testing.assert_array_equal(got.samples, decode(data, max_duration_s=7200, pcm16=True).samples)
+    assert got.source_format == "mp3"
+    if where == "local":
+        BlobStore.delete(stored.url)
+        with pytest.raises(ServiceUnavailable, match="HARK_BLOB_URL"):
+            AudioLoader(Settings()).from_blob(stored.url)
+
+
 def test_stereo_44k_is_downmixed_and_resampled():
     t = np.arange(44100 * 2) / 44100
     left = 0.5 * np.sin(2 * np.pi * 440 * t)

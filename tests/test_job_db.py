@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import time
 
+import fsspec
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -367,8 +368,11 @@ def test_database_urls(url):
         assert database_url(url).drivername == "postgresql+psycopg"  # psycopg 3, the driver shipped
 
 
+@pytest.mark.parametrize("given", ["bytes", "stored"])
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_uploaded_audio_is_in_the_blob_store_before_the_202_and_gone_after_the_run(where, tmp_path, request):
+def test_uploaded_audio_is_in_the_blob_store_before_the_202_and_gone_after_the_run(where, given, tmp_path, request):
+    # given="stored": an upload above a megabyte, which the ingress wrote to the blob store as it
+    # arrived; the job keeps that one, it does not copy it.
     # Before: uploads were files on the Jobs replica's own disk; a runner on another node (or the
     # replica rescheduled elsewhere) could not read them.
     from conftest import S3_BUCKET
@@ -408,7 +412,11 @@ def test_uploaded_audio_is_in_the_blob_store_before_the_202_and_gone_after_the_r
             raise AssertionError("an upload is not fetched by URL")
 
         async def from_bytes(self, data):
-            received.append(data)
+            raise AssertionError("a job's upload is read from the blob store by AudioFetch")
+
+        async def from_blob(self, url):
+            fs, path = fsspec.core.url_to_fs(url)
+            received.append(fs.cat_file(path))
             await gate.wait()
             return AUDIO
 
@@ -416,8 +424,16 @@ def test_uploaded_audio_is_in_the_blob_store_before_the_202_and_gone_after_the_r
     runner = JobRunner(Settings(data_dir=tmp_path / "data", blob_url=blob_url), store, GatedAudio(),
                        TranscriptionFlow(FakeRecognizer(), FakeSpeakers()), meter_for=lambda key_id: FakeMeter())
 
+    audio = upload
+    if given == "stored":
+        from pipeline.service.blobs import BlobStore
+
+        writer = BlobStore(blob_url).writer()
+        writer.write(upload)
+        audio = writer.close()
+
     async def scenario():
-        accepted = await runner.submit(JobRequest("key_a", ListenParams(), audio=upload))
+        accepted = await runner.submit(JobRequest("key_a", ListenParams(), audio=audio))
         kept = await asyncio.to_thread(stored)  # what the client's 202 stands on
         job = store.get(accepted["job_id"])
         while not received:
@@ -435,5 +451,48 @@ def test_uploaded_audio_is_in_the_blob_store_before_the_202_and_gone_after_the_r
     kept, job, left = asyncio.run(scenario())
     assert list(kept.values()) == [upload]
     assert job.request["audio_blob"].startswith("s3://" if where == "s3" else "file://")
+    if given == "stored":
+        assert job.request["audio_blob"] == audio.url
     assert received == [upload] and left == {}
     assert not (tmp_path / "data" / "audio").exists()  # nothing on the local disk
+
+
+def test_a_stored_upload_that_makes_no_job_is_deleted(tmp_path):
+    """The ingress hands an upload it wrote to the blob store over to the runner; when that request
+    makes no new job (a replayed or a reused Idempotency-Key, one too long), the runner deletes it."""
+    from pipeline.core.errors import InvalidParameter
+    from pipeline.service.blobs import BlobStore
+    from pipeline.service.runner import JobRequest
+    from pipeline.transcription.schemas import ListenParams
+    from test_flow import AUDIO, FakeMeter, FakeRecognizer, FakeSpeakers
+
+    blobs = BlobStore(str(tmp_path / "blobs"))
+
+    def stored(content: bytes):
+        writer = blobs.writer()
+        writer.write(content)
+        return writer.close()
+
+    class Audio:
+        async def from_blob(self, url):
+            return AUDIO
+
+    store = SqlJobStore(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    runner = JobRunner(Settings(data_dir=tmp_path / "data", blob_url=blobs.url), store, Audio(),
+                       TranscriptionFlow(FakeRecognizer(), FakeSpeakers()), meter_for=lambda key_id: FakeMeter())
+
+    async def scenario():
+        first = await runner.submit(JobRequest("key_a", ListenParams(), audio=stored(b"RIFF-a"), idempotency_key="k1"))
+        replay = await runner.submit(JobRequest("key_a", ListenParams(), audio=stored(b"RIFF-a"), idempotency_key="k1"))
+        with pytest.raises(InvalidParameter, match="different request"):
+            await runner.submit(JobRequest("key_a", ListenParams(), audio=stored(b"RIFF-b"), idempotency_key="k1"))
+        with pytest.raises(InvalidParameter, match="longer than 255"):
+            await runner.submit(JobRequest("key_a", ListenParams(), audio=stored(b"RIFF-c"), idempotency_key="k" * 256))
+        await runner.stop(0)
+        return first, replay
+
+    first, replay = asyncio.run(scenario())
+    assert replay["job_id"] == first["job_id"]
+    # The first job's upload alone, unless the job already ran (its upload is then deleted too).
+    left = [p.read_bytes() for p in (tmp_path / "blobs").iterdir()]
+    assert left in ([], [b"RIFF-a"])

@@ -165,3 +165,109 @@ def test_a_raw_body_is_held_once(declared):
     got, peak = asyncio.run(read())
     assert got.audio == body
     assert peak < 1.3 * max(len(body), declared or 0), peak
+
+
+def _spill(tmp_path, content_type, body: bytes, *, declared=True, max_bytes=10_000_000, chunk=64 * 1024, fail_at=None):
+    """``read_listen_input`` with a blob store in ``tmp_path``: what it returned, with tracemalloc's
+    peak while it read. ``fail_at``: the client hangs up after that many bytes."""
+    import tracemalloc
+
+    from pipeline.service.blobs import BlobStore
+
+    async def stream():
+        for i in range(0, len(body), chunk):
+            if fail_at is not None and i >= fail_at:
+                raise OSError("the client went away")
+            yield body[i : i + chunk]
+
+    async def read():
+        tracemalloc.start()
+        try:
+            got = await read_listen_input(content_type, stream(), content_length=len(body) if declared else None,
+                                          max_bytes=max_bytes, max_mb=max_bytes // 1_000_000, blobs=BlobStore(str(tmp_path)))
+            return got, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    return asyncio.run(read())
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("form", [False, True], ids=["raw", "multipart"])
+def test_audio_above_a_megabyte_goes_to_the_blob_store_as_it_arrives(tmp_path, declared, form):
+    """Review finding 16: a 100 MB upload was held whole in the ingress and then written into Ray's
+    object store from there (whose pages then stay in the ingress's resident memory). Above
+    ``SPILL_BYTES`` it is now written to the blob store a step at a time, with its SHA-256."""
+    import hashlib
+
+    from pipeline.service.blobs import StoredAudio
+    from pipeline.service.upload import SPILL_BYTES
+
+    body = np.random.default_rng(1).integers(0, 256, 8_000_000, dtype=np.uint8).tobytes()
+    ctype, raw = _multipart(files={"audio": ("a.wav", body, "audio/wav")}, data={"language": "en"}) if form \
+        else ("audio/wav", body)
+    got, peak = _spill(tmp_path, ctype, raw, declared=declared)
+    assert isinstance(got.audio, StoredAudio)
+    assert got.audio.size == len(body) and got.audio.sha256 == hashlib.sha256(body).hexdigest()
+    stored = list(tmp_path.iterdir())
+    assert [p.read_bytes() == body for p in stored] == [True]  # whole, under its final name, alone
+    assert got.audio.url == f"file://{stored[0]}"
+    if form:
+        assert got.fields == {"language": "en"}
+    else:
+        # Held a step at a time (the form's parser spools to a temporary file itself).
+        assert peak < 4 * SPILL_BYTES, peak
+
+
+def test_audio_up_to_a_megabyte_stays_in_memory(tmp_path):
+    from pipeline.service.upload import SPILL_BYTES
+
+    for size, declared in [(SPILL_BYTES, True), (SPILL_BYTES, False), (1000, False)]:
+        body = bytes(range(256)) * (size // 256)
+        got, _ = _spill(tmp_path, "audio/wav", body, declared=declared)
+        assert got.audio == body
+    assert _spill(tmp_path, "audio/wav", b"", declared=False)[0].audio is None
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["too-large", "hang-up", "too-large-form"])
+def test_an_upload_refused_or_cut_off_midway_leaves_nothing_in_the_blob_store(tmp_path, how):
+    body = bytes(range(256)) * (12_000_000 // 256)
+    if how == "too-large":
+        with pytest.raises(FileTooLarge):
+            _spill(tmp_path, "audio/wav", body, declared=False, max_bytes=5_000_000)
+    elif how == "hang-up":
+        with pytest.raises(OSError, match="went away"):
+            _spill(tmp_path, "audio/wav", body, declared=False, fail_at=6_000_000)
+    else:
+        ctype, raw = _multipart(files={"audio": ("a.wav", body, "audio/wav")})
+        with pytest.raises(FileTooLarge):
+            _spill(tmp_path, ctype, raw, declared=False, max_bytes=5_000_000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_held_upload_is_deleted_when_the_request_is_done_unless_handed_over(tmp_path):
+    from pipeline.service.blobs import BlobStore
+    from pipeline.service.upload import HeldUpload
+
+    store = BlobStore(str(tmp_path))
+
+    def stored():
+        writer = store.writer()
+        writer.write(b"RIFF" * 1000)
+        return writer.close()
+
+    async def scenario():
+        async with HeldUpload(stored()):
+            pass  # answered
+        with pytest.raises(InvalidParameter):
+            async with HeldUpload(stored()):
+                raise InvalidParameter("refused", param="language")
+        async with HeldUpload(stored()) as upload:
+            await upload.drop()  # decoded
+            assert upload.audio is None
+        async with HeldUpload(stored()) as upload:
+            return upload.hand_over()  # to a job
+
+    kept = asyncio.run(scenario())
+    assert [p.name for p in tmp_path.iterdir()] == [kept.url.rsplit("/", 1)[1]]

@@ -1,17 +1,25 @@
-"""From a URL or uploaded bytes to decoded ``Audio``: fetch within limits, then decode once."""
+"""From a URL, uploaded bytes or an upload in the blob store to decoded ``Audio``: fetch within
+limits, then decode once."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
+import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.audio import decode as audio
-from pipeline.core.errors import FileTooLarge
+from pipeline.core.errors import FileTooLarge, ServiceUnavailable
 from pipeline.audio.fetch import FetchLimits, Resolver, S3Allowlist, UrlGuard, fetch_http, fetch_s3, system_resolver
 from pipeline.core.settings import Settings
 from pipeline.core.types import Audio
+
+# An object store client's read-ahead (s3fs's default is 50 MiB, held in memory).
+_READ_AHEAD_BYTES = 5 * 2**20
+
 
 class AudioLoader:
     """Turns what a request names into ``Audio``. Usable from a deployment, Ray Data or a CLI."""
@@ -60,6 +68,26 @@ class AudioLoader:
         if len(data) > self.limits.max_bytes:
             raise FileTooLarge(self.limits.max_mb)
         return audio.decode(data, max_duration_s=self.max_duration_s, pcm16=self._pcm16)
+
+    def from_blob(self, url: str) -> Audio:
+        """An upload in the blob store (any fsspec URL the service wrote itself, never one from a
+        caller): a local file decoded where it lies, an object through a temporary file."""
+        fs, path = fsspec.core.url_to_fs(url)
+        if isinstance(fs, LocalFileSystem):
+            try:
+                return self.from_path(path)
+            except FileNotFoundError:
+                raise ServiceUnavailable(
+                    "The upload is not on this node: on a cluster, HARK_BLOB_URL must be storage that every node "
+                    "reads (s3://bucket/prefix)"
+                ) from None
+        with tempfile.TemporaryFile() as spool:
+            with fs.open(path, "rb", block_size=_READ_AHEAD_BYTES) as stored:
+                shutil.copyfileobj(stored, spool, 1 << 20)
+            if spool.tell() > self.limits.max_bytes:
+                raise FileTooLarge(self.limits.max_mb)
+            spool.seek(0)
+            return audio.decode(spool, max_duration_s=self.max_duration_s, pcm16=self._pcm16)
 
     def from_path(self, path: str | Path) -> Audio:
         if Path(path).stat().st_size > self.limits.max_bytes:

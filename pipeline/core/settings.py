@@ -260,9 +260,10 @@ class Settings(BaseSettings):
     )
     blob_url: str | None = Field(
         None,
-        description="Where uploaded audio of async jobs waits for its run: any fsspec URL, e.g. "
-        "s3://bucket/hark-uploads (credentials from the standard AWS_* variables) so that a runner on "
-        "any node can read it; default: data_dir/audio (one machine only).",
+        description="Where uploads above 1 MiB are written as they arrive (AudioFetch decodes them from there, "
+        "and they are deleted once decoded) and uploaded audio of async jobs waits for its run: any fsspec "
+        "URL, e.g. s3://bucket/hark-uploads (credentials from the standard AWS_* variables) so that a replica "
+        "on any node can read it; default: data_dir/audio (one machine only).",
     )
     webhook_secret: SecretStr | None = Field(
         None,

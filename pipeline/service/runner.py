@@ -37,7 +37,7 @@ from pipeline.core.errors import (
 )
 from pipeline.core.settings import Settings
 from pipeline.core.types import Audio
-from pipeline.service.blobs import BlobStore
+from pipeline.service.blobs import BlobStore, StoredAudio
 from pipeline.service.jobs import DuplicateIdempotencyKey, Job, JobStore
 from pipeline.service.limits import key_limits
 from pipeline.service.webhooks import Attempt, backoff_s, deliver, webhook_signer
@@ -57,6 +57,8 @@ class AudioSource(Protocol):
 
     async def from_bytes(self, data: bytes) -> Audio: ...
 
+    async def from_blob(self, url: str) -> Audio: ...
+
 
 @dataclass(frozen=True)
 class JobRequest:
@@ -65,13 +67,17 @@ class JobRequest:
     key_id: str
     params: ListenParams
     url: str | None = None
-    audio: bytes | None = None
+    # An upload: its bytes, or (above a megabyte) where the ingress stored it as it arrived.
+    audio: bytes | bytearray | StoredAudio | None = None
     idempotency_key: str | None = None
 
     @property
     def digest(self) -> str:
         """Same digest, same request: how a repeated ``Idempotency-Key`` is told from a reused one."""
-        audio = hashlib.sha256(self.audio).hexdigest() if self.audio is not None else None
+        if isinstance(self.audio, StoredAudio):
+            audio = self.audio.sha256
+        else:
+            audio = hashlib.sha256(self.audio).hexdigest() if self.audio is not None else None
         fields = {"url": self.url, "audio": audio, "params": self.params.model_dump(mode="json")}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
@@ -204,8 +210,19 @@ class JobRunner:
         """Write the job (and its uploaded audio) durably; return the API payload.
 
         A repeated ``Idempotency-Key`` (same key, same request, within 24 h) returns the job it
-        made first; the same key with a different request is refused.
+        made first; the same key with a different request is refused. An upload already in the
+        blob store (``StoredAudio``) is the runner's from here: kept with the new job, or deleted.
         """
+        kept = False
+        try:
+            payload, kept = await self._submit(request)
+            return payload
+        finally:
+            if not kept and isinstance(request.audio, StoredAudio):
+                await asyncio.shield(self._drop_audio({"audio_blob": request.audio.url}))
+
+    async def _submit(self, request: JobRequest) -> tuple[dict, bool]:
+        """The payload, and whether a new job keeps ``request``'s stored upload."""
         self.start()
         # Once, and off the event loop: it hashes the upload (up to max_file_mb).
         digest = await asyncio.to_thread(lambda: request.digest)
@@ -218,10 +235,13 @@ class JobRunner:
                 if stored_digest != digest:
                     raise InvalidParameter("This Idempotency-Key was used with a different request",
                                            param="Idempotency-Key")
-                return job.payload()
+                return job.payload(), False
         stored: dict = {"params": request.params.model_dump(mode="json")}
-        if request.audio is not None:
-            # Durable before the 202, where every runner of the cluster can read it.
+        # Durable before the 202, where every runner of the cluster can read it.
+        if isinstance(request.audio, StoredAudio):
+            await asyncio.to_thread(BlobStore.make_durable, request.audio.url)
+            stored["audio_blob"] = request.audio.url
+        elif request.audio is not None:
             stored["audio_blob"] = await asyncio.to_thread(self._blobs.put, request.audio)
         else:
             stored["url"] = request.url
@@ -239,8 +259,8 @@ class JobRunner:
             found = await self._call(self._store.find_idempotent, request.key_id, request.idempotency_key)
             if found is None:
                 raise
-            job = found[0]
-        return job.payload()
+            return found[0].payload(), False
+        return job.payload(), True
 
     async def result(self, job_id: str, key_id: str) -> dict:
         """The job's result once it has ended, or its error raised (how a request that has an
@@ -369,8 +389,7 @@ class JobRunner:
             params = ListenParams.parse(job.request["params"])
             if "audio_blob" in job.request or "audio_path" in job.request:
                 # audio_path: a job accepted before uploads went to the blob store.
-                data = await asyncio.to_thread(BlobStore.get, job.request.get("audio_blob") or job.request["audio_path"])
-                audio = await self._audio.from_bytes(data)
+                audio = await self._audio.from_blob(job.request.get("audio_blob") or job.request["audio_path"])
             else:
                 audio = await self._audio.from_url(job.request["url"])
             started = time.perf_counter()

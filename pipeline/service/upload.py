@@ -1,7 +1,8 @@
 """Read the body of ``POST /v1/listen``: JSON, a multipart form, or raw audio bytes.
 
 Framework-free: it takes the content type and an async iterator of body chunks, so it reads
-as the bytes arrive and stops at the cap instead of buffering a huge body first.
+as the bytes arrive and stops at the cap instead of buffering a huge body first. Given a
+``BlobStore``, audio above ``SPILL_BYTES`` is written there as it arrives, never held whole.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import python_multipart
 from python_multipart.exceptions import FormParserError
 
 from pipeline.core.errors import FileTooLarge, InvalidParameter
+from pipeline.service.blobs import BlobStore, BlobWriter, StoredAudio
 
 MAX_JSON_BYTES = 1_000_000
 # Room for the multipart boundaries and the option fields around the file.
@@ -26,13 +28,17 @@ FORM_OVERHEAD_BYTES = 1_000_000
 MAX_FORM_PARTS = 1000
 AUDIO_FIELD = "audio"
 PARSE_STEP_BYTES = 1 << 20
+# Audio up to this size is held in memory and passed on by value; above it, it goes to the blob
+# store a piece at a time. (Passed by value, a 100 MB upload is held in the ingress and written into
+# Ray's object store from there, whose pages then count in the ingress's memory for good.)
+SPILL_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
 class ListenInput:
     fields: dict[str, Any] = field(default_factory=dict)  # options found in the body
     url: str | None = None
-    audio: bytes | bytearray | None = None
+    audio: bytes | bytearray | StoredAudio | None = None
     # Form fields named "name[]" (sent once per value: OpenAI's timestamp_granularities[]), in order.
     lists: dict[str, list[str]] = field(default_factory=dict)
 
@@ -45,18 +51,51 @@ async def read_listen_input(
     max_bytes: int,
     max_mb: int,
     audio_field: str = AUDIO_FIELD,
+    blobs: BlobStore | None = None,
 ) -> ListenInput:
-    """The body's options, URL and audio bytes; the audio of a form is in ``audio_field``
-    (``audio`` on /v1/listen, ``file`` on the OpenAI routes)."""
+    """The body's options, URL and audio; the audio of a form is in ``audio_field`` (``audio`` on
+    /v1/listen, ``file`` on the OpenAI routes). With ``blobs``, audio above ``SPILL_BYTES`` comes
+    back as a ``StoredAudio`` there, which the caller deletes when it is done with it."""
     media_type = (content_type or "").split(";")[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
         return _from_json(await _read_capped(body, MAX_JSON_BYTES, content_length, lambda: _json_too_large()))
     if media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        return await _from_form(content_type or "", body, content_length, max_bytes, max_mb, audio_field)
+        return await _from_form(content_type or "", body, content_length, max_bytes, max_mb, audio_field, blobs)
     too_large = lambda: FileTooLarge(max_mb)  # noqa: E731
-    data = await _read_capped(body, max_bytes, content_length, too_large)
     # Raw audio in the body (Deepgram's way: Content-Type audio/*, or none at all).
-    return ListenInput(audio=data) if data else ListenInput()
+    if blobs is None or (content_length is not None and content_length <= SPILL_BYTES):
+        data = await _read_capped(body, max_bytes, content_length, too_large)
+        return ListenInput(audio=data) if data else ListenInput()
+    return ListenInput(audio=await _read_spilled(body, max_bytes, content_length, too_large, blobs))
+
+
+async def _read_spilled(
+    body: AsyncIterator[bytes], cap: int, content_length: int | None, error, blobs: BlobStore,
+) -> bytearray | StoredAudio | None:
+    """The body in memory while it is at most ``SPILL_BYTES``; past that, in the blob store,
+    written from a thread a step at a time as it arrives (nothing is left there if it fails)."""
+    if content_length is not None and content_length > cap:
+        raise error()
+    held, total, writer = bytearray(), 0, None
+    try:
+        async for chunk in body:
+            total += len(chunk)
+            if total > cap:
+                raise error()
+            held += chunk
+            if len(held) > SPILL_BYTES:  # also the step in which it is written from then on
+                writer = writer or await asyncio.to_thread(blobs.writer)
+                await asyncio.to_thread(writer.write, held)
+                held = bytearray()
+        if writer is None:
+            return held or None
+        if held:
+            await asyncio.to_thread(writer.write, held)
+        return await asyncio.to_thread(writer.close)
+    except BaseException:
+        if writer is not None:
+            await asyncio.shield(asyncio.to_thread(writer.discard))
+        raise
 
 
 def _json_too_large() -> InvalidParameter:
@@ -94,7 +133,7 @@ def _from_json(raw: bytes) -> ListenInput:
 
 async def _from_form(
     content_type: str, body: AsyncIterator[bytes], content_length: int | None, max_bytes: int, max_mb: int,
-    audio_field: str = AUDIO_FIELD,
+    audio_field: str = AUDIO_FIELD, blobs: BlobStore | None = None,
 ) -> ListenInput:
     cap = max_bytes + FORM_OVERHEAD_BYTES
     if content_length is not None and content_length > cap:
@@ -158,12 +197,18 @@ async def _from_form(
         # A part without a filename arrives as a plain field: take its bytes as the audio too.
         audio = raw_fields.pop(audio_field, None)
         if audio_field in files:
-            audio = await asyncio.to_thread(_read_spooled, files[audio_field])
+            upload = files[audio_field]
+            if upload.size > max_bytes:
+                raise FileTooLarge(max_mb)
+            if blobs is not None and upload.size > SPILL_BYTES:
+                audio = await asyncio.to_thread(_store_spooled, upload, blobs)
+            else:
+                audio = await asyncio.to_thread(_read_spooled, upload)
     finally:
         # Refused or not, no spooled upload outlives the request.
         for upload in files.values():
             upload.close()
-    if audio is not None and len(audio) > max_bytes:
+    if isinstance(audio, (bytes, bytearray)) and len(audio) > max_bytes:
         raise FileTooLarge(max_mb)
     fields = {name: value.decode("utf-8", "replace") for name, value in raw_fields.items()}
     url = fields.pop("url", None) or None
@@ -185,6 +230,47 @@ def _read_spooled(upload) -> bytearray:
     return data
 
 
+def _store_spooled(upload, blobs: BlobStore) -> StoredAudio:
+    """A form's file part, spooled by the parser to a temporary file, copied into the blob store a
+    step at a time."""
+    spool = upload.file_object
+    spool.seek(0)
+    writer: BlobWriter = blobs.writer()
+    try:
+        while piece := spool.read(PARSE_STEP_BYTES):
+            writer.write(piece)
+    except BaseException:
+        writer.discard()
+        raise
+    return writer.close()
+
+
 def _form_decode(raw: bytes, urlencoded: bool) -> bytes:
     # python-multipart hands url-encoded names and values over as sent: "+" and %XX still in them.
     return unquote_to_bytes(raw.replace(b"+", b" ")) if urlencoded else raw
+
+
+class HeldUpload:
+    """A request's uploaded audio while the request needs it. Leaving the ``async with`` (answered,
+    refused or failed) lets go of it, and deletes it from the blob store if it went there; so does
+    ``drop`` once it has been decoded. ``hand_over`` gives it to a new owner (an async job) that
+    deletes it itself."""
+
+    def __init__(self, audio: bytes | bytearray | StoredAudio | None) -> None:
+        self.audio = audio
+
+    async def __aenter__(self) -> "HeldUpload":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.drop()
+
+    def hand_over(self) -> bytes | bytearray | StoredAudio | None:
+        audio, self.audio = self.audio, None
+        return audio
+
+    async def drop(self) -> None:
+        audio, self.audio = self.audio, None
+        if isinstance(audio, StoredAudio):
+            # Shielded: a client that hangs up cancels the request, not the clean-up.
+            await asyncio.shield(asyncio.to_thread(BlobStore.delete, audio.url))
