@@ -496,3 +496,53 @@ def test_a_stored_upload_that_makes_no_job_is_deleted(tmp_path):
     # The first job's upload alone, unless the job already ran (its upload is then deleted too).
     left = [p.read_bytes() for p in (tmp_path / "blobs").iterdir()]
     assert left in ([], [b"RIFF-a"])
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_left_over_uploads_are_swept_and_those_jobs_need_are_kept(where, tmp_path, request):
+    """An ingress that dies mid-request leaves its upload in the blob store (it is otherwise deleted
+    once decoded), a runner that dies after a job's end leaves the job's. The runner's sweep deletes
+    uploads that no queued or running job needs, once they are older than a cut; nothing else."""
+    from conftest import S3_BUCKET
+    from pipeline.service.blobs import BlobStore
+    from test_flow import FakeMeter, FakeRecognizer, FakeSpeakers
+
+    if where == "s3":
+        request.getfixturevalue("s3_server")
+        blobs = BlobStore(f"s3://{S3_BUCKET}/sweep-{tmp_path.name}")
+    else:
+        blobs = BlobStore(str(tmp_path / "blobs"))
+
+    def stored(content: bytes):
+        writer = blobs.writer()
+        writer.write(content)
+        return writer.close()
+
+    class NeverRuns:  # the job stays queued: its upload is needed
+        async def from_blob(self, url):
+            raise AssertionError("not run in this test")
+
+    store = SqlJobStore(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    runner = JobRunner(Settings(data_dir=tmp_path / "data", blob_url=blobs.url), store, NeverRuns(),
+                       TranscriptionFlow(FakeRecognizer(), FakeSpeakers()), meter_for=lambda key_id: FakeMeter())
+    queued_audio, orphan = stored(b"RIFF-job"), stored(b"RIFF-orphan")
+    half_written = blobs.writer()
+    half_written.write(b"RIFF-cut-off")  # an upload that never ended: a local ".part" file
+    if where == "local":
+        half_written._file.flush()
+
+    async def scenario():
+        # Not through submit: it would start the runner, which would claim the job.
+        await runner._call(store.create, "key_a", {"params": {}, "audio_blob": queued_audio.url}, None)
+        kept_while_young = await runner.sweep_uploads(older_than_s=3600)
+        swept = await runner.sweep_uploads(older_than_s=-60)  # as if all were written over a minute ago
+        return kept_while_young, swept
+
+    kept_while_young, swept = asyncio.run(scenario())
+    assert kept_while_young == []
+    assert orphan.url in swept and queued_audio.url not in swept
+    assert len(swept) == (2 if where == "local" else 1), swept  # S3 shows no object before its upload ends
+    fs, _ = fsspec.core.url_to_fs(blobs.url)
+    left = [p for p in fs.ls(blobs.url, detail=False, refresh=True) if "upload-" in p]
+    assert [p.rsplit("/", 1)[-1] for p in left] == [queued_audio.url.rsplit("/", 1)[-1]]
+    half_written.discard()

@@ -113,6 +113,20 @@ class BlobStore:
         except Exception as exc:  # noqa: BLE001
             raise _not_stored(exc) from exc
 
+    def written_before(self, when: float) -> list[str]:
+        """URLs of the uploads here (whole or half-written) last written before ``when`` (a Unix
+        time), from one listing."""
+        try:
+            entries = self.fs.ls(self._root, detail=True, refresh=True)  # an object store's listing, not its cache
+        except FileNotFoundError:
+            return []
+        found = []
+        for entry in entries:
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if entry.get("type") == "file" and name.startswith("upload-") and _modified(entry) < when:
+                found.append(self.fs.unstrip_protocol(entry["name"]))
+        return found
+
     @staticmethod
     def make_durable(url: str) -> None:
         """A stored upload survives a crash of this machine from now on: a local file is fsynced
@@ -133,6 +147,13 @@ class BlobStore:
             fs.rm_file(path)
         except FileNotFoundError:
             pass
+
+
+def _modified(entry: dict) -> float:
+    """When a listed file was last written: ``mtime`` on a local disk, ``LastModified`` on S3."""
+    if "mtime" in entry:
+        return float(entry["mtime"])
+    return entry["LastModified"].timestamp()
 
 
 def _not_stored(exc: BaseException) -> ServiceUnavailable:

@@ -75,6 +75,7 @@ class JobStore(Protocol):
     def finish(self, job_id: str, worker: str, *, result: dict | None = None, error: dict | None = None) -> bool: ...
     def requeue(self, job_id: str, worker: str, delay_s: float, count_attempt: bool = True) -> bool: ...
     def forget_idempotency(self, older_than_s: float = IDEMPOTENCY_WINDOW_S) -> None: ...
+    def uploads_in_use(self) -> set[str]: ...
     def due_deliveries(self, limit: int) -> list[Job]: ...
     def claim_delivery(self, job_id: str, attempts_seen: int, hold_s: float) -> bool: ...
     def delivery_result(self, job_id: str, *, delivered: bool, status: int | None, error: str | None,
@@ -174,6 +175,13 @@ class SqlJobStore:
         with self._write.begin() as conn:
             conn.execute(update(jobs).values(idempotency_key=None).where(
                 jobs.c.idempotency_key.isnot(None), jobs.c.created_at < self._clock() - older_than_s))
+
+    def uploads_in_use(self) -> set[str]:
+        """The uploaded audio that queued and running jobs still need (their ``audio_blob``)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs.c.request_json).where(jobs.c.state.in_((QUEUED, RUNNING)))).scalars()
+            requests = [json.loads(raw) for raw in rows]
+        return {url for request in requests if (url := request.get("audio_blob") or request.get("audio_path"))}
 
     def claim(self, worker: str, lease_s: float) -> Job | None:
         now = self._clock()

@@ -52,6 +52,11 @@ BUSY_RETRY_S = 5.0
 MAX_RUN_ATTEMPTS = 5
 
 
+# An upload no job needs is deleted once it is this old: far longer than any request takes from
+# its upload to its decode, or to its job's creation.
+ORPHAN_UPLOAD_S = 3600.0
+
+
 class AudioSource(Protocol):
     async def from_url(self, url: str) -> Audio: ...
 
@@ -273,6 +278,25 @@ class JobRunner:
             raise error_from_body(payload["error"])
         return payload["result"]
 
+    async def sweep_uploads(self, older_than_s: float = ORPHAN_UPLOAD_S) -> list[str]:
+        """Delete uploads that nothing will read: no queued or running job needs them, and they
+        were last written over ``older_than_s`` ago. They are left by a replica that died: an
+        ingress in the middle of a request (its upload is otherwise deleted once decoded), a runner
+        between a job's end and the deletion of its audio. Returns what it deleted."""
+        try:
+            in_use = {url.rsplit("/", 1)[-1] for url in await self._call(self._store.uploads_in_use)}
+            # Listed after the jobs were read: an upload of a job made since then is newer than the cut.
+            old = await asyncio.to_thread(self._blobs.written_before, time.time() - older_than_s)
+        except Exception:  # noqa: BLE001 - tried again at the next sweep
+            logger.exception("looking for left-over uploads failed")
+            return []
+        orphans = [url for url in old if url.rsplit("/", 1)[-1] not in in_use]
+        for url in orphans:
+            await self._drop_audio({"audio_blob": url})
+        if orphans:
+            logger.info("deleted %d left-over uploads", len(orphans))
+        return orphans
+
     async def _drop_audio(self, request: dict) -> None:
         """Delete a job's uploaded audio (it ran, or the job was never made)."""
         url = request.get("audio_blob") or request.get("audio_path")
@@ -425,6 +449,7 @@ class JobRunner:
             if time.monotonic() - last_sweep > 600:
                 # Idempotency keys older than 24 h may be used again.
                 await self._call(self._store.forget_idempotency)
+                await self.sweep_uploads()
                 last_sweep = time.monotonic()
             free = concurrency - len(self._delivering)
             try:
