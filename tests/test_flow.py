@@ -138,7 +138,7 @@ class FakeAudio:
     async def from_url(self, url: str) -> Audio:
         return AUDIO
 
-    async def from_bytes(self, data: bytes) -> Audio:
+    async def from_blob(self, url: str) -> Audio:
         return AUDIO
 
 
