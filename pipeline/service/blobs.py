@@ -96,15 +96,15 @@ class BlobStore:
     def put(self, data: bytes) -> str:
         """Store ``data`` durably (fsynced, or acknowledged by the object store); its URL.
         ``SERVICE_UNAVAILABLE`` if the storage cannot take it."""
-        path = self.new_path()
+        writer = self.writer()
+        writer.write(data)
+        url = writer.close().url
         try:
-            if self.is_local:
-                _write_durably(Path(path), data)
-            else:
-                self.fs.pipe_file(path, data)
-        except Exception as exc:  # noqa: BLE001 - whatever the backend, the upload was not kept
-            raise _not_stored(exc) from exc
-        return self.fs.unstrip_protocol(path)
+            self.make_durable(url)
+        except ServiceUnavailable:
+            self.delete(url)
+            raise
+        return url
 
     def writer(self) -> BlobWriter:
         """A writer for one upload, stored piece by piece (not yet durable: see ``make_durable``)."""
@@ -158,16 +158,6 @@ def _modified(entry: dict) -> float:
 
 def _not_stored(exc: BaseException) -> ServiceUnavailable:
     return ServiceUnavailable(f"The upload could not be stored: {type(exc).__name__}", retry_after=5)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.rename(path)
-    _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:
