@@ -114,6 +114,7 @@ def in_process_streamer(args, costs: list[tuple[bool, float, float]]) -> tuple[S
 
     async def stream(samples: np.ndarray, speed: float) -> list[tuple[float, dict]]:
         session = StreamingSession(transcribe, StreamOptions(context_s=args.context_s,
+                                                             interim_context_s=args.interim_context_s,
                                                              first_interim_s=args.first_interim_s,
                                                              final_beam_size=args.final_beam_size))
         queue: asyncio.Queue = asyncio.Queue()
@@ -225,6 +226,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--in-process", action="store_true", help="session + scheduler in this process")
     parser.add_argument("--context-s", type=float, default=10.0, help="in-process: the session's left context")
+    parser.add_argument("--interim-context-s", type=float, default=StreamOptions.interim_context_s,
+                        help="in-process: the left context of an interim decode")
     parser.add_argument("--stream-floor-s", type=float, default=10.0, help="in-process: stream decodes' window floor")
     parser.add_argument("--first-interim-s", type=float, default=StreamOptions.first_interim_s,
                         help="in-process: the first interim of an utterance, after this much of its speech")

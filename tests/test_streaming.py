@@ -90,7 +90,9 @@ def test_finals_are_never_rewritten_and_cover_every_word_once():
 def test_each_decode_hears_the_stream_s_previous_audio_before_the_utterance(context_s):
     # Whisper drops words of a short utterance heard alone ("Ever failed" -> "Everfair old"):
     # decodes start with the stream's previous audio, and only the utterance's words come out.
-    session, calls = make_session(interim_every_s=0.5, endpointing_ms=400, context_s=context_s)
+    # (Interims here hear as much as finals: their own shorter context is tested below.)
+    session, calls = make_session(interim_every_s=0.5, endpointing_ms=400, context_s=context_s,
+                                  interim_context_s=context_s)
     events = run(session)
     said = " ".join(e["text"] for e in events if e["is_final"] and e["text"]).split()
     assert said == ["One", "two", "three.", "Four", "five.", "Six", "seven."]
@@ -114,28 +116,56 @@ def recording_kinds(session) -> list[bool]:
     return kinds
 
 
-def test_the_final_decode_starts_halfway_through_the_pause_and_the_endpoint_uses_it():
+@pytest.mark.parametrize(("early_final_ms", "delay_s"), [(None, 0.1), (200, 0.2), (300, 0.2)])
+def test_the_final_decode_starts_early_in_the_pause_and_the_endpoint_uses_it(early_final_ms, delay_s):
     # Speech ends at 2.9 s and 5.2 s; the endpoint comes after 400 ms of silence. The final's
-    # decode is sent after 200 ms of it (what follows the speech is silence), not at the endpoint.
-    session, calls = make_session(interim_every_s=0.5, endpointing_ms=400)
+    # decode is sent after early_final_ms of it (100 ms by default; at most half the endpointing):
+    # what follows the speech is silence; not at the endpoint.
+    options = {} if early_final_ms is None else {"early_final_ms": early_final_ms}
+    session, calls = make_session(interim_every_s=0.5, endpointing_ms=400, **options)
     kinds = recording_kinds(session)
     events = run(session)
     finals = [end for (_, end, _), interim in zip(calls, kinds, strict=True) if not interim]
     assert len(finals) == 2  # one decode per utterance's final, none made again at the endpoint
-    assert 2.9 + 0.19 <= finals[0] < 2.9 + 0.39 and 5.2 + 0.19 <= finals[1] < 5.2 + 0.39
+    # (by the first VAD check, every 0.1 s, that sees that much silence)
+    assert all(delay_s - 1e-6 <= final - end < delay_s + 0.11 for final, end in zip(finals, (2.9, 5.2)))
     said = " ".join(e["text"] for e in events if e["is_final"] and e["text"]).split()
     assert said == ["One", "two", "three.", "Four", "five.", "Six", "seven."]
     assert sum(e["speech_final"] for e in events) == 2
 
 
+@pytest.mark.parametrize("unstable_tail_s", [3.0, 1.0])
+def test_an_interim_hears_less_context_until_its_words_may_become_final(unstable_tail_s):
+    # Each decode is a step of the decoder per word of its window: an utterance's first interims
+    # hear interim_context_s before it, not all of context_s. Once the utterance is longer than
+    # unstable_tail_s (its words may become final where two hypotheses agree), they hear context_s.
+    session, calls = make_session(interim_every_s=0.5, endpointing_ms=400, context_s=10.0, interim_context_s=2.0,
+                                  unstable_tail_s=unstable_tail_s)
+    kinds = recording_kinds(session)
+    events = run(session)
+    said = " ".join(e["text"] for e in events if e["is_final"] and e["text"]).split()
+    assert said == ["One", "two", "three.", "Four", "five.", "Six", "seven."]
+    # The second utterance's buffer starts at 3.6 s (0.5 s before its speech).
+    second = [(start, end, interim) for (start, end, _), interim in zip(calls, kinds, strict=True) if end > 4.1]
+    interims = [(start, end) for start, end, interim in second if interim]
+    assert interims and [final for *_, final in second].count(False) == 1
+    assert all(start <= 0.2 for start, _, interim in second if not interim)  # a final hears context_s
+    for start, end in interims:
+        if end - 3.6 < unstable_tail_s - 1e-6:
+            assert start == pytest.approx(min(3.6, end - 2.0), abs=0.011)  # 2 s in all
+        else:
+            assert start <= 0.2
+    assert any(end - 3.6 >= unstable_tail_s for _, end in interims) == (unstable_tail_s < 1.6)
+
+
 def test_an_early_final_decode_is_dropped_when_the_speaker_goes_on():
-    # A pause of 1.2 s (2.9 -> 4.1 s) is past half the 1.6 s endpointing: a final decode starts,
-    # then speech comes again. That decode lacks "Six seven." and must not be the final.
+    # A pause of 1.2 s (2.9 -> 4.1 s) is past early_final_ms: a final decode starts, then speech
+    # comes again before the 1.6 s endpointing. That decode lacks "Six seven." and must not be the final.
     session, calls = make_session(interim_every_s=0.5, endpointing_ms=1600)
     kinds = recording_kinds(session)
     events = run(session)
     finals = [end for (_, end, _), interim in zip(calls, kinds, strict=True) if not interim]
-    assert len(finals) == 2 and 2.9 + 0.79 <= finals[0] < 4.1 and finals[1] >= 5.2
+    assert len(finals) == 2 and 2.9 + 0.09 <= finals[0] < 4.1 and finals[1] >= 5.2
     said = " ".join(e["text"] for e in events if e["is_final"] and e["text"]).split()
     assert said == ["One", "two", "three.", "Four", "five.", "Six", "seven."]
     [ended] = [e for e in events if e["speech_final"]]

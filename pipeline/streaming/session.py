@@ -4,13 +4,13 @@ The session keeps the audio of the current utterance. Every ``interim_every_s`` 
 re-decodes the utterance; words on which two successive hypotheses agree (local agreement), and
 that are not in the last ``unstable_tail_s`` of audio, become final and never change. When the
 speaker pauses for ``endpointing_ms`` (Silero VAD), the whole utterance is decoded once more and
-what was not yet final is finalised with ``speech_final``; that decode starts halfway through the
-pause (what follows the speech is silence) and is used if the speaker said nothing more. Each
-decode starts with the stream's previous audio (up to ``context_s`` in all) and keeps only the
-words of the utterance: Whisper garbles a short utterance heard alone. A session that is behind
-(audio waiting) skips interims and finalises the utterances that ended meanwhile together, once
-it has caught up, up to the last pause that ended one (the speech after it goes on as the next
-utterance). Decoding goes through an injected coroutine, so the service uses the same ASR
+what was not yet final is finalised with ``speech_final``; that decode starts ``early_final_ms`` into
+the pause (what follows the speech is silence) and is used if the speaker said nothing more. Each
+decode starts with the stream's previous audio (up to ``context_s`` in all; an utterance's first
+interims, ``interim_context_s``) and keeps only the words of the utterance: Whisper garbles a short
+utterance heard alone. A session that is behind (audio waiting) skips interims and finalises the
+utterances that ended meanwhile together, once it has caught up, up to the last pause that ended
+one (the speech after it goes on as the next utterance). Decoding goes through an injected coroutine, so the service uses the same ASR
 deployment as batch requests and tests can fake it. The VAD runs in a worker thread
 (``executor``; the loop's default one when None), never on the event loop that serves every
 stream of the process.
@@ -51,6 +51,12 @@ class StreamOptions:
     interim_results: bool = True
     endpointing_ms: int = 300  # silence that ends an utterance
     interim_every_s: float = 1.5
+    # The final's decode starts after this much silence (at most half of endpointing_ms), and the
+    # endpoint uses it if no speech came after. In process, on the three-voice conversation
+    # (bench/bench_stream.py, 2-core AVX2 machine): at half of 300 ms the final came 1.18 s after
+    # the end of an utterance (median), at 100 ms 1.01 s. Silero's VAD ends speech after 100 ms of
+    # silence (``silero_vad``): this is as soon as the session can know that speech stopped.
+    early_final_ms: int = 100
     # Words ending this close to the live edge are not final yet, even when two hypotheses agree:
     # Whisper hears a phrase cut at the edge as other words, and twice alike ("Neither did I"
     # became "I need" in two interims of pyannote's sample, committed, and lost).
@@ -62,6 +68,16 @@ class StreamOptions:
     # Whisper drops and garbles words of a short utterance heard alone ("Ever failed" became
     # "Everfair old"); only words after the utterance's start are kept. 0: the utterance alone.
     context_s: float = 10.0
+    # The same (in all) for an interim decode of an utterance shorter than unstable_tail_s, none
+    # of whose words can become final yet (the next hypothesis, which they must agree with, hears
+    # context_s). A decode's time grows with the tokens it generates (a decoder step each: ~11 ms
+    # for Whisper base on one core of a 2-core AVX2 machine), and with context_s an utterance's
+    # first interim re-decoded some 30 tokens of context to show its first word or two. In
+    # process, on the three-voice conversation: interims 0.95 -> 0.49 s (median), the first result
+    # 1.91 -> 1.56 s after speech started (one run each); streamed WER on sample.wav unchanged
+    # (17.3 / 18.9 % at 1x / 2x before, 18.1 / 19.8 % after, three streams each). Short context on
+    # every interim (commits from two such hypotheses) cost 6 points of WER there.
+    interim_context_s: float = 2.0
     # The first interim of an utterance comes after this much of its speech (not counting the
     # silence kept before it), again every first_interim_s until one hears words, then every
     # interim_every_s. In process, on the three-voice conversation (bench/bench_stream.py), 1.0 s
@@ -181,7 +197,7 @@ class StreamingSession:
             return []
         if self._ended_at is not None:
             return await self._finalise_ended()
-        if self.trailing_silence_s * 2000 >= self.options.endpointing_ms:
+        if self.trailing_silence_s * 1000 >= min(self.options.early_final_ms, self.options.endpointing_ms / 2):
             # The utterance is likely ending: no interim to delay its final, whose decode starts
             # now (the endpoint uses it if the speaker says nothing more).
             if self._early is None:
@@ -246,7 +262,9 @@ class StreamingSession:
         the audio's start."""
         self._decoded_len = len(self.buffer)
         # Left context: the stream's previous audio, up to context_s in all.
-        lead = min(len(self.past), max(0, int(self.options.context_s * SAMPLE_RATE) - len(self.buffer)))
+        early = interim and len(self.buffer) < self.options.unstable_tail_s * SAMPLE_RATE
+        context_s = self.options.interim_context_s if early else self.options.context_s
+        lead = min(len(self.past), max(0, int(context_s * SAMPLE_RATE) - len(self.buffer)))
         samples = np.concatenate([self.past[len(self.past) - lead:], self.buffer]) if lead else self.buffer.copy()
         origin_s = self.offset_s - lead / SAMPLE_RATE  # absolute time of samples[0]
         duration = len(samples) / SAMPLE_RATE
