@@ -10,10 +10,10 @@ decode starts with the stream's previous audio (up to ``context_s`` in all; an u
 interims, ``interim_context_s``) and keeps only the words of the utterance: Whisper garbles a short
 utterance heard alone. A session that is behind (audio waiting) skips interims and finalises the
 utterances that ended meanwhile together, once it has caught up, up to the last pause that ended
-one (the speech after it goes on as the next utterance). Decoding goes through an injected coroutine, so the service uses the same ASR
-deployment as batch requests and tests can fake it. The VAD runs in a worker thread
-(``executor``; the loop's default one when None), never on the event loop that serves every
-stream of the process.
+one (the speech after it goes on as the next utterance). Decoding goes through an injected
+coroutine, so the service uses the same ASR deployment as batch requests and tests can fake it.
+The VAD runs in a worker thread (``executor``; the loop's default one when None), never on the
+event loop that serves every stream of the process.
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ class StreamOptions:
     # The final's decode starts after this much silence (at most half of endpointing_ms), and the
     # endpoint uses it if no speech came after. In process, on the three-voice conversation
     # (bench/bench_stream.py, 2-core AVX2 machine): at half of 300 ms the final came 1.18 s after
-    # the end of an utterance (median), at 100 ms 1.01 s. Silero's VAD ends speech after 100 ms of
-    # silence (``silero_vad``): this is as soon as the session can know that speech stopped.
+    # the end of an utterance (median), at 100 ms 1.01 s (one run each; through the service's
+    # WebSocket, 1.29 s before this and interim_context_s, 1.37 s after: no gain shown there).
+    # Silero's VAD ends speech after 100 ms of silence (``silero_vad``): as soon as the session
+    # can know that speech stopped.
     early_final_ms: int = 100
     # Words ending this close to the live edge are not final yet, even when two hypotheses agree:
     # Whisper hears a phrase cut at the edge as other words, and twice alike ("Neither did I"
