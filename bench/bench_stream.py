@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true", help="session + scheduler in this process")
     parser.add_argument("--context-s", type=float, default=10.0, help="in-process: the session's left context")
     parser.add_argument("--interim-context-s", type=float, default=StreamOptions.interim_context_s,
-                        help="in-process: the left context of an interim decode")
+                        help="in-process: an utterance's first interims' window, context included")
     parser.add_argument("--stream-floor-s", type=float, default=10.0, help="in-process: stream decodes' window floor")
     parser.add_argument("--first-interim-s", type=float, default=StreamOptions.first_interim_s,
                         help="in-process: the first interim of an utterance, after this much of its speech")

@@ -52,12 +52,12 @@ class StreamOptions:
     endpointing_ms: int = 300  # silence that ends an utterance
     interim_every_s: float = 1.5
     # The final's decode starts after this much silence (at most half of endpointing_ms), and the
-    # endpoint uses it if no speech came after. In process, on the three-voice conversation
-    # (bench/bench_stream.py, 2-core AVX2 machine): at half of 300 ms the final came 1.18 s after
-    # the end of an utterance (median), at 100 ms 1.01 s (one run each; through the service's
-    # WebSocket, 1.29 s before this and interim_context_s, 1.37 s after: no gain shown there).
-    # Silero's VAD ends speech after 100 ms of silence (``silero_vad``): as soon as the session
-    # can know that speech stopped.
+    # endpoint uses it if no speech came after; it was half of endpointing_ms. Silero's VAD ends
+    # speech after 100 ms of silence (``silero_vad``): as soon as the session can know that speech
+    # stopped. With interim_context_s, in process on the three-voice conversation
+    # (bench/bench_stream.py, 2-core AVX2 machine, the old and new code side by side, twice): the
+    # final came 1.66 / 1.47 s after the end of an utterance (median) before, 1.19 / 1.18 s after.
+    # Through the service's WebSocket (one run each) 1.29 s before, 1.37 s after: no gain there.
     early_final_ms: int = 100
     # Words ending this close to the live edge are not final yet, even when two hypotheses agree:
     # Whisper hears a phrase cut at the edge as other words, and twice alike ("Neither did I"
@@ -75,8 +75,9 @@ class StreamOptions:
     # context_s). A decode's time grows with the tokens it generates (a decoder step each: ~11 ms
     # for Whisper base on one core of a 2-core AVX2 machine), and with context_s an utterance's
     # first interim re-decoded some 30 tokens of context to show its first word or two. In
-    # process, on the three-voice conversation: interims 0.95 -> 0.49 s (median), the first result
-    # 1.91 -> 1.56 s after speech started (one run each); streamed WER on sample.wav unchanged
+    # process, on the three-voice conversation, side by side as above (with early_final_ms):
+    # interims 1.07 / 0.96 -> 0.52 / 0.55 s (median), the first result 2.48 / 2.07 -> 1.52 / 1.51 s
+    # after speech started (median); streamed WER on sample.wav unchanged
     # (17.3 / 18.9 % at 1x / 2x before, 18.1 / 19.8 % after, three streams each). Short context on
     # every interim (commits from two such hypotheses) cost 6 points of WER there.
     interim_context_s: float = 2.0
