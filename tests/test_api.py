@@ -131,7 +131,9 @@ def test_an_upload_above_a_megabyte_goes_through_the_blob_store_and_is_deleted(a
     for how, send in sends.items():
         r = send()
         assert r.status_code == 200, (how, r.text)
-        assert r.json()["text"].startswith("Ever tried"), (how, r.text)
+        # Case aside: with the 30 s of silence after it, Whisper base wrote "ever tried, ever
+        # failed, ..." once in lower case (a fresh CI run on an AVX2-only machine).
+        assert r.json()["text"].lower().startswith("ever tried"), (how, r.text)
     wait_until(lambda: set(uploads.glob("upload-*")) <= before, 30, what="the uploads deleted")
 
 
