@@ -27,6 +27,8 @@ class FakeEngine:
     def __init__(self) -> None:
         self.batches: list[list[tuple[int, float]]] = []  # (request marker, offset s) per window
         self.detected: list[int] = []
+        self.asked: list[str | None] = []  # each window's language as the engine was given it
+        self.hears = lambda task: "de"  # the language detected on a window
         self.on_decode = None  # called with the batch before decoding (to act mid-step)
 
     @property
@@ -52,7 +54,8 @@ class FakeEngine:
                 raise RuntimeError(f"model fault on request {marker}")
             if t.language is None:
                 self.detected.append(marker)
-            language = t.language or "de"
+            self.asked.append(t.language)
+            language = t.language or self.hears(t)
             results.append(
                 WindowResult(
                     segments=(Segment(f" r{marker}@{t.offset_s:.0f}", t.offset_s, t.offset_s + 1, -0.1, 3),),
@@ -238,6 +241,46 @@ def test_the_language_is_detected_on_the_first_window_only_and_used_for_the_rest
     assert s.step() and engine.batches[0] == [(1, 0), (1, 30)] and engine.detected == [1, 1]
     assert s.step() and engine.batches[1] == [(1, 60), (1, 90)] and engine.detected == [1, 1]
     assert result.result(0).language == "de"
+
+
+@pytest.mark.parametrize("second_hears", ["de", "en"])
+@pytest.mark.parametrize("first_done", [False, True])
+def test_windows_start_beside_the_first_before_the_language_is_known(first_done, second_hears):
+    # A lane that would idle takes the second window while the first detects the language; the
+    # second detects its own, and is decoded again in the first's when it heard another.
+    engine = FakeEngine()
+    engine.hears = lambda t: second_hears if t.offset_s >= 30 else "de"
+    s = WindowScheduler(engine, max_batch_windows=1)
+    result = s.submit(clip(1, 60), AsrOptions())  # 2 windows, language unknown
+    gate = threading.Event()
+    lane = threading.Thread(target=s.step)  # another lane, for the second window
+
+    def on_decode(tasks):
+        if tasks[0].language is not None:
+            return  # the second window again
+        if tasks[0].offset_s == 30:
+            assert not first_done or gate.wait(10)  # it ends after the first
+        elif first_done:
+            lane.start()
+            wait_for(lambda: len(engine.batches) == 2)
+        else:
+            assert s.step()  # the second window, start to end, while the first runs
+
+    engine.on_decode = on_decode
+    assert s.step()
+    gate.set()
+    if first_done:
+        lane.join(10)
+        assert not lane.is_alive()
+    engine.on_decode = None
+    while s.step():
+        pass
+    again = second_hears != "de"
+    assert engine.batches == [[(1, 0)], [(1, 30)]] + [[(1, 30)]] * again
+    assert engine.asked == [None, None] + ["de"] * again
+    transcript = result.result(0)
+    assert transcript.text == "r1@0 r1@30"
+    assert (transcript.language, transcript.language_probability) == ("de", 0.9)
 
 
 def test_the_worker_thread_answers_requests_submitted_from_other_threads():

@@ -58,8 +58,8 @@ class WindowTask:
     # [start, end) samples of the request's audio that ``samples`` joins (the speech, silence
     # between left out); one piece ``(start, start + len(samples))`` when nothing was left out.
     pieces: tuple[tuple[int, int], ...] = ()
-    # Which request the window is of: windows of one request whose language is unknown (all in
-    # its first step) take the language detected on its first window, the one starting first.
+    # Which request the window is of: windows of one request whose language is unknown, in one
+    # step, take the language detected on the first of them (the one starting first).
     request: int = 0
 
     @property
@@ -142,6 +142,10 @@ class _Request:
     stream: str | None = None
     interim: bool = False
     next: int = 0  # first window not yet started
+    # Windows to decode again, in the request's language: started before it was known, they
+    # detected another one.
+    redo: list[int] = field(default_factory=list)
+    guessed: set[int] = field(default_factory=set)  # windows started while the language was unknown
     running: int = 0  # windows in the engine now
     results: list[WindowResult | None] = field(default_factory=list)
     language: tuple[str, float] | None = None
@@ -152,12 +156,39 @@ class _Request:
         """Samples its windows hold in all (the speech, for engines that cut out silence)."""
         return sum(end - start for pieces in self.spans for start, end in pieces)
 
-    def ready(self, starting: bool = False) -> bool:
-        """Has a window that may start now: while the language is unknown, only in the request's
-        first step (``starting``), where the engine detects it on the first window for all."""
-        if self.done or self.next >= len(self.spans):
-            return False
-        return self.language is not None or (self.next == 0 and self.running == 0) or starting
+    def ready(self) -> bool:
+        """Has a window that may start now. While the first window detects the request's
+        language, the next ones may start beside it (a lane would idle otherwise), each detecting
+        its own; one that hears another language than the first is decoded again in the first's.
+        """
+        return not self.done and (bool(self.redo) or self.next < len(self.spans))
+
+    @property
+    def waiting(self) -> int:
+        """Windows not yet started."""
+        return len(self.spans) - self.next + len(self.redo)
+
+    def take(self) -> int:
+        """The next window to start (marked started)."""
+        if self.redo:
+            return self.redo.pop(0)
+        self.next += 1
+        return self.next - 1
+
+    def settled(self, index: int, result: WindowResult) -> list[int]:
+        """Record a window's result; the windows (if any) to decode again in the language now known."""
+        self.results[index] = result
+        if self.language is None and index == 0:
+            self.language = (result.language, result.language_probability)
+        if self.language is None:
+            return []
+        again = [i for i in sorted(self.guessed) if i and self.results[i] is not None
+                 and self.results[i].language != self.language[0]]
+        for i in again:
+            self.results[i] = None
+        self.guessed -= {i for i in self.guessed if self.results[i] is not None or i in again}
+        self.redo += again
+        return again
 
 
 class WindowScheduler:
@@ -251,7 +282,7 @@ class WindowScheduler:
 
     def queued_windows(self) -> int:
         with self._lock:
-            return sum(len(r.spans) - r.next for r in self._requests if not r.done)
+            return sum(r.waiting for r in self._requests if not r.done)
 
     # --- the worker ----------------------------------------------------------------------------
     def run(self, *, express: bool = False) -> None:
@@ -288,7 +319,7 @@ class WindowScheduler:
         only: a stream's decode, or a new request that one step answers whole (a file longer
         than a step goes to the other lanes from its first window on, or the next new request
         would find the express lane taken by it)."""
-        if not r.ready(starting):
+        if not r.ready():
             return False
         if not express or r.priority == STREAM or starting:
             return True
@@ -303,7 +334,7 @@ class WindowScheduler:
         """Decode one batch of windows; False when no window was ready (for an ``express``
         step: no urgent one)."""
         with self._lock:
-            queued = sum(len(r.spans) - r.next for r in self._requests if not r.done)
+            queued = sum(r.waiting for r in self._requests if not r.done)
             picked = self._pick(express)
             if not picked:
                 return False
@@ -360,16 +391,18 @@ class WindowScheduler:
             r = min(ready, key=lambda r: (r.priority, r.clock, r.next, r.seq))
             if picked and not starting and r.next == 0:
                 break  # a running request's step: a new one starts in a step of its own
-            length = sum(end - start for start, end in r.spans[r.next])
+            upcoming = r.redo[0] if r.redo else r.next
+            length = sum(end - start for start, end in r.spans[upcoming])
             if picked and audio + length > self._max_audio:
                 break
-            if r.next == 0:
+            if upcoming == 0:
                 starting.add(r.seq)
-            picked.append((r, r.next))
+            elif r.language is None and r.seq not in starting:
+                r.guessed.add(upcoming)  # its own language, beside the first window's
+            picked.append((r, r.take()))
             audio += length
             r.clock += length / SAMPLE_RATE
             self._vclock = max(self._vclock, r.clock)
-            r.next += 1
             r.running += 1
         return picked
 
@@ -404,11 +437,9 @@ class WindowScheduler:
                 request.done = True
                 answer = outcome
             else:
-                request.results[index] = outcome
-                if request.language is None and index == 0:
-                    request.language = (outcome.language, outcome.language_probability)
+                if request.settled(index, outcome):  # windows to decode again
                     self._wake.notify_all()
-                if request.next >= len(request.spans) and request.running == 0:
+                if not request.waiting and request.running == 0:
                     request.done = True
                     answer = self._transcript(request)
             if request.done:
