@@ -221,14 +221,17 @@ def accuracy(stream: Streamer, clips, base: str | None, args) -> None:
 
 
 def main() -> None:
+    from pipeline.core.settings import AsrSettings
     from pipeline.streaming.session import StreamOptions
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--in-process", action="store_true", help="session + scheduler in this process")
-    parser.add_argument("--context-s", type=float, default=10.0, help="in-process: the session's left context")
+    parser.add_argument("--context-s", type=float, default=StreamOptions.context_s,
+                        help="in-process: the session's left context")
     parser.add_argument("--interim-context-s", type=float, default=StreamOptions.interim_context_s,
                         help="in-process: an utterance's first interims' window, context included")
-    parser.add_argument("--stream-floor-s", type=float, default=10.0, help="in-process: stream decodes' window floor")
+    parser.add_argument("--stream-floor-s", type=float, default=AsrSettings.model_fields["stream_min_window_s"].default,
+                        help="in-process: stream decodes' window floor")
     parser.add_argument("--first-interim-s", type=float, default=StreamOptions.first_interim_s,
                         help="in-process: the first interim of an utterance, after this much of its speech")
     parser.add_argument("--final-beam-size", type=lambda v: None if v == "none" else int(v), default=1,

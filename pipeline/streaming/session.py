@@ -271,8 +271,8 @@ class StreamingSession:
         the audio's start."""
         self._decoded_len = len(self.buffer)
         # Left context: the stream's previous audio, up to context_s in all.
-        early = interim and len(self.buffer) < self.options.unstable_tail_s * SAMPLE_RATE
-        context_s = self.options.interim_context_s if early else self.options.context_s
+        unsettled = interim and len(self.buffer) < self.options.unstable_tail_s * SAMPLE_RATE  # no word final yet
+        context_s = self.options.interim_context_s if unsettled else self.options.context_s
         lead = min(len(self.past), max(0, int(context_s * SAMPLE_RATE) - len(self.buffer)))
         samples = np.concatenate([self.past[len(self.past) - lead:], self.buffer]) if lead else self.buffer.copy()
         origin_s = self.offset_s - lead / SAMPLE_RATE  # absolute time of samples[0]
