@@ -161,19 +161,26 @@ class _Request:
         language, the next ones may start beside it (a lane would idle otherwise), each detecting
         its own; one that hears another language than the first is decoded again in the first's.
         """
-        return not self.done and (bool(self.redo) or self.next < len(self.spans))
+        return not self.done and self.waiting > 0
 
     @property
     def waiting(self) -> int:
         """Windows not yet started."""
         return len(self.spans) - self.next + len(self.redo)
 
+    @property
+    def upcoming(self) -> int:
+        """The window to start next: one to decode again first, else the next in order."""
+        return self.redo[0] if self.redo else self.next
+
     def take(self) -> int:
-        """The next window to start (marked started)."""
+        """Mark the upcoming window started; returns it."""
+        index = self.upcoming
         if self.redo:
-            return self.redo.pop(0)
-        self.next += 1
-        return self.next - 1
+            self.redo.pop(0)
+        else:
+            self.next += 1
+        return index
 
     def settled(self, index: int, result: WindowResult) -> list[int]:
         """Record a window's result; the windows (if any) to decode again in the language now known."""
@@ -182,11 +189,11 @@ class _Request:
             self.language = (result.language, result.language_probability)
         if self.language is None:
             return []
-        again = [i for i in sorted(self.guessed) if i and self.results[i] is not None
-                 and self.results[i].language != self.language[0]]
+        checked = {i for i in self.guessed if self.results[i] is not None}
+        again = sorted(i for i in checked if self.results[i].language != self.language[0])
+        self.guessed -= checked
         for i in again:
             self.results[i] = None
-        self.guessed -= {i for i in self.guessed if self.results[i] is not None or i in again}
         self.redo += again
         return again
 
@@ -334,7 +341,7 @@ class WindowScheduler:
         """Decode one batch of windows; False when no window was ready (for an ``express``
         step: no urgent one)."""
         with self._lock:
-            queued = sum(r.waiting for r in self._requests if not r.done)
+            queued = self.queued_windows()
             picked = self._pick(express)
             if not picked:
                 return False
@@ -391,14 +398,13 @@ class WindowScheduler:
             r = min(ready, key=lambda r: (r.priority, r.clock, r.next, r.seq))
             if picked and not starting and r.next == 0:
                 break  # a running request's step: a new one starts in a step of its own
-            upcoming = r.redo[0] if r.redo else r.next
-            length = sum(end - start for start, end in r.spans[upcoming])
+            length = sum(end - start for start, end in r.spans[r.upcoming])
             if picked and audio + length > self._max_audio:
                 break
-            if upcoming == 0:
+            if r.upcoming == 0:
                 starting.add(r.seq)
             elif r.language is None and r.seq not in starting:
-                r.guessed.add(upcoming)  # its own language, beside the first window's
+                r.guessed.add(r.upcoming)  # its own language, beside the first window's
             picked.append((r, r.take()))
             audio += length
             r.clock += length / SAMPLE_RATE
