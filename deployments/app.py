@@ -12,6 +12,7 @@ from deployments.diarization import DiarizationDeployment
 from deployments.fetch import AudioFetchDeployment
 from deployments.ingress import Ingress
 from deployments.jobs import JobsDeployment
+from deployments.lean import LEAN_DEPLOYMENTS, lean
 from pipeline.core.settings import Settings
 
 
@@ -44,7 +45,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     check_single_accounting(overrides.get("Accounting", {}))
 
     def configured(deployment):
-        return deployment.options(**overrides.get(deployment.name, {}))
+        options = dict(overrides.get(deployment.name, {}))
+        if deployment.name in LEAN_DEPLOYMENTS:  # without pandas (deployments/lean.py)
+            options["ray_actor_options"] = lean(options.get("ray_actor_options", deployment.ray_actor_options or {}))
+        return deployment.options(**options)
 
     fetch = configured(AudioFetchDeployment).bind(settings)
     asr = configured(AsrDeployment).bind(settings)

@@ -137,10 +137,21 @@ class StatusReporter:
 def deploy(config) -> None:
     """Start Serve on the connected Ray with the config's HTTP, proxy and controller options and
     hand it the config's applications, as ``serve run CONFIG`` does: the builder runs on the
-    cluster and the config's ``deployments`` are applied over the decorators'. Returns at once;
-    ``StatusReporter`` (or ``serve.status()``) watches the applications come up."""
+    cluster and the config's ``deployments`` are applied over the decorators' (with Hark's small
+    deployments kept without pandas, ``deployments/lean.py``). Returns at once; ``StatusReporter``
+    (or ``serve.status()``) watches the applications come up."""
     from ray.serve._private import api as serve_api
     from ray.serve.config import gRPCOptions
+    from ray.serve.schema import RayActorOptionsSchema
+
+    from deployments.lean import LEAN_DEPLOYMENTS, lean
+
+    for app in config.applications:
+        # The config's ray_actor_options replace the builder's, setup hook included: add it back.
+        for deployment in app.deployments if app.import_path == HARK_BUILDER else ():
+            if deployment.name in LEAN_DEPLOYMENTS and deployment.ray_actor_options:
+                options = lean(deployment.ray_actor_options.model_dump(exclude_unset=True))
+                deployment.ray_actor_options = RayActorOptionsSchema(**options)
 
     client = serve_api.serve_start(
         http_options=config.http_options.model_dump(),

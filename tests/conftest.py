@@ -64,6 +64,21 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.2, what: str =
         time.sleep(interval_s)
 
 
+def serve_replicas(root_pid: int, deployment: str, app: str = "hark") -> list:
+    """The processes of ``deployment``'s replicas among ``root_pid``'s descendants (a Ray node's
+    raylet, or what started it): Ray titles an actor's process ``ray::ServeReplica:<app>:<name>``."""
+    import psutil
+
+    title = f"ray::ServeReplica:{app}:{deployment}"
+    return [p for p in psutil.Process(root_pid).children(recursive=True)
+            if any(part.startswith(title) for part in p.cmdline()[:1])]
+
+
+def loaded_packages(process, names: tuple[str, ...] = ("pandas", "pyarrow")) -> set[str]:
+    """Which of ``names`` the process has loaded (their compiled modules are mapped)."""
+    return {name for name in names for m in process.memory_maps() if f"{os.sep}{name}{os.sep}" in m.path}
+
+
 # Each runs in a pytest process of its own beside the rest (tests/test_separate_envs.py), with a Ray
 # of its own; named on the command line, it is collected as usual.
 collect_ignore = ["test_multinode.py", "test_gpu_placement.py", "test_install.py"]

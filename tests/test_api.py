@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import API_KEYS, S3_BUCKET, wait_until
+from conftest import API_KEYS, S3_BUCKET, loaded_packages, serve_replicas, wait_until
 from media import ENCODINGS, encode, long_silent_wav, png_bytes, video_only_mp4, wav_bytes
 from pipeline.audio.decode import decode
 from pipeline.core.types import AsrOptions, Audio
@@ -43,6 +43,21 @@ def test_health_ready_metrics_need_no_key(serve_app):
     metrics = httpx.get(f"{serve_app}/metrics")
     assert metrics.status_code == 200 and "hark_requests_total" in metrics.text
     assert "hark_asr_windows_queued" in metrics.text  # the ASR scheduler's own figures
+
+
+def test_small_replicas_run_without_pandas(serve_app):
+    """Serve loads pandas and pyarrow in every replica where they are installed (~120 MB each):
+    the ingress, AudioFetch, Accounting and Jobs do without (deployments/lean.py); ASR, where an
+    engine may use pandas, still has both, which shows that the check sees them where they are."""
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    lean = {name: serve_replicas(raylet, name) for name in ("Ingress", "AudioFetch", "Accounting", "Jobs")}
+    assert [len(replicas) for replicas in lean.values()] == [2, 2, 1, 1], lean
+    assert {p.pid: loaded_packages(p) for replicas in lean.values() for p in replicas} == {
+        p.pid: set() for replicas in lean.values() for p in replicas}
+    asr = serve_replicas(raylet, "ASR")
+    assert asr and all(loaded_packages(p) == {"pandas", "pyarrow"} for p in asr)
 
 
 def test_unknown_route_is_json(serve_app):

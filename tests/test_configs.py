@@ -116,3 +116,17 @@ def test_ray_up_config_is_valid_and_every_node_starts_with_the_settings():
     for command in (config["head_start_ray_commands"][-1], config["worker_start_ray_commands"][-1]):
         assert command.startswith("set -a && . /home/ray/hark-secrets/hark.env && set +a &&") and "ray start" in command
     assert config["file_mounts"]["/home/ray/hark-cluster"] == "./cluster"  # serve deploy's config travels with it
+
+
+def test_lean_keeps_the_actor_options_and_a_hook_already_set():
+    from deployments.lean import lean
+
+    options = lean({"num_cpus": 0.1, "runtime_env": {"env_vars": {"A": "1"}, "pip": ["x"]}})
+    assert options["num_cpus"] == 0.1 and options["runtime_env"]["pip"] == ["x"]
+    env = options["runtime_env"]["env_vars"]
+    assert env == {"A": "1", "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR": "deployments.lean.without_pandas"}
+    theirs = {"runtime_env": {"env_vars": {"__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR": "mine.hook"}}}
+    assert lean(theirs) == theirs
+    import ray._private.ray_constants as constants  # the name lean sets is Ray's
+
+    assert constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR in env

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import free_port, wait_until
+from conftest import free_port, loaded_packages, serve_replicas, wait_until
 from textnorm import wer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,6 +134,9 @@ def test_start_command_serves_a_transcription(tmp_path, clips):
                        files={"audio": clips["beckett"].path.read_bytes()}, timeout=120)
         assert r.status_code == 200, r.text
         assert wer(clips["beckett"].text, r.json()["text"]) < 0.2
+        # The config's ray_actor_options replace the builder's; hark serve keeps these without pandas.
+        lean = [p for name in ("Ingress", "AudioFetch", "Accounting", "Jobs") for p in serve_replicas(proc.pid, name)]
+        assert len(lean) >= 4 and not [p for p in lean if loaded_packages(p)], lean
     finally:
         proc.send_signal(signal.SIGTERM)  # what a service manager sends
         try:
