@@ -9,7 +9,8 @@ Figures, each from this one run:
 - accuracy: WER of the streamed finals against the reference and against the same file's batch
   transcript, at 1x and 2x real time (goal: within 2 points of batch), on pyannote's sample.wav
   (a real two-speaker conversation) and beckett.wav (six two-word phrases), the mean of
-  ``--accuracy-runs`` streams of each (their spread shown);
+  ``--accuracy-runs`` streams of each (their spread shown); ``--clips FILE`` streams other clips
+  instead (real speech with references, one clip per line) and adds the WER of all their words;
 - in-process runs only: each decode's cost (interim and final), timed around the ASR call.
 
 ``--in-process`` runs the streaming session over a window scheduler and engine in this process,
@@ -17,7 +18,7 @@ as the ASR replica runs them (no Ray, no HTTP): quick to iterate on, and the way
 session options (``--context-s 0 --stream-floor-s 0`` is the session before left context and
 short stream windows). Without it the figures come through the service's WebSocket API.
 
-Usage: python bench/bench_stream.py [--in-process [--context-s 10] [--stream-floor-s 10]]
+Usage: python bench/bench_stream.py [--in-process [--context-s 10] [--stream-floor-s 10]] [--clips FILE]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import assets  # noqa: E402
 import conversation  # noqa: E402
 from textnorm import wer  # noqa: E402
 
+from pipeline.core.types import SAMPLE_RATE  # noqa: E402
 from pipeline.transcription.render import strip_punctuation  # noqa: E402
 
 KEY = "stream-key"
@@ -195,13 +197,15 @@ def latency(stream: Streamer, repeats: int) -> None:
     print("  per utterance, first: " + " ".join(f"{x:.2f}" for x in first_lag))
 
 
-def accuracy(stream: Streamer, clips, base: str | None, args) -> None:
+def accuracy(stream: Streamer, clips: dict, base: str | None, args) -> None:
     """Each clip streamed ``--accuracy-runs`` times at each pace: a stream's words depend on when
-    its decodes ran (which audio each one held), so one run can be a few points off another."""
+    its decodes ran (which audio each one held), so one run can be a few points off another.
+    Several clips: also the WER of all their words together, batch and streamed."""
     from pipeline.audio.decode import decode
+    from textnorm import corpus_wer
 
-    for name in ("sample", "beckett"):
-        clip = clips[name]
+    pooled: dict[float, list[tuple[str, str, str]]] = {1.0: [], 2.0: []}  # (reference, batch, streamed)
+    for name, clip in clips.items():
         batch = batch_text(args, clip, base)
         samples = decode(clip.path, max_duration_s=600).samples
         line = []
@@ -212,12 +216,51 @@ def accuracy(stream: Streamer, clips, base: str | None, args) -> None:
                 text = " ".join(m["text"] for _, m in received if m["type"] == "Results" and m["is_final"] and m["text"])
                 runs.append(100 * wer(clip.text, text))
                 against_batch.append(100 * wer(batch, text))
+                pooled[speed].append((clip.text, batch, text))
                 if args.verbose:
                     print(f"    {name} {speed:g}x: {text}")
             spread = f" (runs {', '.join(f'{x:.1f}' for x in runs)})" if len(runs) > 1 else ""
             line.append(f"{speed:g}x {statistics.mean(runs):5.1f} %{spread}, vs batch text "
                         f"{statistics.mean(against_batch):5.1f} %")
+        if args.verbose:
+            print(f"    {name} batch: {batch}")
         print(f"  {name:8} WER batch {100 * wer(clip.text, batch):5.1f} %; streamed finals (mean) " + "; ".join(line))
+    if len(clips) > 1:
+        words = sum(len(c.text.split()) for c in clips.values())
+        for speed, texts in pooled.items():
+            references, batches, streamed = zip(*texts)
+            in_batch, in_stream = 100 * corpus_wer(references, batches), 100 * corpus_wer(references, streamed)
+            print(f"  all {len(clips)} clips ({words} words) together, {speed:g}x: WER batch {in_batch:.1f} %, "
+                  f"streamed {in_stream:.1f} %: {in_stream - in_batch:+.1f} points (goal within 2)")
+
+
+def listed_clips(path: Path) -> dict:
+    """Clips named in a file of lines ``name<TAB>reference<TAB>audio[ + audio ...]`` (``#``
+    comments): several files are played one after the other with 0.5 s of silence between them,
+    as one clip. Words in [brackets] or <angle brackets> (annotations) are left out of the reference."""
+    import re
+    import tempfile
+    import wave
+
+    from pipeline.audio.decode import decode
+
+    clips, folder = {}, Path(tempfile.mkdtemp(prefix="bench-clips-"))
+    gap = np.zeros(SAMPLE_RATE // 2, np.float32)
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, reference, files = line.split("\t")
+        parts = [decode(Path(f.strip()).expanduser(), max_duration_s=600).samples for f in files.split(" + ")]
+        samples = np.concatenate([x for part in parts for x in (part, gap)][:-1])
+        wav = folder / f"{name}.wav"
+        with wave.open(str(wav), "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(SAMPLE_RATE)
+            out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+        text = " ".join(re.sub(r"\[[^\]]*\]|<[^>]*>", " ", reference).split())
+        clips[name] = assets.Clip(name, wav, text)
+    return clips
 
 
 def main() -> None:
@@ -241,6 +284,8 @@ def main() -> None:
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--clips", type=Path, help="stream these clips for accuracy instead of sample.wav and beckett.wav: "
+                        "lines of name<TAB>reference<TAB>audio[ + audio ...]")
     args = parser.parse_args()
 
     clips = assets.prepare()
@@ -269,7 +314,8 @@ def main() -> None:
                       f"(max {max(s for _, s in mine):.2f} s) for a median {statistics.median(a for a, _ in mine):.1f} s of audio")
     if not args.skip_accuracy:
         print(f"\nstreamed finals vs batch (load {loadavg()}):")
-        accuracy(stream, clips, base, args)
+        chosen = listed_clips(args.clips) if args.clips else {name: clips[name] for name in ("sample", "beckett")}
+        accuracy(stream, chosen, base, args)
     print(f"\nload average at end: {loadavg()}")
     if args.in_process:
         close()
