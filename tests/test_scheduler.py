@@ -9,7 +9,9 @@ from concurrent.futures import CancelledError
 import numpy as np
 import pytest
 
-from pipeline.asr.scheduler import InterimSkipped, WindowEngine, WindowResult, WindowScheduler, window_engine
+from pipeline.asr.scheduler import (
+    InterimSkipped, WindowEngine, WindowResult, WindowScheduler, lost_speech, window_engine,
+)
 from pipeline.core.errors import InvalidParameter
 from pipeline.core.types import AsrOptions, Audio, Segment, Transcript, Word
 
@@ -30,6 +32,7 @@ class FakeEngine:
         self.asked: list[str | None] = []  # each window's language as the engine was given it
         self.hears = lambda task: "de"  # the language detected on a window
         self.on_decode = None  # called with the batch before decoding (to act mid-step)
+        self.heard_s: float | None = None  # words, one a second, for this much of each window's start
 
     @property
     def languages(self) -> frozenset[str]:
@@ -56,9 +59,11 @@ class FakeEngine:
                 self.detected.append(marker)
             self.asked.append(t.language)
             language = t.language or self.hears(t)
+            words = () if self.heard_s is None else tuple(
+                Word(f" w{t.offset_s + k:g}", t.offset_s + k, t.offset_s + k + 1, 0.9) for k in range(int(self.heard_s)))
             results.append(
                 WindowResult(
-                    segments=(Segment(f" r{marker}@{t.offset_s:.0f}", t.offset_s, t.offset_s + 1, -0.1, 3),),
+                    segments=(Segment(f" r{marker}@{t.offset_s:.0f}", t.offset_s, t.offset_s + 1, -0.1, 3, words),),
                     language=language,
                     language_probability=0.9 if t.language is None else 1.0,
                 )
@@ -481,3 +486,38 @@ def test_a_fault_outside_the_engine_fails_the_step_s_requests_and_the_scheduler_
     for f in (first, second):
         with pytest.raises(RuntimeError, match="metrics backend"):
             f.result(0)
+
+
+def test_lost_speech_is_what_no_word_covers_across_pieces_in_stretches_long_enough():
+    s = SR
+    words = (Word(" a", 0.0, 1.0, 0.9), Word(" b", 12.0, 13.0, 0.9))
+    pieces = ((0, 5 * s), (10 * s, 15 * s))  # the silence between them left out of the window
+    # 1.3-5 s and 10-11.7 s are one stretch (no word between them), 13.3-15 s another.
+    assert lost_speech(pieces, [Segment(" a b", 0.0, 13.0, -0.1, 2, words)]) == [
+        ((int(1.3 * s), 5 * s), (10 * s, int(11.7 * s))), ((int(13.3 * s), 15 * s),)]
+    # Words 2 s apart leave 1.4 s: a pause, not lost speech; nor is a window without words.
+    close = (Word(" a", 0.0, 1.0, 0.9), Word(" b", 3.0, 4.0, 0.9))
+    assert lost_speech(((0, 4 * s),), [Segment(" a b", 0.0, 4.0, -0.1, 2, close)]) == []
+    assert lost_speech(((0, 10 * s),), [Segment(" r", 0.0, 1.0, -0.1, 3)]) == []
+
+
+@pytest.mark.parametrize("stream", [None, "s1"])
+def test_speech_a_window_lost_is_decoded_again_once_for_files(stream):
+    """Whisper can end a window's decode early or skip a line: the stretch of a file's window
+    that came back without words is decoded on its own (not again if that loses words too), and
+    the transcript is in time order. A stream's decodes are not redone (the session has its own
+    context and is waited on live)."""
+    engine = FakeEngine()
+    engine.heard_s = 2  # each decode hears the first 2 s of its window
+    scheduler = WindowScheduler(engine)
+    future = scheduler.submit(clip(5, 10), AsrOptions(language="en"), stream=stream)
+    drain(scheduler)
+    transcript = future.result(timeout=1)
+    if stream is not None:
+        assert [offset for batch in engine.batches for _, offset in batch] == [0.0]
+        assert [w.text for w in transcript.words] == [" w0", " w1"]
+        return
+    # The window (0-10 s), then the stretch after its last word and margin (2.3-10 s), once.
+    assert [offset for batch in engine.batches for _, offset in batch] == [0.0, 2.3]
+    assert [w.text for w in transcript.words] == [" w0", " w1", " w2.3", " w3.3"]
+    assert [s.start for s in transcript.segments] == sorted(s.start for s in transcript.segments)

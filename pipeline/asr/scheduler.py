@@ -128,6 +128,48 @@ class SchedulerObserver(Protocol):
 
 STREAM, FILE = 0, 1  # priorities: lower is served first
 
+# A file's window whose decode left a stretch of its speech without words, this long or longer, is
+# decoded again for that stretch alone (once): Whisper decodes a window in one pass and can end it
+# early or skip a line, where faster-whisper's sequential loop seeks on from the last timestamp.
+# Real read speech (bench/bench_stream.py --clips), in process: a LibriVox reading's last sentence
+# ("He might even have been made amiable himself.", the window's last 3 s) and a sonnet's line
+# ("Making a famine where abundance lies, ...", 5 s inside a window) were lost.
+LOST_SPEECH_S = 1.5
+# Around a word's times (approximate) that count as heard. With the VAD's 0.5 s silences inside a
+# region and 0.4 s padding, a pause between heard words leaves less than LOST_SPEECH_S uncovered.
+_WORD_MARGIN_S = 0.3
+
+
+def lost_speech(pieces: Sequence[tuple[int, int]], segments: Sequence[Segment]) -> list[tuple[tuple[int, int], ...]]:
+    """The stretches of a window's ``pieces`` (samples) that no word of its ``segments`` covers,
+    each at least ``LOST_SPEECH_S`` long, as pieces; none when the window has no words at all
+    (silence, or an engine that does not time words)."""
+    margin = int(_WORD_MARGIN_S * SAMPLE_RATE)
+    covers = sorted((int(w.start * SAMPLE_RATE) - margin, int(w.end * SAMPLE_RATE) + margin)
+                    for segment in segments for w in segment.words)
+    if not covers:
+        return []
+    stretches: list[list[tuple[int, int]]] = []
+    current: list[tuple[int, int]] = []
+    k = 0
+    for start, end in pieces:
+        cursor = start
+        while cursor < end:
+            while k < len(covers) and covers[k][1] <= cursor:
+                k += 1
+            if k < len(covers) and covers[k][0] <= cursor:  # in a heard word: a stretch ends
+                if current:
+                    stretches.append(current)
+                    current = []
+                cursor = covers[k][1]
+                continue
+            stop = min(end, covers[k][0]) if k < len(covers) else end
+            current.append((cursor, stop))  # a stretch goes on across pieces until a word
+            cursor = stop
+    if current:
+        stretches.append(current)
+    return [tuple(s) for s in stretches if sum(b - a for a, b in s) >= LOST_SPEECH_S * SAMPLE_RATE]
+
 
 @dataclass(eq=False)
 class _Request:
@@ -146,6 +188,8 @@ class _Request:
     # detected another one.
     redo: list[int] = field(default_factory=list)
     guessed: set[int] = field(default_factory=set)  # windows started while the language was unknown
+    # Windows added for speech another window's decode lost (``lost_speech``): not checked again.
+    rescues: set[int] = field(default_factory=set)
     running: int = 0  # windows in the engine now
     results: list[WindowResult | None] = field(default_factory=list)
     language: tuple[str, float] | None = None
@@ -183,7 +227,8 @@ class _Request:
         return index
 
     def settled(self, index: int, result: WindowResult) -> list[int]:
-        """Record a window's result; the windows (if any) to decode again in the language now known."""
+        """Record a window's result; the windows (if any) now queued: windows to decode again in
+        the language now known, and for a file, the speech a kept result left without words."""
         self.results[index] = result
         if self.language is None and index == 0:
             self.language = (result.language, result.language_probability)
@@ -195,7 +240,19 @@ class _Request:
         for i in again:
             self.results[i] = None
         self.redo += again
-        return again
+        kept = sorted(({index} | checked) - set(again) - self.rescues) if self.stream is None else []
+        return again + [added for i in kept for added in self._rescue(i)]
+
+    def _rescue(self, index: int) -> list[int]:
+        """Queue the stretches of speech window ``index``'s result left without words, as windows
+        of their own; returns them."""
+        added = []
+        for pieces in lost_speech(self.spans[index], self.results[index].segments):
+            added.append(len(self.spans))
+            self.spans.append(pieces)
+            self.results.append(None)
+        self.rescues.update(added)
+        return added
 
 
 class WindowScheduler:
@@ -467,7 +524,9 @@ class WindowScheduler:
     def _transcript(request: _Request) -> Transcript:
         language, probability = request.language or ("en", 0.0)
         return Transcript(
-            segments=tuple(s for r in request.results if r is not None for s in r.segments),
+            # In time order: a window decoded again for lost speech comes after the others.
+            segments=tuple(sorted((s for r in request.results if r is not None for s in r.segments),
+                                  key=lambda s: s.start)),
             language=language,
             language_probability=probability,
             duration_s=request.audio.duration_s,
