@@ -23,6 +23,7 @@ class BrokenAtFirstDecode:
     supports_word_timestamps = True
     supports_language_detection = True
     languages = frozenset({"en"})
+    speech_windows = True
 
     def __init__(self):
         self.decoded = []

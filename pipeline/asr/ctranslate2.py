@@ -97,6 +97,7 @@ class CTranslate2Engine:
         self._languages = frozenset(model.supported_languages)
         self._multilingual = model.model.is_multilingual
         self._tokenizers: dict[str, Tokenizer] = {}
+        self.speech_windows = settings.vad_filter  # cut: the VAD's speech only, unless it is off
 
     @classmethod
     def from_settings(cls, settings: AsrSettings) -> "CTranslate2Engine":

@@ -84,6 +84,13 @@ class WindowEngine(Protocol):
     @property
     def languages(self) -> frozenset[str]: ...
 
+    @property
+    def speech_windows(self) -> bool:
+        """Do its windows hold speech only (VAD regions, the silence between them left out)? Then
+        a stretch of a window that its decode left without words is speech it lost, decoded again
+        (``lost_speech``); in a window that holds silence too, it may be silence."""
+        ...
+
     def check(self, options: AsrOptions) -> None:
         """Raise ``InvalidParameter`` for options this engine and model cannot honour."""
         ...
@@ -188,6 +195,8 @@ class _Request:
     # detected another one.
     redo: list[int] = field(default_factory=list)
     guessed: set[int] = field(default_factory=set)  # windows started while the language was unknown
+    # Speech its windows' decodes lose is decoded again (a file's, on an engine with speech_windows).
+    rescue: bool = False
     # Windows added for speech another window's decode lost (``lost_speech``): not checked again.
     rescues: set[int] = field(default_factory=set)
     running: int = 0  # windows in the engine now
@@ -240,7 +249,7 @@ class _Request:
         for i in again:
             self.results[i] = None
         self.redo += again
-        kept = sorted(({index} | checked) - set(again) - self.rescues) if self.stream is None else []
+        kept = sorted(({index} | checked) - set(again) - self.rescues) if self.rescue else []
         return again + [added for i in kept for added in self._rescue(i)]
 
     def _rescue(self, index: int) -> list[int]:
@@ -317,6 +326,8 @@ class WindowScheduler:
                 interim=interim,
                 results=[None] * len(spans),
                 language=(options.language, 1.0) if options.language else None,
+                # A stream's decodes are waited on live, and the session holds its own context.
+                rescue=stream is None and self._engine.speech_windows,
             )
             self._requests.append(request)
             self._by_future[id(future)] = request
@@ -558,6 +569,7 @@ class WholeAudio:
         self._engine = engine
         self.supports_word_timestamps = engine.supports_word_timestamps
         self.supports_language_detection = engine.supports_language_detection
+        self.speech_windows = False  # a request's one window is its whole audio, silence too
 
     @property
     def languages(self) -> frozenset[str]:
