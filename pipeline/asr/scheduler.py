@@ -138,9 +138,10 @@ STREAM, FILE = 0, 1  # priorities: lower is served first
 # A file's window whose decode left a stretch of its speech without words, this long or longer, is
 # decoded again for that stretch alone (once): Whisper decodes a window in one pass and can end it
 # early or skip a line, where faster-whisper's sequential loop seeks on from the last timestamp.
-# Real read speech (bench/bench_stream.py --clips), in process: a LibriVox reading's last sentence
-# ("He might even have been made amiable himself.", the window's last 3 s) and a sonnet's line
-# ("Making a famine where abundance lies, ...", 5 s inside a window) were lost.
+# On bench/real_speech.py's clips a LibriVox reading's last sentence ("He might even have been
+# made amiable himself.", the window's last 3 s) and a sonnet's line ("Making a famine where
+# abundance lies, ...", 5 s inside a window) were lost: batch WER over those and the two test clips
+# 16.96 % before, 13.60 % after, faster-whisper's loop 13.92 %.
 LOST_SPEECH_S = 1.5
 # Around a word's times (approximate) that count as heard. With the VAD's 0.5 s silences inside a
 # region and 0.4 s padding, a pause between heard words leaves less than LOST_SPEECH_S uncovered.
