@@ -502,20 +502,21 @@ def test_lost_speech_is_what_no_word_covers_across_pieces_in_stretches_long_enou
     assert lost_speech(((0, 10 * s),), [Segment(" r", 0.0, 1.0, -0.1, 3)]) == []
 
 
-@pytest.mark.parametrize("stream, speech_windows", [(None, True), ("s1", True), (None, False)])
-def test_speech_a_window_lost_is_decoded_again_once_for_files(stream, speech_windows):
-    """Whisper can end a window's decode early or skip a line: the stretch of a file's window
-    that came back without words is decoded on its own (not again if that loses words too), and
-    the transcript is in time order. Not a stream's decodes (the session has its own context and
-    is waited on live), nor where windows hold silence too (the VAD off, whole-audio engines)."""
+@pytest.mark.parametrize("stream, interim, speech_windows",
+                         [(None, False, True), ("s1", False, True), ("s1", True, True), (None, False, False)])
+def test_speech_a_window_lost_is_decoded_again_once(stream, interim, speech_windows):
+    """Whisper can end a window's decode early or skip a line: the stretch of a window that came
+    back without words is decoded on its own (not again if that loses words too), and the
+    transcript is in time order. Not a stream's interim (redone with more audio anyway, and waited
+    on live), nor where windows hold silence too (the VAD off, whole-audio engines)."""
     engine = FakeEngine()
     engine.heard_s = 2  # each decode hears the first 2 s of its window
     engine.speech_windows = speech_windows
     scheduler = WindowScheduler(engine)
-    future = scheduler.submit(clip(5, 10), AsrOptions(language="en"), stream=stream)
+    future = scheduler.submit(clip(5, 10), AsrOptions(language="en"), stream=stream, interim=interim)
     drain(scheduler)
     transcript = future.result(timeout=1)
-    if stream is not None or not speech_windows:
+    if interim or not speech_windows:
         assert [offset for batch in engine.batches for _, offset in batch] == [0.0]
         assert [w.text for w in transcript.words] == [" w0", " w1"]
         return

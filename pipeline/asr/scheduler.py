@@ -135,9 +135,11 @@ class SchedulerObserver(Protocol):
 
 STREAM, FILE = 0, 1  # priorities: lower is served first
 
-# A file's window whose decode left a stretch of its speech without words, this long or longer, is
-# decoded again for that stretch alone (once): Whisper decodes a window in one pass and can end it
-# early or skip a line, where faster-whisper's sequential loop seeks on from the last timestamp.
+# A window whose decode left a stretch of its speech without words, this long or longer, is decoded
+# again for that stretch alone (once): Whisper decodes a window in one pass and can end it early or
+# skip a line, where faster-whisper's sequential loop seeks on from the last timestamp. Files and
+# a stream's finals (streamed through the service, same clips, one run each: pooled WER 20.1 / 16.7
+# % at 1x / 2x without, 16.9 / 16.0 % with; finals 0.83 / 0.77 s after an utterance's end).
 # On bench/real_speech.py's clips a LibriVox reading's last sentence ("He might even have been
 # made amiable himself.", the window's last 3 s) and a sonnet's line ("Making a famine where
 # abundance lies, ...", 5 s inside a window) were lost: batch WER over those and the two test clips
@@ -196,7 +198,7 @@ class _Request:
     # detected another one.
     redo: list[int] = field(default_factory=list)
     guessed: set[int] = field(default_factory=set)  # windows started while the language was unknown
-    # Speech its windows' decodes lose is decoded again (a file's, on an engine with speech_windows).
+    # Speech its windows' decodes lose is decoded again (not an interim's; speech_windows engines).
     rescue: bool = False
     # Windows added for speech another window's decode lost (``lost_speech``): not checked again.
     rescues: set[int] = field(default_factory=set)
@@ -327,8 +329,8 @@ class WindowScheduler:
                 interim=interim,
                 results=[None] * len(spans),
                 language=(options.language, 1.0) if options.language else None,
-                # A stream's decodes are waited on live, and the session holds its own context.
-                rescue=stream is None and self._engine.speech_windows,
+                # Not a stream's interim: it is redone with more audio anyway, and waited on live.
+                rescue=not interim and self._engine.speech_windows,
             )
             self._requests.append(request)
             self._by_future[id(future)] = request
