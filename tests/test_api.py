@@ -46,7 +46,7 @@ def test_health_ready_metrics_need_no_key(serve_app):
 
 
 def test_small_replicas_run_without_pandas(serve_app):
-    """Serve loads pandas and pyarrow in every replica where they are installed (~120 MB each):
+    """Serve loads pandas and pyarrow in every replica where they are installed (~85 MB each):
     the ingress, AudioFetch, Accounting and Jobs do without (deployments/lean.py); ASR, where an
     engine may use pandas, still has both, which shows that the check sees them where they are."""
     import ray
