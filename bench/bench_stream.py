@@ -240,7 +240,8 @@ def listed_clips(path: Path) -> dict:
     as one clip. Words in [brackets] or <angle brackets> (annotations) are left out of the reference."""
     import re
     import tempfile
-    import wave
+
+    from media import wav_bytes
 
     from pipeline.audio.decode import decode
 
@@ -253,11 +254,7 @@ def listed_clips(path: Path) -> dict:
         parts = [decode(Path(f.strip()).expanduser(), max_duration_s=600).samples for f in files.split(" + ")]
         samples = np.concatenate([x for part in parts for x in (part, gap)][:-1])
         wav = folder / f"{name}.wav"
-        with wave.open(str(wav), "wb") as out:
-            out.setnchannels(1)
-            out.setsampwidth(2)
-            out.setframerate(SAMPLE_RATE)
-            out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+        wav.write_bytes(wav_bytes(samples, SAMPLE_RATE))
         text = " ".join(re.sub(r"\[[^\]]*\]|<[^>]*>", " ", reference).split())
         clips[name] = assets.Clip(name, wav, text)
     return clips
