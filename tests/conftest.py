@@ -70,8 +70,14 @@ def serve_replicas(root_pid: int, deployment: str, app: str = "hark") -> list:
     import psutil
 
     title = f"ray::ServeReplica:{app}:{deployment}"
-    return [p for p in psutil.Process(root_pid).children(recursive=True)
-            if any(part.startswith(title) for part in p.cmdline()[:1])]
+    found = []
+    for process in psutil.Process(root_pid).children(recursive=True):
+        try:  # Ray starts and ends idle workers all the time: one may be gone already
+            if process.cmdline()[:1] and process.cmdline()[0].startswith(title):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
 
 
 def loaded_packages(process, names: tuple[str, ...] = ("pandas", "pyarrow")) -> set[str]:
