@@ -23,7 +23,6 @@ batch (tests call it directly).
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import threading
@@ -207,7 +206,7 @@ class _Request:
     language: tuple[str, float] | None = None
     done: bool = False
 
-    @functools.cached_property
+    @property
     def audio_in_windows(self) -> int:
         """Samples its windows hold in all (the speech, for engines that cut out silence)."""
         return sum(end - start for pieces in self.spans for start, end in pieces)
