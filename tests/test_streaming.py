@@ -316,6 +316,46 @@ def test_an_utterance_s_first_word_timed_early_into_the_pause_is_kept():
     assert finals[-1]["start"] == pytest.approx(3.2)  # and no word of the first utterance again
 
 
+@pytest.mark.parametrize(
+    ("heard", "said"),
+    [
+        # A quiet word the VAD took for silence (the MFA cold corpus: "... sounds a lot different."
+        # then "than the acoustic corpus", the utterance from "acoustic"): it leads into the next
+        # utterance, which hears it in its left context, and is kept.
+        ((" Then", 3.0, 3.3), "One two three. Four five. Then Six seven."),
+        # The last final word heard again after it: not said twice.
+        ((" five.", 2.95, 3.3), "One two three. Four five. Six seven."),
+        # A word timed from within the last final word is that word heard as another.
+        ((" fine.", 2.5, 3.3), "One two three. Four five. Six seven."),
+        # So is one timed into the pause before the utterance (as an utterance's first word may be).
+        ((" fives.", 2.7, 4.0), "One two three. Four five. Six seven."),
+        # Not a phrase that runs on into the utterance (more than a second before it).
+        ((" Thanks.", 2.95, 3.05), "One two three. Four five. Six seven."),
+    ],
+)
+def test_words_heard_between_utterances_that_lead_into_the_next_are_kept(heard, said):
+    # The first utterance's final decodes its audio up to 3.2 s (its endpoint), the second's
+    # audio starts at 3.6 s (its speech at 4.1 s); each decode that covers ``heard`` hears it.
+    session, _ = make_session(interim_every_s=0.5, endpointing_ms=300)
+    inner = session.transcribe
+    text, start, end = heard
+
+    async def hears(audio, opts):
+        transcript = await inner(audio, opts)
+        origin = session.offset_s + len(session.buffer) / SAMPLE_RATE - audio.duration_s
+        words = list(transcript.words)
+        if origin <= start and origin + audio.duration_s >= end:
+            words.append(Word(text, start - origin, end - origin, 0.8))
+        words = tuple(sorted(words, key=lambda w: w.start))
+        return Transcript((Segment("", 0, audio.duration_s, -0.1, len(words), words),), "en", 0.99, audio.duration_s)
+
+    session.transcribe = hears
+    events = run(session)
+    finals = [e for e in events if e["is_final"] and e["text"]]
+    assert " ".join(e["text"] for e in finals) == said
+    assert finals[0]["start"] + finals[0]["duration"] == pytest.approx(2.9)  # the first final did not hear it
+
+
 def test_the_left_context_keeps_the_last_context_s_of_the_stream_s_audio():
     session, _ = make_session(context_s=10.0)
     for seconds in (5.4, 3.4):

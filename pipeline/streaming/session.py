@@ -319,12 +319,21 @@ class StreamingSession:
         # decides, Whisper's word times are approximate) and after the final words: those
         # never change. Whisper often times an utterance's first word early, into the silence
         # before it, and the utterance may start right after the last one's endpoint: its middle
-        # may lie up to _EARLY_START_S before the utterance, if after the last final word.
-        # Such a word starts no earlier than the last final word ended: results never overlap.
+        # may lie up to _EARLY_START_S before the utterance, if it starts after the last final
+        # word ended (one timed from where that word starts is that word heard again, maybe as
+        # another: "sick quarter." final, then "corpus.@2.94-3.40" after "quarter.@2.94-3.16").
+        # A word of the utterance starts no earlier than the last final word ended: results never
+        # overlap.
+        # The words that lead into the utterance's first one from before it may be kept too
+        # (``_lead_in``).
         after = self._final_end_s
         start = max(self.offset_s - _EARLY_START_S, min(self.offset_s, after))
-        fresh = [w if w.start >= after else Word(w.text, after, max(w.end, after), w.probability)
-                 for w in words if w.start >= committed_end - 0.02 and (w.start + w.end) / 2 >= start]
+        inside = [i for i, w in enumerate(words) if w.start >= committed_end - 0.02 and _middle(w) >= start
+                  and (_middle(w) >= self.offset_s or w.start >= after - _RETIMED_S)]
+        kept = [words[i] for i in inside]
+        if inside and not self.committed:
+            kept = self._lead_in(words, inside[0]) + kept
+        fresh = [w if w.start >= after else Word(w.text, after, max(w.end, after), w.probability) for w in kept]
         # A re-decode can repeat the last final words with shifted times: drop such an overlap.
         tail = [_norm(w.text) for w in self.committed[-5:]]
         for k in range(min(len(tail), len(fresh)), 0, -1):
@@ -333,6 +342,26 @@ class StreamingSession:
         if not self.committed:
             return _drop_repeat(fresh, self._history)
         return fresh
+
+    def _lead_in(self, words: list[Word], first: int) -> list[Word]:
+        """The words heard just before ``words[first]``, the utterance's first, in the stream's
+        audio between the last final word and the utterance: the phrase the utterance goes on.
+
+        The VAD can miss an utterance's quiet first words ("than the" in "... sounds a lot
+        different. [pause] than the acoustic corpus"), or the last utterance's final can lose the
+        words cut at its end; either way they lie before the utterance's audio, in the left
+        context, and no final has them. A decode with context hears them: they are kept when
+        each runs on into the next (at most ``_LEAD_IN_GAP_S`` apart) and starts after the last final
+        word ended, and they are not the stream's last final words heard again."""
+        after, j = self._final_end_s, first
+        while j > 0 and words[j - 1].start >= after - _RETIMED_S and words[j].start - words[j - 1].end <= _LEAD_IN_GAP_S:
+            j -= 1
+        lead = words[j:first]
+        said = [_norm(w.text) for w in self._history]
+        for k in range(min(len(lead), len(said)), 0, -1):
+            if [_norm(w.text) for w in lead[:k]] == said[-k:]:
+                return lead[k:]
+        return lead
 
     async def _interim(self) -> list[dict[str, Any]]:
         try:
@@ -446,6 +475,12 @@ _EARLY_START_S = 0.3
 # A word that starts this close to the end of a decode's audio is one Whisper added past it.
 _PAST_THE_END_S = 0.05
 _MIN_REPEAT = 3
+# Two decodes of the same audio time a word's start this far apart (a word and the next share a
+# boundary: "words@16.08-16.58 and@16.58-18.54" after a final "words" that ended at 16.61 s).
+_RETIMED_S = 0.1
+# The words that lead into an utterance from before it follow one another within this (Whisper's
+# times; the MFA cold corpus: "than@6.08-6.42 the@6.42-6.90 acoustic@7.72", a hesitation).
+_LEAD_IN_GAP_S = 1.0
 # A final's detected language holds for the stream from this probability (faster-whisper's
 # ``language_detection_threshold``); below it, the next decodes detect again, with more audio.
 _LANGUAGE_LOCK_PROBABILITY = 0.5
@@ -472,3 +507,7 @@ def _drop_repeat(fresh: list[Word], history: list[Word]) -> list[Word]:
 
 def _norm(text: str) -> str:
     return strip_punctuation(text)
+
+
+def _middle(word: Word) -> float:
+    return (word.start + word.end) / 2
