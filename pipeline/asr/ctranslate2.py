@@ -142,7 +142,15 @@ class CTranslate2Engine:
     def cut(self, audio: Audio) -> list[tuple[tuple[int, int], ...]]:
         """Windows of the speech only, as faster-whisper's VAD filter decodes it: speech regions
         (a region over 30 s cut at a quiet point) joined while they fit in 30 s, the silence
-        between them left out."""
+        between them left out.
+
+        A stream's decodes are cut so too, though the session's VAD found their speech already.
+        This VAD's regions on noisy speech move with the audio's start (MFA's cold corpus, 10 s
+        from 0.81 s kept whole, from 0.8125 s only its first 4 s), but decoding a
+        stream's whole audio instead (and so no decode again of speech a decode lost) did worse:
+        in process, pyannote's sample streamed at 25.9 / 21.6 % WER at 1x / 2x (two runs each)
+        against 20.4 / 19.8 %, the real clips of ``bench/real_speech.py`` +2.3 / +1.7 points over
+        batch against +1.7 / +2.1 (one run each)."""
         samples = audio.samples
         window_s = min(WINDOW_S, self._settings.max_window_s)
         if not self._settings.vad_filter:

@@ -7,10 +7,11 @@ speaker pauses for ``endpointing_ms`` (Silero VAD), the whole utterance is decod
 what was not yet final is finalised with ``speech_final``; that decode starts ``early_final_ms`` into
 the pause (what follows the speech is silence) and is used if the speaker said nothing more. Each
 decode starts with the stream's previous audio (up to ``context_s`` in all; an utterance's first
-interims, ``interim_context_s``) and keeps only the words of the utterance: Whisper garbles a short
-utterance heard alone. A session that is behind (audio waiting) skips interims and finalises the
-utterances that ended meanwhile together, once it has caught up, up to the last pause that ended
-one (the speech after it goes on as the next utterance). Decoding goes through an injected
+interims, ``interim_context_s``) and keeps only the words of the utterance (and those just before
+it that lead into it and no final has): Whisper garbles a short utterance heard alone. A session
+that is behind (audio waiting) skips interims and finalises the utterances that ended meanwhile
+together, once it has caught up, up to the last pause that ended one (the speech after it goes on
+as the next utterance). Decoding goes through an injected
 coroutine, so the service uses the same ASR deployment as batch requests and tests can fake it.
 The VAD runs in a worker thread (``executor``; the loop's default one when None), never on the
 event loop that serves every stream of the process.
