@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.asr.chunking import quietest_cut, windows
+from pipeline.asr.chunking import quietest_cut, windows, with_speech
 from pipeline.asr.base import Capabilities
 from pipeline.core.errors import InvalidParameter
 
@@ -31,6 +31,21 @@ def test_speech_regions_are_packed_and_silence_left_out():
     regions = [(1 * SR, 5 * SR), (8 * SR, 20 * SR), (25 * SR, 40 * SR), (70 * SR, 75 * SR)]
     spans = windows(audio, speech=lambda samples: regions)
     assert spans == [(1 * SR, 20 * SR), (25 * SR, 40 * SR), (70 * SR, 75 * SR)]
+
+
+@pytest.mark.parametrize(
+    ("start", "expected"),
+    [
+        (25, [(0, 10), (20, 60)]),  # a region that reaches into the speech joins it; later ones go into it
+        (30, [(0, 10), (20, 60)]),  # one that ends where it starts too
+        (35, [(0, 10), (20, 30), (35, 60)]),
+        (5, [(0, 60)]),
+        (55, [(0, 10), (20, 30), (40, 50), (55, 60)]),
+    ],
+)
+def test_a_stretch_known_to_be_speech_is_kept_whole_beside_the_vad_regions(start, expected):
+    assert with_speech([(0, 10), (20, 30), (40, 50)], start, 60) == expected
+    assert with_speech([], start, 60) == [(start, 60)]
 
 
 def test_edge_cases():

@@ -78,6 +78,21 @@ def test_a_given_language_decodes_without_detection_and_times_map_back_through_t
     assert sum(w.start > 45 for w in words) == len(words) // 2
 
 
+def test_a_stream_s_utterance_is_never_left_out_by_the_vad(engine, clips):
+    # A stream's decode: left context, then the utterance, which the stream's own VAD found to be
+    # speech; this VAD's regions move with where the audio starts, and must not drop any of it.
+    beckett = load(clips["beckett"])
+    samples = np.concatenate([beckett.samples, np.zeros(3 * 16000, np.float32)])
+    plain = [p for w in engine.cut(type(beckett)(samples)) for p in w]
+    assert plain[-1][1] < len(samples) - 16000  # the VAD leaves the silence at the end out
+    start = len(beckett.samples) // 2
+    kept = [p for w in engine.cut(type(beckett)(samples), start) for p in w]
+    assert kept[-1][1] == len(samples)
+    assert [p for p in kept if p[1] < start] == [p for p in plain if p[1] < start]  # the context as before
+    after = sorted(p for p in kept if p[1] > start)
+    assert after[0][0] <= start and all(a[1] == b[0] for a, b in zip(after, after[1:]))  # whole
+
+
 def test_short_windows_are_padded_with_silence_and_stream_decodes_encode_fewer_frames(engine, clips):
     from pipeline.asr.ctranslate2 import CTranslate2Engine
 

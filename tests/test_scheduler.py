@@ -34,6 +34,7 @@ class FakeEngine:
         self.on_decode = None  # called with the batch before decoding (to act mid-step)
         self.heard_s: float | None = None  # words, one a second, for this much of each window's start
         self.speech_windows = True
+        self.speech_from: list[int | None] = []  # what each request's audio was cut with
 
     @property
     def languages(self) -> frozenset[str]:
@@ -43,7 +44,8 @@ class FakeEngine:
         if options.language == "xx":
             raise InvalidParameter("no such language", param="language")
 
-    def cut(self, audio: Audio) -> list[tuple[int, int]]:
+    def cut(self, audio: Audio, speech_from: int | None = None) -> list[tuple[int, int]]:
+        self.speech_from.append(speech_from)
         n, step = len(audio.samples), 30 * SR
         return [((i, min(i + step, n)),) for i in range(0, n, step)]
 
@@ -98,6 +100,14 @@ def test_windows_of_several_requests_share_a_batch_and_each_is_answered_with_its
     assert long.result(0).text == "r1@0 r1@30 r1@60 r1@90"
     assert short.result(0).text == "r2@0" and short.result(0).duration_s == 5
     assert not s.step()
+
+
+def test_a_stream_s_utterance_start_reaches_the_engine_s_cut_in_samples():
+    engine = FakeEngine()
+    s = WindowScheduler(engine)
+    s.submit(clip(1, 12), AsrOptions(language="en", stream="s", speech_from_s=9.5), stream="s")
+    s.submit(clip(2, 12), AsrOptions(language="en"))
+    assert engine.speech_from == [9.5 * SR, None]
 
 
 def test_the_batch_budgets_bound_a_step():

@@ -104,6 +104,22 @@ def test_each_decode_hears_the_stream_s_previous_audio_before_the_utterance(cont
         assert all(start >= 3.5 for start, _ in second)
 
 
+def test_each_decode_says_where_its_utterance_starts_after_the_context():
+    # The engine's own VAD cuts silence out of the context but never any of the utterance, which
+    # the stream's VAD found to be speech.
+    session, _ = make_session(interim_every_s=0.5, endpointing_ms=400, context_s=10.0)
+    inner, seen = session.transcribe, []
+
+    async def transcribe(audio, opts):
+        seen.append((opts.speech_from_s, audio.duration_s - opts.speech_from_s, len(session.buffer) / SAMPLE_RATE))
+        return await inner(audio, opts)
+
+    session.transcribe = transcribe
+    run(session)
+    assert seen and all(utterance == pytest.approx(buffered) for _, utterance, buffered in seen)
+    assert any(start > 3.0 for start, _, _ in seen)  # the second utterance's decodes hear the first
+
+
 def recording_kinds(session) -> list[bool]:
     """Whether each decode of ``session`` is an interim, in call order (beside make_session's calls)."""
     kinds, inner = [], session.transcribe

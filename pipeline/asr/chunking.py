@@ -39,6 +39,14 @@ def split_span(samples: np.ndarray, start: int, end: int, window: int) -> list[t
     return pieces
 
 
+def with_speech(regions: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """A VAD's ``regions`` with ``[start, end)`` speech too: the regions after ``start`` go into it,
+    and one that reaches into it joins it."""
+    head = [(a, b) for a, b in regions if b < start]
+    joined = min((a for a, b in regions if b >= start and a < end), default=start)
+    return [*head, (min(joined, start), end)]
+
+
 def windows(
     samples: np.ndarray, speech: SpeechFinder | None = None, window_s: float = WINDOW_S
 ) -> list[tuple[int, int]]:

@@ -27,7 +27,7 @@ from faster_whisper.transcribe import TranscriptionOptions, get_compression_rati
 from faster_whisper.vad import SpeechTimestampsMap, VadOptions, get_speech_timestamps
 
 from pipeline.asr.base import Capabilities
-from pipeline.asr.chunking import WINDOW_S, split_span, windows
+from pipeline.asr.chunking import WINDOW_S, split_span, windows, with_speech
 from pipeline.asr.models import resolve_model
 from pipeline.asr.scheduler import WindowResult, WindowScheduler, WindowTask, step_audio_s
 from pipeline.audio.vad import blockwise
@@ -139,18 +139,19 @@ class CTranslate2Engine:
                 worker.join()
 
     # --- the WindowEngine Protocol -------------------------------------------------------------
-    def cut(self, audio: Audio) -> list[tuple[tuple[int, int], ...]]:
+    def cut(self, audio: Audio, speech_from: int | None = None) -> list[tuple[tuple[int, int], ...]]:
         """Windows of the speech only, as faster-whisper's VAD filter decodes it: speech regions
         (a region over 30 s cut at a quiet point) joined while they fit in 30 s, the silence
-        between them left out.
+        between them left out; from ``speech_from`` on, all of it.
 
-        A stream's decodes are cut so too, though the session's VAD found their speech already.
-        This VAD's regions on noisy speech move with the audio's start (MFA's cold corpus, 10 s
-        from 0.81 s kept whole, from 0.8125 s only its first 4 s), but decoding a
-        stream's whole audio instead (and so no decode again of speech a decode lost) did worse:
-        in process, pyannote's sample streamed at 25.9 / 21.6 % WER at 1x / 2x (two runs each)
-        against 20.4 / 19.8 %, the real clips of ``bench/real_speech.py`` +2.3 / +1.7 points over
-        batch against +1.7 / +2.1 (one run each)."""
+        A stream's decode is its left context, cut so, and then its utterance, which the session's
+        VAD found to be speech (``speech_from``), whole. This VAD's regions on noisy speech move
+        with the audio's start (MFA's cold corpus: 10 s from 0.81 s kept whole, from 0.8125 s only
+        their first 4 s, the utterance at their end left out). Decoding a stream's whole audio
+        instead, context too (and so no decode again of speech a decode lost: it may be silence),
+        did worse: in process, pyannote's sample streamed at 25.9 / 21.6 % WER at 1x / 2x (two
+        runs each) against 20.4 / 19.8 %, the real clips of ``bench/real_speech.py`` +2.3 / +1.7
+        points over batch against +1.7 / +2.1 (one run each)."""
         samples = audio.samples
         window_s = min(WINDOW_S, self._settings.max_window_s)
         if not self._settings.vad_filter:
@@ -158,7 +159,10 @@ class CTranslate2Engine:
         limit = int(window_s * SAMPLE_RATE)
         packed: list[list[tuple[int, int]]] = []
         length = 0
-        for region in self._speech_spans(samples):
+        regions = self._speech_spans(samples)
+        if speech_from is not None and speech_from < len(samples):
+            regions = with_speech(regions, max(0, speech_from), len(samples))
+        for region in regions:
             for start, end in split_span(samples, region[0], region[1], limit):
                 if packed and length + (end - start) <= limit:
                     packed[-1].append((start, end))

@@ -94,8 +94,9 @@ class WindowEngine(Protocol):
         """Raise ``InvalidParameter`` for options this engine and model cannot honour."""
         ...
 
-    def cut(self, audio: Audio) -> list[tuple[tuple[int, int], ...]]:
-        """Windows in order, each the [start, end) sample pieces it joins (≤ 30 s in all)."""
+    def cut(self, audio: Audio, speech_from: int | None = None) -> list[tuple[tuple[int, int], ...]]:
+        """Windows in order, each the [start, end) sample pieces it joins (≤ 30 s in all). The
+        audio from sample ``speech_from`` on is speech (a stream's utterance): none of it is left out."""
         ...
 
     def decode(self, tasks: Sequence[WindowTask]) -> list[WindowResult]:
@@ -301,7 +302,8 @@ class WindowScheduler:
         future: Future = Future()
         check_audio(audio)
         self._engine.check(options)
-        spans = self._engine.cut(audio)
+        speech_from = None if options.speech_from_s is None else int(round(options.speech_from_s * SAMPLE_RATE))
+        spans = self._engine.cut(audio, speech_from)
         if not spans:  # nothing said: Whisper's own default language, with no confidence
             future.set_result(Transcript((), options.language or "en", 1.0 if options.language else 0.0, audio.duration_s))
             return future
@@ -580,7 +582,7 @@ class WholeAudio:
     def check(self, options: AsrOptions) -> None:
         self._engine.check(options)
 
-    def cut(self, audio: Audio) -> list[tuple[tuple[int, int], ...]]:
+    def cut(self, audio: Audio, speech_from: int | None = None) -> list[tuple[tuple[int, int], ...]]:
         return [((0, len(audio.samples)),)] if len(audio.samples) else []
 
     def decode(self, tasks: Sequence[WindowTask]) -> list[WindowResult]:

@@ -102,6 +102,9 @@ class AsrOptions:
     temperature: float = 0.0  # the first decoding's sampling temperature (0: greedy/beam); fallback goes hotter
     stream: str | None = None  # the live stream this decode is for: served before files
     interim: bool = False  # a stream's interim decode: a newer one of the same stream replaces it
+    # A stream's decode: its utterance starts here in the audio (after left context). The stream's
+    # VAD found it to be speech, so an engine's VAD never cuts any of it out.
+    speech_from_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -285,7 +285,7 @@ class StreamingSession:
         opts = AsrOptions(
             language=self.language, word_timestamps=True, beam_size=beam_size,
             temperature_fallback=not interim, max_new_tokens=int(20 + 10 * duration),
-            stream=self.stream_id, interim=interim,
+            stream=self.stream_id, interim=interim, speech_from_s=lead / SAMPLE_RATE,
         )
         return Audio(samples), opts, origin_s
 
