@@ -336,13 +336,9 @@ class StreamingSession:
             kept = self._lead_in(words, inside[0]) + kept
         fresh = [w if w.start >= after else Word(w.text, after, max(w.end, after), w.probability) for w in kept]
         # A re-decode can repeat the last final words with shifted times: drop such an overlap.
-        tail = [_norm(w.text) for w in self.committed[-5:]]
-        for k in range(min(len(tail), len(fresh)), 0, -1):
-            if tail[-k:] == [_norm(w.text) for w in fresh[:k]]:
-                return fresh[k:]
-        if not self.committed:
-            return _drop_repeat(fresh, self._history)
-        return fresh
+        if self.committed:
+            return _after_repeat(fresh, self.committed[-5:])
+        return _drop_repeat(fresh, self._history)
 
     def _lead_in(self, words: list[Word], first: int) -> list[Word]:
         """The words heard just before ``words[first]``, the utterance's first, in the stream's
@@ -357,12 +353,7 @@ class StreamingSession:
         after, j = self._final_end_s, first
         while j > 0 and words[j - 1].start >= after - _RETIMED_S and words[j].start - words[j - 1].end <= _LEAD_IN_GAP_S:
             j -= 1
-        lead = words[j:first]
-        said = [_norm(w.text) for w in self._history]
-        for k in range(min(len(lead), len(said)), 0, -1):
-            if [_norm(w.text) for w in lead[:k]] == said[-k:]:
-                return lead[k:]
-        return lead
+        return _after_repeat(words[j:first], self._history)
 
     async def _interim(self) -> list[dict[str, Any]]:
         try:
@@ -485,6 +476,15 @@ _LEAD_IN_GAP_S = 1.0
 # A final's detected language holds for the stream from this probability (faster-whisper's
 # ``language_detection_threshold``); below it, the next decodes detect again, with more audio.
 _LANGUAGE_LOCK_PROBABILITY = 0.5
+
+
+def _after_repeat(fresh: list[Word], said: list[Word]) -> list[Word]:
+    """``fresh`` without its longest start that repeats the end of ``said``."""
+    old = [_norm(w.text) for w in said]
+    for k in range(min(len(old), len(fresh)), 0, -1):
+        if old[-k:] == [_norm(w.text) for w in fresh[:k]]:
+            return fresh[k:]
+    return fresh
 
 
 def _drop_repeat(fresh: list[Word], history: list[Word]) -> list[Word]:
