@@ -73,10 +73,11 @@ def serve_replicas(root_pid: int, deployment: str, app: str = "hark") -> list:
     found = []
     for process in psutil.Process(root_pid).children(recursive=True):
         try:  # Ray starts and ends idle workers all the time: one may be gone already
-            if process.cmdline()[:1] and process.cmdline()[0].startswith(title):
-                found.append(process)
+            command = process.cmdline()
         except psutil.Error:
             continue
+        if command and command[0].startswith(title):
+            found.append(process)
     return found
 
 
