@@ -28,11 +28,11 @@ from deployments.handles import HandleAudio, HandleMeter, HandleRecognizer, Hand
 from deployments.openai_api import OpenAIRoutes
 from deployments.openai_api import router as openai_router
 from deployments.readiness import Readiness, app_is_running
-from pipeline.audio.fetch import UrlGuard
+from pipeline.audio.urls import UrlGuard
 from pipeline.core.errors import HarkError, InvalidParameter, MissingParameter
 from pipeline.core.settings import Settings
 from pipeline.service.auth import KeyRing
-from pipeline.service.runner import JobRequest, refuse_unrunnable
+from pipeline.service.job_request import JobRequest, refuse_unrunnable
 from pipeline.service.blobs import BlobStore
 from pipeline.service.upload import AUDIO_FIELD, HeldUpload, ListenInput, read_listen_input
 from pipeline.streaming.limits import StreamLimits

@@ -13,7 +13,8 @@ from deployments import adopt_serve_logging, replica_info
 from deployments.handles import HandleAudio, HandleMeter, HandleRecognizer, HandleSpeakers
 from pipeline.core.settings import Settings
 from pipeline.service.jobs import open_job_store
-from pipeline.service.runner import JobRequest, JobRunner
+from pipeline.service.job_request import JobRequest
+from pipeline.service.runner import JobRunner
 from pipeline.transcription.flow import TranscriptionFlow
 
 

@@ -60,6 +60,22 @@ def test_small_replicas_run_without_pandas(serve_app):
     assert asr and all(loaded_packages(p) == {"pandas", "pyarrow"} for p in asr)
 
 
+def test_the_ingress_loads_neither_the_job_database_nor_the_fetch_clients(serve_app):
+    """The ingress checks a job's URLs and builds its request (``pipeline.audio.urls``,
+    ``pipeline.service.job_request``), but the database (SQLAlchemy) and the HTTP clients
+    (aiohttp, httpx) are the Jobs and AudioFetch replicas' own: ~20 MB the ingress, which holds an
+    upload's body while Serve hands it over, does without (review finding 16). The Jobs replica
+    has them, which shows that the check sees them where they are."""
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    names = ("sqlalchemy", "aiohttp")
+    ingress = serve_replicas(raylet, "Ingress")
+    assert ingress and {p.pid: loaded_packages(p, names) for p in ingress} == {p.pid: set() for p in ingress}
+    jobs = serve_replicas(raylet, "Jobs")
+    assert jobs and all(loaded_packages(p, names) == set(names) for p in jobs)
+
+
 def test_unknown_route_is_json(serve_app):
     assert_error(httpx.get(f"{serve_app}/v2/nothing"), 404, "NOT_FOUND")
 

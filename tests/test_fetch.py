@@ -15,7 +15,7 @@ import pytest
 from conftest import S3_BUCKET
 from media import encode, wav_bytes
 from pipeline.core.errors import FetchFailed, FileTooLarge, ForbiddenUrl, InvalidParameter
-from pipeline.audio.fetch import UrlGuard, is_public_address
+from pipeline.audio.urls import UrlGuard, is_public_address
 from pipeline.audio.loader import AudioLoader
 from pipeline.core.settings import Settings
 from servers import HUGE_BYTES

@@ -15,7 +15,8 @@ from pipeline.core.settings import Settings
 from pipeline.core.types import AsrOptions, Audio, Diarization, Segment, SpeakerTurn, Transcript, Word
 from pipeline.service.db import sqlite_url
 from pipeline.service.jobs import SqlJobStore
-from pipeline.service.runner import MAX_RUN_ATTEMPTS, JobRequest, JobRunner
+from pipeline.service.job_request import JobRequest
+from pipeline.service.runner import MAX_RUN_ATTEMPTS, JobRunner
 from pipeline.streaming.server import ENDPOINTING_OFF_MS, StreamParams
 from pipeline.transcription.flow import TranscriptionFlow
 from pipeline.transcription.schemas import ListenParams

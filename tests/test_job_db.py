@@ -376,7 +376,7 @@ def test_uploaded_audio_is_in_the_blob_store_before_the_202_and_gone_after_the_r
     # Before: uploads were files on the Jobs replica's own disk; a runner on another node (or the
     # replica rescheduled elsewhere) could not read them.
     from conftest import S3_BUCKET
-    from pipeline.service.runner import JobRequest
+    from pipeline.service.job_request import JobRequest
     from pipeline.transcription.schemas import ListenParams
     from test_flow import AUDIO, FakeMeter, FakeRecognizer, FakeSpeakers
 
@@ -462,7 +462,7 @@ def test_a_stored_upload_that_makes_no_job_is_deleted(tmp_path):
     makes no new job (a replayed or a reused Idempotency-Key, one too long), the runner deletes it."""
     from pipeline.core.errors import InvalidParameter
     from pipeline.service.blobs import BlobStore
-    from pipeline.service.runner import JobRequest
+    from pipeline.service.job_request import JobRequest
     from pipeline.transcription.schemas import ListenParams
     from test_flow import AUDIO, FakeMeter, FakeRecognizer, FakeSpeakers
 

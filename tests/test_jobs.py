@@ -10,7 +10,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from pipeline.core.errors import FetchFailed, error_from_body
-from pipeline.audio.fetch import UrlGuard
+from pipeline.audio.urls import UrlGuard
 from pipeline.service.jobs import COMPLETED, DELIVERED, DELIVERY_FAILED, FAILED, PENDING, QUEUED, RUNNING, SqlJobStore
 from pipeline.service.webhooks import backoff_s, deliver, webhook_signer
 from servers import WebhookReceiver

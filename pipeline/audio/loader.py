@@ -13,7 +13,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.audio import decode as audio
 from pipeline.core.errors import FileTooLarge, ServiceUnavailable
-from pipeline.audio.fetch import FetchLimits, Resolver, S3Allowlist, UrlGuard, fetch_http, fetch_s3, system_resolver
+from pipeline.audio.fetch import FetchLimits, S3Allowlist, fetch_http, fetch_s3
+from pipeline.audio.urls import Resolver, UrlGuard, system_resolver
 from pipeline.core.settings import Settings
 from pipeline.core.types import Audio
 

@@ -16,7 +16,8 @@ import httpx
 from standardwebhooks import Webhook
 
 from pipeline.core.errors import HarkError
-from pipeline.audio.fetch import UrlGuard, request_to
+from pipeline.audio.fetch import request_to
+from pipeline.audio.urls import UrlGuard
 
 # Besides 2xx (done) and 5xx (retry), these mean "try again later" too.
 _RETRYABLE_4XX = {408, 429}
