@@ -118,7 +118,8 @@ def in_process_streamer(args, costs: list[tuple[bool, float, float]]) -> tuple[S
         session = StreamingSession(transcribe, StreamOptions(context_s=args.context_s,
                                                              interim_context_s=args.interim_context_s,
                                                              first_interim_s=args.first_interim_s,
-                                                             final_beam_size=args.final_beam_size))
+                                                             final_beam_size=args.final_beam_size,
+                                                             unstable_tail_s=args.unstable_tail_s))
         queue: asyncio.Queue = asyncio.Queue()
 
         async def send(chunk):
@@ -274,6 +275,8 @@ def main() -> None:
                         help="in-process: stream decodes' window floor")
     parser.add_argument("--first-interim-s", type=float, default=StreamOptions.first_interim_s,
                         help="in-process: the first interim of an utterance, after this much of its speech")
+    parser.add_argument("--unstable-tail-s", type=float, default=StreamOptions.unstable_tail_s,
+                        help="in-process: interim words this close to the live edge are not final yet")
     parser.add_argument("--final-beam-size", type=lambda v: None if v == "none" else int(v), default=1,
                         help="beam width of the finals (the service's stream_final_beam_size); none: the engine's")
     parser.add_argument("--repeats", type=int, default=3, help="the conversation, this many times in one stream")
