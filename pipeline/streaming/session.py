@@ -76,6 +76,14 @@ class StreamOptions:
     # AVX-512 machine), finals 0.89 -> 1.61 s after the end of an utterance (median; final decodes
     # 0.76 -> 1.47 s, for 10 -> 3.5 s of audio: the prompted decodes ran longer), first result
     # 1.21 -> 1.76 s, streamed WER on sample.wav 19.8 / 18.5 % -> 30.9 / 28.8 % (1x / 2x).
+    # The final words said in the context given to the decoder as its prefix (CTranslate2 takes
+    # them as already decoded and goes on after them; the audio cut to start with the first of
+    # them) was tried too: faster (in process, on the conversation, one run: finals 0.82 -> 0.70 s
+    # after the end of an utterance, first result 1.20 -> 0.77 s) but less accurate. Where the
+    # final words differ from the audio ("reporting" for "recording"), Whisper hears that audio
+    # again after them ("The reporting environment is also quite different. The recording
+    # environment is also quite different.") or skips what follows; MFA's cold corpora streamed
+    # at 25.4 / 28.6 % and 31.1 / 27.9 % (1x / 2x) against 20.6 / 12.7 % and 24.6 / 24.6 %.
     context_s: float = 10.0
     # The same (in all) for an interim decode of an utterance shorter than unstable_tail_s, none
     # of whose words can become final yet (the next hypothesis, which they must agree with, hears
