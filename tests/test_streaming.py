@@ -104,32 +104,33 @@ def test_each_decode_hears_the_stream_s_previous_audio_before_the_utterance(cont
         assert all(start >= 3.5 for start, _ in second)
 
 
+def recording(session, what) -> list:
+    """``what(audio, opts)`` of each decode of ``session``, in call order, taken as the decode is
+    asked for (beside make_session's calls)."""
+    seen, inner = [], session.transcribe
+
+    async def transcribe(audio, opts):
+        seen.append(what(audio, opts))
+        return await inner(audio, opts)
+
+    session.transcribe = transcribe
+    return seen
+
+
+def recording_kinds(session) -> list[bool]:
+    """Whether each decode of ``session`` is an interim, in call order."""
+    return recording(session, lambda audio, opts: opts.interim)
+
+
 def test_each_decode_says_where_its_utterance_starts_after_the_context():
     # The engine's own VAD cuts silence out of the context but never any of the utterance, which
     # the stream's VAD found to be speech.
     session, _ = make_session(interim_every_s=0.5, endpointing_ms=400, context_s=10.0)
-    inner, seen = session.transcribe, []
-
-    async def transcribe(audio, opts):
-        seen.append((opts.speech_from_s, audio.duration_s - opts.speech_from_s, len(session.buffer) / SAMPLE_RATE))
-        return await inner(audio, opts)
-
-    session.transcribe = transcribe
+    seen = recording(session, lambda audio, opts: (
+        opts.speech_from_s, audio.duration_s - opts.speech_from_s, len(session.buffer) / SAMPLE_RATE))
     run(session)
     assert seen and all(utterance == pytest.approx(buffered) for _, utterance, buffered in seen)
     assert any(start > 3.0 for start, _, _ in seen)  # the second utterance's decodes hear the first
-
-
-def recording_kinds(session) -> list[bool]:
-    """Whether each decode of ``session`` is an interim, in call order (beside make_session's calls)."""
-    kinds, inner = [], session.transcribe
-
-    async def transcribe(audio, opts):
-        kinds.append(opts.interim)
-        return await inner(audio, opts)
-
-    session.transcribe = transcribe
-    return kinds
 
 
 @pytest.mark.parametrize(("early_final_ms", "delay_s"), [(None, 0.1), (200, 0.2), (300, 0.2)])
