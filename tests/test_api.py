@@ -45,18 +45,22 @@ def test_health_ready_metrics_need_no_key(serve_app):
     assert "hark_asr_windows_queued" in metrics.text  # the ASR scheduler's own figures
 
 
+def app_replicas(deployment: str) -> list:
+    """The processes of ``deployment``'s replicas in the shared app (under this session's raylet)."""
+    import ray
+
+    return serve_replicas(ray._private.worker._global_node.all_processes["raylet"][0].process.pid, deployment)
+
+
 def test_small_replicas_run_without_pandas(serve_app):
     """Serve loads pandas and pyarrow in every replica where they are installed (~85 MB each):
     the ingress, AudioFetch, Accounting and Jobs do without (deployments/lean.py); ASR, where an
     engine may use pandas, still has both, which shows that the check sees them where they are."""
-    import ray
-
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    lean = {name: serve_replicas(raylet, name) for name in ("Ingress", "AudioFetch", "Accounting", "Jobs")}
+    lean = {name: app_replicas(name) for name in ("Ingress", "AudioFetch", "Accounting", "Jobs")}
     assert [len(replicas) for replicas in lean.values()] == [2, 2, 1, 1], lean
     assert {p.pid: loaded_packages(p) for replicas in lean.values() for p in replicas} == {
         p.pid: set() for replicas in lean.values() for p in replicas}
-    asr = serve_replicas(raylet, "ASR")
+    asr = app_replicas("ASR")
     assert asr and all(loaded_packages(p) == {"pandas", "pyarrow"} for p in asr)
 
 
@@ -66,13 +70,10 @@ def test_the_ingress_loads_neither_the_job_database_nor_the_fetch_clients(serve_
     (aiohttp, httpx) are the Jobs and AudioFetch replicas' own: ~20 MB the ingress, which holds an
     upload's body while Serve hands it over, does without (review finding 16). The Jobs replica
     has them, which shows that the check sees them where they are."""
-    import ray
-
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     names = ("sqlalchemy", "aiohttp")
-    ingress = serve_replicas(raylet, "Ingress")
+    ingress = app_replicas("Ingress")
     assert ingress and {p.pid: loaded_packages(p, names) for p in ingress} == {p.pid: set() for p in ingress}
-    jobs = serve_replicas(raylet, "Jobs")
+    jobs = app_replicas("Jobs")
     assert jobs and all(loaded_packages(p, names) == set(names) for p in jobs)
 
 
