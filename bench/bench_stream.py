@@ -119,7 +119,9 @@ def in_process_streamer(args, costs: list[tuple[bool, float, float]]) -> tuple[S
                                                              interim_context_s=args.interim_context_s,
                                                              first_interim_s=args.first_interim_s,
                                                              final_beam_size=args.final_beam_size,
-                                                             unstable_tail_s=args.unstable_tail_s))
+                                                             unstable_tail_s=args.unstable_tail_s,
+                                                             fragment_s=args.fragment_s,
+                                                             fragment_endpointing_ms=args.fragment_endpointing_ms))
         queue: asyncio.Queue = asyncio.Queue()
 
         async def send(chunk):
@@ -277,6 +279,10 @@ def main() -> None:
                         help="in-process: the first interim of an utterance, after this much of its speech")
     parser.add_argument("--unstable-tail-s", type=float, default=StreamOptions.unstable_tail_s,
                         help="in-process: interim words this close to the live edge are not final yet")
+    parser.add_argument("--fragment-s", type=float, default=StreamOptions.fragment_s,
+                        help="in-process: an utterance with less speech than this is a fragment")
+    parser.add_argument("--fragment-endpointing-ms", type=int, default=StreamOptions.fragment_endpointing_ms,
+                        help="in-process: the silence that ends a fragment; 0: endpointing's (300 ms)")
     parser.add_argument("--final-beam-size", type=lambda v: None if v == "none" else int(v), default=1,
                         help="beam width of the finals (the service's stream_final_beam_size); none: the engine's")
     parser.add_argument("--repeats", type=int, default=3, help="the conversation, this many times in one stream")

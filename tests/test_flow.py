@@ -208,6 +208,9 @@ def test_stream_params_are_typed_and_name_the_bad_option():
     assert params.session_options().endpointing_ms == ENDPOINTING_OFF_MS
     assert params.session_options().interim_results is False
     assert StreamParams.parse({}).session_options().endpointing_ms == 300
+    # A fragment waits for a longer pause by default; an endpoint the client gives holds for all.
+    assert StreamParams.parse({}).session_options().fragment_endpointing_ms == 800
+    assert StreamParams.parse({"endpointing": "300"}).session_options().fragment_endpointing_ms == 0
     for query, param, message in (
         ({"sample_rate": "lots"}, "sample_rate", "must be an integer"),
         ({"channels": "9"}, "channels", "between 1 and 8"),

@@ -1,6 +1,7 @@
 """The streaming session's logic, with a scripted recogniser at the Transcribe seam."""
 
 import asyncio
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -189,6 +190,50 @@ def test_an_early_final_decode_is_dropped_when_the_speaker_goes_on():
     assert said == ["One", "two", "three.", "Four", "five.", "Six", "seven."]
     [ended] = [e for e in events if e["speech_final"]]
     assert ended["text"].endswith("Six seven.")
+
+
+# A fragment cut off by a hesitation (0.5 s of speech, a 0.5 s pause), then the phrase it begins.
+FRAGMENT_SCRIPT = [(" Than", 0.2, 0.4), (" the", 0.45, 0.7), (" acoustic", 1.2, 1.7), (" corpus.", 1.75, 2.4)]
+FRAGMENT_SPEECH = [(0.2, 0.7), (1.2, 2.4)]
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        # The default: a pause after under fragment_s of speech ends the utterance only once it
+        # reaches fragment_endpointing_ms, so the fragment is decoded with the speech after it.
+        ({}, [("Than the acoustic corpus.", True)]),
+        # An endpoint the client gives ends every utterance, a fragment too (the server passes 0).
+        ({"fragment_endpointing_ms": 0}, [("Than the", True), ("acoustic corpus.", True)]),
+    ],
+)
+def test_a_fragment_ends_its_utterance_only_after_a_longer_pause(monkeypatch, options, said):
+    monkeypatch.setattr(sys.modules[__name__], "SCRIPT", FRAGMENT_SCRIPT)
+    monkeypatch.setattr(sys.modules[__name__], "SPEECH", FRAGMENT_SPEECH)
+    session, _ = make_session(endpointing_ms=300, **options)
+    events = run(session, total_s=4.0)
+    assert [(e["text"], e["speech_final"]) for e in events if e["is_final"] and e["text"]] == said
+
+
+def test_a_fragment_that_is_all_there_is_ends_after_the_longer_pause(monkeypatch):
+    # "Than the" and then silence: the utterance ends once the pause reaches
+    # fragment_endpointing_ms (800 ms after 0.7 s), not endpointing_ms, with the decode that
+    # started 100 ms into it.
+    monkeypatch.setattr(sys.modules[__name__], "SCRIPT", FRAGMENT_SCRIPT[:2])
+    monkeypatch.setattr(sys.modules[__name__], "SPEECH", FRAGMENT_SPEECH[:1])
+    session, _ = make_session(endpointing_ms=300)
+    assert (session.options.fragment_s, session.options.fragment_endpointing_ms) == (1.0, 800)
+    kinds = recording_kinds(session)
+
+    async def go():
+        for k in range(30):
+            for event in await session.feed(audio_for(k / 10, (k + 1) / 10)):
+                if event["speech_final"]:
+                    return (k + 1) / 10, event["text"]
+        return None
+
+    assert asyncio.run(go()) == (pytest.approx(0.7 + 0.8), "Than the")
+    assert kinds.count(False) == 1
 
 
 def test_a_stream_that_ends_without_finish_cancels_its_early_final_decode():

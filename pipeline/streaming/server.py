@@ -95,9 +95,13 @@ class StreamParams(BaseModel):
             raise InvalidParameter(f"{param}: {error['msg']}", param=param) from None
 
     def session_options(self, final_beam_size: int | None = StreamOptions.final_beam_size) -> StreamOptions:
+        # An endpoint the client gives ends every utterance; the default waits longer after a
+        # fragment (``StreamOptions.fragment_endpointing_ms``).
+        given = "endpointing_ms" in self.model_fields_set
         return StreamOptions(language=self.language, punctuate=self.punctuate,
                              interim_results=self.interim_results,
                              endpointing_ms=ENDPOINTING_OFF_MS if self.endpointing_ms is None else self.endpointing_ms,
+                             fragment_endpointing_ms=0 if given else StreamOptions.fragment_endpointing_ms,
                              final_beam_size=final_beam_size)
 
 
