@@ -418,6 +418,20 @@ def test_words_heard_between_utterances_that_lead_into_the_next_are_kept(heard, 
     assert finals[0]["start"] + finals[0]["duration"] == pytest.approx(2.9)  # the first final did not hear it
 
 
+def test_a_word_heard_mostly_over_the_last_final_words_does_not_lead_into_the_utterance():
+    # Through the service, MFA's cold corpus: "... probably good. All right." was final, and the
+    # next utterance's decode heard "Alright," starting 0.09 s before the end of "right.": within
+    # _RETIMED_S of it, but mostly over those words, so it is them heard again, not a lead-in.
+    session, _ = make_session()
+    session._final_end_s = 24.03
+    session._history = [Word(" good.", 23.02, 23.34, 0.9), Word(" All", 23.75, 23.95, 0.9), Word(" right.", 23.95, 24.03, 0.9)]
+    words = [Word(" good.", 23.02, 23.34, 0.9), Word(" Alright,", 23.94, 24.04, 0.9), Word(" thanks.", 24.30, 24.48, 0.9)]
+    assert session._lead_in(words, 2) == []
+    # A word that starts as early but lies mostly after them leads in.
+    words[1] = Word(" and", 23.94, 24.25, 0.9)
+    assert [w.text for w in session._lead_in(words, 2)] == [" and"]
+
+
 def test_the_left_context_keeps_the_last_context_s_of_the_stream_s_audio():
     session, _ = make_session(context_s=10.0)
     for seconds in (5.4, 3.4):

@@ -377,10 +377,15 @@ class StreamingSession:
         different. [pause] than the acoustic corpus"), or the last utterance's final can lose the
         words cut at its end; either way they lie before the utterance's audio, in the left
         context, and no final has them. A decode with context hears them: they are kept when
-        each runs on into the next (at most ``_LEAD_IN_GAP_S`` apart) and starts after the last final
-        word ended, and they are not the stream's last final words heard again."""
+        each runs on into the next (at most ``_LEAD_IN_GAP_S`` apart), starts after the last final
+        word ended and lies mostly after it, and they are not the stream's last final words heard
+        again. (Through the service, MFA's cold corpus: "... probably good. All right." final, "All"
+        at 23.75-23.95 s, "right." at 23.95-24.03; then a decode heard "Alright,@23.94-24.04
+        thanks.@24.30": "Alright," is those words heard again as one, though it starts within
+        ``_RETIMED_S`` of their end.)"""
         after, j = self._final_end_s, first
-        while j > 0 and words[j - 1].start >= after - _RETIMED_S and words[j].start - words[j - 1].end <= _LEAD_IN_GAP_S:
+        while (j > 0 and words[j - 1].start >= after - _RETIMED_S and _middle(words[j - 1]) >= after
+               and words[j].start - words[j - 1].end <= _LEAD_IN_GAP_S):
             j -= 1
         return _after_repeat(words[j:first], self._history)
 
